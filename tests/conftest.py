@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny generated images, written once per session, and one
+trained model that every test reads (training happens once, not per test)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vae_anomaly import Detector, FitConfig
+
+SIZE = 16
+BACKGROUND = 40  # grey level of the empty parts of every generated image
+torch.set_num_threads(int(os.environ.get("VAE_ANOMALY_TEST_THREADS", min(2, torch.get_num_threads()))))
+
+
+def _grid() -> tuple[np.ndarray, np.ndarray]:
+    return np.mgrid[0:SIZE, 0:SIZE].astype(np.float64)
+
+
+def disks(n: int, seed: int) -> np.ndarray:
+    """Normal images: one filled disk of random place, radius and brightness (some
+    nearly invisible) on a noisy grey background, like photos from one camera.
+    A flat, noise-free frame (a dead sensor) is simpler than any of them."""
+    rng = np.random.default_rng(seed)
+    yy, xx = _grid()
+    out = np.empty((n, SIZE, SIZE), np.uint8)
+    for i in range(n):
+        cy, cx = rng.uniform(5.5, SIZE - 5.5, 2)
+        r = rng.uniform(2.5, 5.5)
+        d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+        img = BACKGROUND + np.clip(r + 0.5 - d, 0, 1) * rng.uniform(0, 200)
+        img += rng.normal(0, 6, img.shape)
+        out[i] = np.clip(img, 0, 255).round().astype(np.uint8)
+    return out
+
+
+def crosses(n: int, seed: int) -> np.ndarray:
+    """Anomalies: thin crosses and hollow squares, unlike any disk."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((n, SIZE, SIZE), np.uint8)
+    for i in range(n):
+        img = BACKGROUND + rng.normal(0, 6, (SIZE, SIZE))
+        c = rng.integers(4, SIZE - 4, 2)
+        v = rng.uniform(180, 250)
+        if i % 2 == 0:
+            img[c[0], 1:-1] = v
+            img[1:-1, c[1]] = v
+        else:
+            a = rng.integers(2, 5)
+            img[c[0] - a : c[0] + a + 1, c[1] - a] = v
+            img[c[0] - a : c[0] + a + 1, c[1] + a] = v
+            img[c[0] - a, c[1] - a : c[1] + a + 1] = v
+            img[c[0] + a, c[1] - a : c[1] + a + 1] = v
+        out[i] = np.clip(img, 0, 255).round().astype(np.uint8)
+    return out
+
+
+def write_pngs(folder: Path, images: np.ndarray, prefix: str = "img") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, im in enumerate(images):
+        p = folder / f"{prefix}_{i:04d}.png"
+        Image.fromarray(im).save(p)
+        paths.append(p)
+    return paths
+
+
+FAST_FIT = dict(epochs=100, latent_dim=8, patience=25, seed=0, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """normal/ (600 disks) and incoming/ (40 disks, 40 crosses), as PNG files."""
+    root = tmp_path_factory.mktemp("data")
+    write_pngs(root / "normal", disks(600, seed=1))
+    write_pngs(root / "incoming", disks(40, seed=2), prefix="disk")
+    write_pngs(root / "incoming", crosses(40, seed=3), prefix="cross")
+    return root
+
+
+@pytest.fixture(scope="session")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> Detector:
+    """One detector trained from an array, with a large calibration split for FPR tests."""
+    det = Detector(FitConfig(calibration_fraction=0.4, **FAST_FIT))
+    return det.fit(disks(1000, seed=10))
+
+
+@pytest.fixture(scope="session")
+def model_file(fitted: Detector, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "model.vae"
+    fitted.save(path)
+    return path

@@ -1,0 +1,91 @@
+"""Conformal p-values, the auto threshold, and their error rates."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import BACKGROUND, SIZE, crosses, disks
+from vae_anomaly import Detector
+from vae_anomaly.calibration import (
+    auto_threshold,
+    calibration_needed,
+    flag,
+    p_values,
+    smallest_p_value,
+)
+
+
+def test_p_values_follow_the_conformal_formulas() -> None:
+    cal = np.array([1.0, 2.0, 3.0, 4.0])
+    s = np.array([0.5, 2.0, 5.0])
+    np.testing.assert_allclose(p_values(cal, s, "upper"), [5 / 5, 4 / 5, 1 / 5])
+    # p_low = (1 + #{<= s}) / 5 = 1/5, 3/5, 5/5; two-sided = min(1, 2 * min(high, low)).
+    np.testing.assert_allclose(p_values(cal, s, "two-sided"), [2 / 5, 1.0, 2 / 5])
+
+
+def test_smallest_reachable_p_value_and_calibration_needed_agree() -> None:
+    for tail in ("upper", "two-sided"):
+        for alpha in (0.1, 0.05, 0.01, 0.003):
+            n = calibration_needed(alpha, tail)
+            assert smallest_p_value(n, tail) <= alpha + 1e-12
+            assert smallest_p_value(n - 1, tail) > alpha
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    cal=st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=60),
+    new=st.lists(st.floats(-1.2e3, 1.2e3, allow_nan=False), min_size=1, max_size=30),
+    alpha=st.floats(0.01, 0.5),
+    tail=st.sampled_from(["upper", "two-sided"]),
+)
+def test_auto_score_bounds_flag_exactly_the_images_with_p_at_most_alpha(
+    cal: list[float], new: list[float], alpha: float, tail: str
+) -> None:
+    c, s = np.array(cal), np.array(new)
+    thr = auto_threshold(c, alpha, tail)
+    by_p = flag(s, p_values(c, s, tail), thr)
+    by_bounds = np.zeros(len(s), bool)
+    if thr.high is not None:
+        by_bounds |= s >= thr.high
+    if thr.low is not None:
+        by_bounds |= s <= thr.low
+    np.testing.assert_array_equal(by_p, by_bounds)
+
+
+def test_false_positive_rate_on_held_out_normals_is_near_the_target(fitted: Detector) -> None:
+    """Conformal guarantee: E[FPR] <= alpha. With n calibration and m test images the
+    flagged share has sd about sqrt(a(1-a)(1/(n+2) + 1/m)); allow three of them above."""
+    normal = fitted.score(disks(1500, seed=99))
+    n, m, a = len(fitted.calibration_["elbo"]), 1500, 0.05
+    sd = math.sqrt(a * (1 - a) * (1 / (n + 2) + 1 / m))
+    for tail in ("two-sided", "upper"):
+        rate = fitted.decide(normal, fpr=a, tail=tail).flags.mean()
+        assert a - 3 * sd <= rate <= a + 3 * sd, (tail, rate, sd)
+
+
+def test_anomalies_get_small_p_values(fitted: Detector) -> None:
+    d = fitted.decide(fitted.score(crosses(100, seed=4)), fpr=0.01)
+    assert d.flags.mean() >= 0.9
+
+
+def test_blank_image_is_flagged_two_sided_but_not_upper(fitted: Detector) -> None:
+    blank = fitted.score(np.full((1, SIZE, SIZE), BACKGROUND, np.uint8))
+    assert fitted.decide(blank).flags[0], "a blank frame is too simple to be normal"
+    assert not fitted.decide(blank, tail="upper").flags[0], "the upper tail alone cannot see it"
+
+
+def test_too_few_calibration_images_warn_with_the_number_needed(fitted: Detector) -> None:
+    result = fitted.score(disks(3, seed=5))
+    d = fitted.decide(result, fpr=0.0005)
+    assert any(str(calibration_needed(0.0005, "two-sided")) in w for w in d.warnings)
+    assert not d.flags.any()
+
+
+def test_unknown_tail_is_refused() -> None:
+    with pytest.raises(ValueError, match="tail"):
+        p_values(np.ones(3), np.ones(2), "lower")

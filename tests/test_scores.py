@@ -1,0 +1,119 @@
+"""The score functions against their definitions."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vae_anomaly.model import ConvVAE, VAEConfig
+from vae_anomaly.scores import (
+    iwae_bound,
+    kl_to_standard_normal,
+    latent_noise,
+    log_importance_weights,
+    negative_elbo,
+    pixel_nll_map,
+    reconstruction_probability,
+    score_images,
+)
+
+
+def _model(likelihood: str = "gaussian") -> ConvVAE:
+    torch.manual_seed(0)
+    return ConvVAE(VAEConfig(1, 12, 4, likelihood=likelihood)).eval()
+
+
+def _x(n: int = 6) -> torch.Tensor:
+    return torch.rand(n, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+
+
+def test_closed_form_kl_matches_monte_carlo_estimate() -> None:
+    gen = torch.Generator().manual_seed(0)
+    mu = torch.randn(3, 5, generator=gen)
+    logvar = torch.randn(3, 5, generator=gen) * 0.5
+    q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+    p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    z = q.sample((200_000,))
+    mc = (q.log_prob(z) - p.log_prob(z)).sum(-1).mean(0)
+    torch.testing.assert_close(kl_to_standard_normal(mu, logvar), mc, rtol=0.02, atol=0.01)
+
+
+def test_kl_is_zero_exactly_at_the_prior() -> None:
+    assert float(kl_to_standard_normal(torch.zeros(1, 4), torch.zeros(1, 4))) == 0.0
+
+
+def test_iwae_with_one_sample_is_the_one_sample_elbo() -> None:
+    model, x = _model(), _x()
+    eps = latent_noise(4, 1, seed=3)
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        z = model.reparameterize(mu, logvar, eps[0])
+        ll = model.pixel_log_likelihood(x, model.decode(z)).flatten(1).sum(-1)
+        q = torch.distributions.Normal(mu, (0.5 * logvar).exp()).log_prob(z).sum(-1)
+        prior = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+        expected = -(ll + prior - q)
+        torch.testing.assert_close(iwae_bound(model, x, eps), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_iwae_tightens_as_k_grows() -> None:
+    model, x = _model(), _x(16)
+    with torch.no_grad():
+        bounds = [float(iwae_bound(model, x, latent_noise(4, k, seed=5)).mean()) for k in (1, 8, 64)]
+        elbo = float(negative_elbo(model, x, latent_noise(4, 256, seed=6)).mean())
+        one = float(iwae_bound(model, x, latent_noise(4, 1, seed=7)).mean())
+    assert bounds[0] > bounds[1] > bounds[2]
+    # The one-sample IWAE and the closed-form-KL ELBO estimate the same quantity.
+    assert abs(elbo - one) < 0.05 * abs(elbo) + 5
+
+
+def test_reconstruction_probability_is_a_logsumexp_mean_of_likelihoods() -> None:
+    model, x = _model("bernoulli"), _x()
+    eps = latent_noise(4, 7, seed=2)
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        lls = torch.stack(
+            [
+                model.pixel_log_likelihood(x, model.decode(model.reparameterize(mu, logvar, e))).flatten(1).sum(-1)
+                for e in eps
+            ]
+        )
+        expected = -(torch.logsumexp(lls, 0) - math.log(7))
+        torch.testing.assert_close(reconstruction_probability(model, x, eps), expected)
+        # Jensen: -log of the mean likelihood <= the mean of -log likelihoods.
+        assert torch.all(expected <= -lls.mean(0) + 1e-4)
+
+
+def test_importance_weights_have_one_row_per_sample() -> None:
+    with torch.no_grad():
+        assert log_importance_weights(_model(), _x(5), latent_noise(4, 3, 0)).shape == (3, 5)
+
+
+def test_scores_do_not_depend_on_the_batch_an_image_sits_in() -> None:
+    model, x = _model(), _x(8)
+    eps = latent_noise(4, 4, seed=9)
+    for name in ("elbo", "iwae", "recon-prob"):
+        whole = score_images(model, x, name, eps)
+        parts = torch.cat([score_images(model, x[:3], name, eps), score_images(model, x[3:], name, eps)])
+        torch.testing.assert_close(whole, parts, rtol=1e-5, atol=1e-4)
+
+
+def test_pixel_map_sums_to_the_reconstruction_term() -> None:
+    model, x = _model(), _x(4)
+    eps = latent_noise(4, 5, seed=1)
+    with torch.no_grad():
+        maps, recon = pixel_nll_map(model, x, eps)
+        mu, logvar = model.encode(x)
+        recon_term = negative_elbo(model, x, eps) - kl_to_standard_normal(mu, logvar)
+    torch.testing.assert_close(maps.flatten(1).sum(-1), recon_term, rtol=1e-4, atol=1e-3)
+    assert recon.shape == x.shape and float(recon.min()) >= 0 and float(recon.max()) <= 1
+
+
+def test_latent_noise_is_repeatable_and_rejects_zero_samples() -> None:
+    torch.testing.assert_close(latent_noise(3, 4, 1), latent_noise(3, 4, 1))
+    try:
+        latent_noise(3, 0, 1)
+    except ValueError as exc:
+        assert "samples" in str(exc)
+    else:
+        raise AssertionError("samples=0 must be refused")

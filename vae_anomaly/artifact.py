@@ -1,0 +1,167 @@
+"""The model file: one file, safe to load from strangers, written atomically.
+
+Layout (a `torch.save` zip holding only tensors, strings and numbers, so
+it loads with `weights_only=True` and never unpickles arbitrary objects):
+
+    format          "vae-anomaly-model"
+    format_version  1
+    metadata        JSON text: VAEConfig, preprocessing, training summary,
+                    calibration settings, library versions
+    state_dict      {name: tensor}   the network's weights
+    calibration     {score: tensor}  held-out normal scores per score type
+    checksum        SHA-256 over all of the above, to catch bit flips and edits
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_NAME = "vae-anomaly-model"
+FORMAT_VERSION = 1
+
+
+class ModelFileError(Exception):
+    """A model file is missing, damaged, foreign or from a newer version; says which and why."""
+
+
+@dataclass
+class ModelFile:
+    """The decoded contents of a model file, before any module is built."""
+
+    metadata: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    calibration: dict[str, torch.Tensor]
+    checksum: str
+
+
+def _digest(metadata_json: str, state: dict[str, torch.Tensor], cal: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(metadata_json.encode("utf-8"))
+    for prefix, tensors in (("w:", state), ("c:", cal)):
+        for name in sorted(tensors):
+            t = tensors[name].detach().cpu().contiguous()
+            h.update(f"{prefix}{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def save(
+    path: str | os.PathLike[str],
+    metadata: dict[str, Any],
+    state_dict: dict[str, torch.Tensor],
+    calibration: dict[str, torch.Tensor],
+) -> str:
+    """Write atomically (temporary file, fsync, `os.replace`); returns the checksum.
+
+    A crash at any moment leaves either the old file or the new one.
+    """
+    path = Path(path)
+    meta_json = json.dumps(metadata, sort_keys=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    cal = {k: v.detach().cpu().contiguous() for k, v in calibration.items()}
+    checksum = _digest(meta_json, state, cal)
+    payload = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "metadata": meta_json,
+        "state_dict": state,
+        "calibration": cal,
+        "checksum": checksum,
+    }
+    directory = path.parent if str(path.parent) else Path(".")
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass  # some file systems cannot fsync a folder; the replace is still atomic
+    return checksum
+
+
+def load(path: str | os.PathLike[str]) -> ModelFile:
+    """Read and verify a model file; every failure is a `ModelFileError` naming the file."""
+    path = Path(path)
+    name = os.fsdecode(path)
+    if not path.exists():
+        raise ModelFileError(f"{name}: no such model file. Train one with `vae-anomaly fit DIR -o {name}`.")
+    if path.is_dir():
+        raise ModelFileError(f"{name}: is a folder, not a model file.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelFileError(
+            f"{name}: refused: the file holds Python objects that loading would execute "
+            f"({str(exc).splitlines()[0][:200]}). Only model files written by vae-anomaly can be loaded."
+        ) from None
+    except (
+        RuntimeError,
+        zipfile.BadZipFile,
+        EOFError,
+        OSError,
+        ValueError,
+        KeyError,
+        AttributeError,
+        TypeError,
+        IndexError,
+        UnicodeDecodeError,
+    ) as exc:
+        raise ModelFileError(
+            f"{name}: not a readable vae-anomaly model file: truncated, corrupted or of another kind "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else 'no detail'})."
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
+        raise ModelFileError(f"{name}: not a vae-anomaly model file (no '{FORMAT_NAME}' header).")
+    version = payload.get("format_version")
+    if not isinstance(version, int):
+        raise ModelFileError(f"{name}: damaged model file: the format version is missing.")
+    if version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{name}: written by a newer vae-anomaly (model format {version}; this one reads up to "
+            f"{FORMAT_VERSION}). Upgrade with `pip install -U vae-anomaly`."
+        )
+    if version < 1:
+        raise ModelFileError(f"{name}: unknown model format version {version}.")
+    meta_json = payload.get("metadata")
+    state = payload.get("state_dict")
+    cal = payload.get("calibration")
+    checksum = payload.get("checksum")
+    if not (
+        isinstance(meta_json, str)
+        and isinstance(state, dict)
+        and isinstance(cal, dict)
+        and isinstance(checksum, str)
+        and all(isinstance(v, torch.Tensor) for v in (*state.values(), *cal.values()))
+    ):
+        raise ModelFileError(f"{name}: damaged model file: a required part is missing or of the wrong type.")
+    if _digest(meta_json, state, cal) != checksum:
+        raise ModelFileError(
+            f"{name}: the model file was altered or corrupted (checksum mismatch). "
+            "Copy it again from its source, or re-train it."
+        )
+    try:
+        metadata = json.loads(meta_json)
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(f"{name}: damaged model file: metadata is not JSON ({exc}).") from None
+    return ModelFile(metadata, state, cal, checksum)

@@ -1,0 +1,254 @@
+"""Finding image files and decoding them safely into uint8 arrays.
+
+A file that cannot be decoded becomes a `ReadError` with a reason a person
+can act on; nothing here raises on a bad image. Only a missing input path
+raises (`InputPathError`), because that is a usage mistake, not bad data.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+GREY_MODES: frozenset[str] = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "La"})
+RESIZE_RULE = "stretch-bilinear"  # resize to size x size, aspect not kept; Pillow antialiases
+
+
+class InputPathError(Exception):
+    """An input path does not exist or holds no images: the user's mistake to fix."""
+
+
+class ImageReadError(Exception):
+    """A single file could not be decoded; its message is the reason."""
+
+
+@dataclass(frozen=True)
+class ReadError:
+    """One file that could not be used, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class FileListing:
+    """The image files found under the inputs, in a repeatable order."""
+
+    files: list[Path] = field(default_factory=list)
+    ignored: int = 0  # hidden files and files without an image extension
+
+
+def display_path(path: str | os.PathLike[str]) -> str:
+    """A printable form of any file name, including ones that are not UTF-8."""
+    return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def find_images(paths: Sequence[str | os.PathLike[str]]) -> FileListing:
+    """Files named directly, and image files under folders, walked recursively.
+
+    Folders are walked in sorted order so the listing is the same on every
+    machine; hidden files and folders are skipped and counted as ignored,
+    like non-image files. A file named directly is always kept, whatever its
+    extension, so that a bad one is reported rather than silently skipped.
+    """
+    listing = FileListing()
+    seen: set[Path] = set()
+
+    def add(p: Path) -> None:
+        if p not in seen:
+            seen.add(p)
+            listing.files.append(p)
+
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            for root, dirs, files in os.walk(p, followlinks=False):
+                hidden_dirs = [d for d in dirs if d.startswith(".")]
+                listing.ignored += len(hidden_dirs)
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(files):
+                    if name.startswith(".") or not _is_image_name(name):
+                        listing.ignored += 1
+                    else:
+                        add(Path(root) / name)
+        elif p.exists() or p.is_symlink():
+            add(p)
+        else:
+            raise InputPathError(
+                f"{display_path(p)}: no such file or folder. Check the path, or quote it if it has spaces."
+            )
+    return listing
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How files become model inputs; stored in the model file and replayed at score time."""
+
+    channels: int  # 1 = grey, 3 = RGB
+    size: int  # square side in pixels
+    resize: str = RESIZE_RULE
+    scaling: str = "x/255"  # uint8 -> [0, 1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        return cls(int(d["channels"]), int(d["size"]), str(d["resize"]), str(d["scaling"]))
+
+
+def _open(path: Path) -> Image.Image:
+    """Open lazily, refusing decompression bombs from the header alone."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def _explain(path: Path, exc: BaseException) -> str:
+    """Turn a decoding failure into a reason a person can act on."""
+    try:
+        if path.is_file() and path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+    except OSError:
+        pass
+    if isinstance(exc, FileNotFoundError):
+        return "file not found (a dangling symbolic link?)"
+    if isinstance(exc, PermissionError):
+        return "permission denied: make the file readable"
+    if isinstance(exc, IsADirectoryError):
+        return "is a folder, not an image file"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a readable image: unknown format or corrupt header"
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"refused: declared size is too large ({exc})"
+    msg = str(exc).strip() or type(exc).__name__
+    if "truncated" in msg.lower() or isinstance(exc, EOFError):
+        return f"truncated or corrupt image data ({msg})"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"cannot read file: {os.strerror(exc.errno)}"
+    return f"cannot decode image: {msg}"
+
+
+def _to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Grey or RGB, with 16-bit and float grey rescaled rather than clipped."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            top = 1.0 if arr.max(initial=0.0) <= 1.0 else 255.0
+        else:
+            top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if channels == 1:
+        return img.convert("L")
+    return img.convert("RGB")
+
+
+def decode_image(path: Path, prep: Preprocessing) -> np.ndarray:
+    """One file -> uint8 (C, size, size). EXIF orientation applied, first frame only.
+
+    Raises `ImageReadError` with a human reason on any failure.
+    """
+    try:
+        with _open(path) as img:
+            img.seek(0)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = _to_mode(img, prep.channels)
+            if img.size != (prep.size, prep.size):
+                img = img.resize((prep.size, prep.size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+            arr = np.asarray(img, dtype=np.uint8)
+    except Exception as exc:
+        raise ImageReadError(_explain(path, exc)) from exc
+    if arr.ndim == 2:
+        arr = arr[None]
+    else:
+        arr = arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr)
+
+
+def _is_colour(img: Image.Image) -> bool:
+    if img.mode in GREY_MODES:
+        return False
+    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    return bool(np.any(rgb[..., 0] != rgb[..., 1]) or np.any(rgb[..., 1] != rgb[..., 2]))
+
+
+def infer_preprocessing(
+    files: Sequence[Path], image_size: int | None = None, channels: int | None = None
+) -> tuple[Preprocessing, list[ReadError]]:
+    """Decide grey or colour and the input size from the training images.
+
+    Colour if any image really holds colour (an RGB file of grey pixels is
+    grey). Size: the images' common size when they share one, else the
+    median shorter side, kept within [8, 128] so training stays affordable.
+    """
+    sizes: list[int] = []
+    colour = False
+    errors: list[ReadError] = []
+    for path in files:
+        try:
+            with _open(path) as img:
+                w, h = img.size
+                if channels is None and not colour:
+                    colour = _is_colour(img)
+        except Exception as exc:
+            errors.append(ReadError(display_path(path), _explain(path, exc)))
+            continue
+        sizes.append(min(w, h) if w != h else w)
+    if not sizes:
+        return Preprocessing(channels or 1, image_size or 28), errors
+    if image_size is None:
+        if len(set(sizes)) == 1 and 4 <= sizes[0] <= 256:
+            image_size = sizes[0]
+        else:
+            image_size = int(np.clip(np.median(sizes), 8, 128))
+    return Preprocessing(channels or (3 if colour else 1), int(image_size)), errors
+
+
+@dataclass
+class ImageBatch:
+    """Decoded pixels of the readable files of one batch, and the unreadable ones."""
+
+    paths: list[str]
+    pixels: np.ndarray  # uint8 (B, C, H, W)
+    errors: list[ReadError]
+
+
+def iter_batches(files: Sequence[Path], prep: Preprocessing, batch_size: int = 256) -> Iterator[ImageBatch]:
+    """Decode files in batches, so memory stays bounded whatever the folder's size."""
+    for start in range(0, len(files), batch_size):
+        paths: list[str] = []
+        arrays: list[np.ndarray] = []
+        errors: list[ReadError] = []
+        for path in files[start : start + batch_size]:
+            try:
+                arrays.append(decode_image(path, prep))
+                paths.append(display_path(path))
+            except ImageReadError as exc:
+                errors.append(ReadError(display_path(path), str(exc)))
+        pixels = np.stack(arrays) if arrays else np.zeros((0, prep.channels, prep.size, prep.size), dtype=np.uint8)
+        yield ImageBatch(paths, pixels, errors)
+
+
+def read_images(files: Sequence[Path], prep: Preprocessing) -> ImageBatch:
+    """All files at once into one contiguous uint8 array (for training)."""
+    batches = list(iter_batches(files, prep, batch_size=4096))
+    return ImageBatch(
+        [p for b in batches for p in b.paths],
+        np.concatenate([b.pixels for b in batches])
+        if batches
+        else np.zeros((0, prep.channels, prep.size, prep.size), np.uint8),
+        [e for b in batches for e in b.errors],
+    )
