@@ -15,7 +15,20 @@ from sklearn.metrics import roc_auc_score
 
 from vae_anomaly.cli import main
 
-FIT_ARGS = ["--calibration-fraction", "0.35", "--epochs", "100", "--latent-dim", "8", "--seed", "0", "--device", "cpu", "--patience", "25"]
+FIT_ARGS = [
+    "--calibration-fraction",
+    "0.35",
+    "--epochs",
+    "100",
+    "--latent-dim",
+    "8",
+    "--seed",
+    "0",
+    "--device",
+    "cpu",
+    "--patience",
+    "25",
+]
 
 
 def run(*args: str | Path) -> tuple[int, str, str]:
