@@ -19,7 +19,6 @@ import json
 import os
 import pickle
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,30 @@ def _digest(metadata_json: str, state: dict[str, torch.Tensor], cal: dict[str, t
     return h.hexdigest()
 
 
+def _atomic_torch_save(path: Path, payload: dict[str, Any]) -> None:
+    """Temporary file in the same folder, fsync, `os.replace`, fsync the folder."""
+    directory = path.parent if str(path.parent) else Path(".")
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass  # some file systems cannot fsync a folder; the replace is still atomic
+
+
 def save(
     path: str | os.PathLike[str],
     metadata: dict[str, Any],
@@ -77,26 +100,7 @@ def save(
         "calibration": cal,
         "checksum": checksum,
     }
-    directory = path.parent if str(path.parent) else Path(".")
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass  # some file systems cannot fsync a folder; the replace is still atomic
+    _atomic_torch_save(path, payload)
     return checksum
 
 
@@ -115,18 +119,7 @@ def load(path: str | os.PathLike[str]) -> ModelFile:
             f"{name}: refused: the file holds Python objects that loading would execute "
             f"({str(exc).splitlines()[0][:200]}). Only model files written by vae-anomaly can be loaded."
         ) from None
-    except (
-        RuntimeError,
-        zipfile.BadZipFile,
-        EOFError,
-        OSError,
-        ValueError,
-        KeyError,
-        AttributeError,
-        TypeError,
-        IndexError,
-        UnicodeDecodeError,
-    ) as exc:
+    except Exception as exc:  # zip, pickle-opcode, size and decode errors of a damaged file alike
         raise ModelFileError(
             f"{name}: not a readable vae-anomaly model file: truncated, corrupted or of another kind "
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else 'no detail'})."
@@ -165,3 +158,38 @@ def load(path: str | os.PathLike[str]) -> ModelFile:
     except json.JSONDecodeError as exc:
         raise ModelFileError(f"{name}: damaged model file: metadata is not JSON ({exc}).") from None
     return ModelFile(metadata, state, cal, checksum)
+
+
+CHECKPOINT_FORMAT = "vae-anomaly-checkpoint"
+
+
+def save_checkpoint(path: str | os.PathLike[str], identity: str, state: dict[str, Any]) -> None:
+    """A resumable training state (tensors and plain values only), written atomically.
+
+    `identity` names the data and options it belongs to, so that `--resume`
+    never continues a run on other data.
+    """
+    _atomic_torch_save(
+        Path(path),
+        {"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION, "identity": identity, "state": state},
+    )
+
+
+def load_checkpoint(path: str | os.PathLike[str], identity: str) -> dict[str, Any]:
+    name = os.fsdecode(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelFileError(f"{name}: no checkpoint to resume from; run fit without --resume.") from None
+    except Exception as exc:
+        raise ModelFileError(
+            f"{name}: the checkpoint cannot be read ({type(exc).__name__}); delete it and run fit without --resume."
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ModelFileError(f"{name}: not a vae-anomaly checkpoint; delete it and run fit without --resume.")
+    if payload.get("identity") != identity:
+        raise ModelFileError(
+            f"{name}: the checkpoint belongs to other images or other fit options; run fit with the same "
+            "inputs and options to resume, or delete it to start afresh."
+        )
+    return payload["state"]

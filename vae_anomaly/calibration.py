@@ -41,6 +41,30 @@ def p_values(calibration: np.ndarray, scores: np.ndarray, tail: str = "two-sided
     return np.minimum(1.0, 2.0 * np.minimum(p_high, p_low))
 
 
+def decision_statistic(calibration: np.ndarray, scores: np.ndarray, tail: str = "two-sided") -> np.ndarray:
+    """A number per image that orders images as the decision does (higher = more anomalous).
+
+    The conformal p-value, made continuous: p-values tie beyond the
+    calibration range, so ties are broken by how far the score lies from
+    the calibration median in interquartile ranges (two-sided), or by the
+    score itself (upper tail). Returned as ranks 1..N, for sorting reports
+    and for ROC-AUC of the decision rule itself.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if len(s) == 0:
+        return np.zeros(0)
+    p = p_values(calibration, s, tail)
+    if tail == "two-sided":
+        q1, med, q3 = np.percentile(calibration, [25, 50, 75])
+        tie = np.abs(s - med) / max(q3 - q1, 1e-12)
+    else:
+        tie = s
+    order = np.lexsort((-tie, p))  # most anomalous first
+    ranks = np.empty(len(s))
+    ranks[order] = np.arange(len(s), 0, -1, dtype=np.float64)
+    return ranks
+
+
 def smallest_p_value(n: int, tail: str = "two-sided") -> float:
     """The smallest p-value n calibration scores can give: 1/(n+1), or 2/(n+1) two-sided."""
     return min(1.0, (2.0 if tail == "two-sided" else 1.0) / (n + 1.0))

@@ -8,6 +8,7 @@ are those of `report.Report.return_code`, plus 2 for usage and model errors.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from . import __version__
 from .artifact import ModelFileError
 from .calibration import TAILS
 from .detector import CalibrationError, Detector, FitConfig, FitError
-from .images import InputPathError
+from .images import DEFAULT_MAX_IMAGE_PIXELS, InputPathError, set_max_image_pixels
 from .model import LIKELIHOODS
 from .report import FORMATS, WRITERS, GateRule, Report, build_report
 from .scores import SCORE_NAMES
@@ -42,6 +43,22 @@ class UsageFailure(click.ClickException):
 
 def _warn(msg: str) -> None:
     err.print(f"[yellow]warning:[/] {escape(msg)}")
+
+
+def max_pixels_option(fn: Any) -> Any:
+    """Shared by every command that reads images: the decompression-bomb limit."""
+
+    def apply(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+        set_max_image_pixels(value)
+        return value
+
+    return click.option(
+        "--max-image-pixels",
+        type=click.IntRange(1),
+        callback=apply,
+        expose_value=False,
+        help=f"Refuse images whose header declares more pixels (default {DEFAULT_MAX_IMAGE_PIXELS:,}).",
+    )(fn)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -110,7 +127,16 @@ def main() -> None:
     show_default=True,
     help="Fail when more of the training files than this cannot be read.",
 )
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint OUTPUT.ckpt of an interrupted run.")
+@click.option(
+    "--checkpoint-every",
+    type=click.FloatRange(0),
+    default=30.0,
+    show_default=True,
+    help="Seconds between checkpoints (written at epoch ends to OUTPUT.ckpt).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@max_pixels_option
 def fit(
     inputs: tuple[Path, ...],
     output: Path,
@@ -126,9 +152,15 @@ def fit(
     seed: int,
     device: str,
     max_unreadable_fraction: float,
+    resume: bool,
+    checkpoint_every: float,
     quiet: bool,
 ) -> None:
-    """Train on INPUTS (folders or files of normal images) and write a model file."""
+    """Train on INPUTS (folders or files of normal images) and write a model file.
+
+    Ctrl-C or SIGTERM stops after the current step and writes the best model so
+    far (exit code 128 + signal number); a second Ctrl-C aborts without writing.
+    """
     try:
         config = FitConfig(
             image_size=image_size,
@@ -147,22 +179,74 @@ def fit(
     except ValueError as exc:
         raise UsageFailure(str(exc)) from None
     detector = Detector(config)
+    checkpoint = output.with_name(output.name + ".ckpt")
     t0 = time.perf_counter()
-    with _FitProgress(quiet) as progress:
+    with _StopOnSignal() as stop, _FitProgress(quiet) as progress:
         try:
-            detector.fit(list(inputs), on_epoch=progress.update, on_warning=_warn)
-        except (InputPathError, FitError, ValueError) as exc:
+            detector.fit(
+                list(inputs),
+                on_epoch=progress.update,
+                on_warning=_warn,
+                should_stop=stop.requested,
+                checkpoint=checkpoint,
+                resume=resume,
+                checkpoint_every=checkpoint_every,
+            )
+            seconds = time.perf_counter() - t0
+            checksum = detector.save(output)
+        except (InputPathError, FitError, ValueError, ModelFileError) as exc:
             raise UsageFailure(str(exc)) from None
         except TrainingError as exc:
             raise click.ClickException(str(exc)) from None
-    seconds = time.perf_counter() - t0
-    checksum = detector.save(output)
+        except KeyboardInterrupt:
+            err.print("[red]aborted[/]: no model file written; `fit --resume` continues from the last checkpoint")
+            sys.exit(130)
     tr = detector.metadata_["training"]
+    if stop.signum is not None:
+        err.print(
+            f"[yellow]interrupted[/] at epoch {tr['epochs_run']}: wrote the best model so far to "
+            f"{escape(str(output))} (best epoch {tr['best_epoch']}); `fit --resume` with the same options "
+            "continues training from the last checkpoint."
+        )
+        sys.exit(128 + stop.signum)
+    checkpoint.unlink(missing_ok=True)
     err.print(
         f"[green]wrote[/] {escape(str(output))}: {tr['train_images']} training, {tr['validation_images']} "
         f"validation, {tr['calibration_images']} calibration images; {tr['epochs_run']} epochs "
         f"({tr['stopped']}, best epoch {tr['best_epoch']}) in {seconds:.1f} s; fingerprint {checksum[:16]}"
     )
+
+
+class _StopOnSignal:
+    """First Ctrl-C or SIGTERM: ask training to stop after this step. Second: abort at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        err.print(
+            f"\n[yellow]{signal.Signals(signum).name}[/]: stopping after this step and writing the best model so "
+            "far (Ctrl-C again aborts without writing)"
+        )
+
+    def __enter__(self) -> _StopOnSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (an embedding application): no handlers
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 class _FitProgress:
@@ -286,6 +370,7 @@ def _parse_threshold(ctx: click.Context, param: click.Parameter, value: str) -> 
 @click.option(
     "--top", type=click.IntRange(0), default=30, show_default=True, help="Rows in the terminal table (0: all)."
 )
+@max_pixels_option
 def score(
     inputs: tuple[Path, ...],
     model: Path,
@@ -355,7 +440,7 @@ def run_score(opts: ScoreOptions) -> Report:
         decision = detector.decide(result, threshold=opts.threshold, fpr=opts.fpr, tail=opts.tail)
     except CalibrationError as exc:
         raise UsageFailure(str(exc)) from None
-    for w in decision.warnings:
+    for w in [*result.warnings, *decision.warnings]:
         _warn(w)
     report = build_report(
         result.paths,
@@ -371,7 +456,7 @@ def run_score(opts: ScoreOptions) -> Report:
         fingerprint=detector.fingerprint,
         gate=list(opts.gate),
         skip_unreadable=opts.skip_unreadable,
-        warnings=decision.warnings,
+        warnings=[*result.warnings, *decision.warnings],
     )
     for e in result.errors:
         err.print(f"[red]unreadable:[/] {escape(e.path)}: {escape(e.reason)}", highlight=False)

@@ -12,6 +12,7 @@ here imports click or rich.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 from collections.abc import Callable, Iterator, Sequence
@@ -98,6 +99,7 @@ class ScoreResult:
     score: str
     samples: int
     ignored: int = 0  # hidden and non-image files skipped in folders
+    warnings: list[str] = field(default_factory=list)  # inputs unlike the training images
 
 
 @dataclass
@@ -166,8 +168,18 @@ class Detector:
         *,
         on_epoch: Callable[[EpochStats], None] | None = None,
         on_warning: Callable[[str], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        resume: bool = False,
+        checkpoint_every: float = 30.0,
     ) -> Detector:
-        """Train on normal images (paths, folders, or a uint8 array) and calibrate."""
+        """Train on normal images (paths, folders, or a uint8 array) and calibrate.
+
+        With `checkpoint`, a resumable state is written there during training;
+        `resume=True` continues from it, and ends with the same model as a run
+        that was never interrupted. `should_stop` (asked after every step)
+        ends training early with the best state so far.
+        """
         cfg = self.config
         warn = on_warning or (lambda _msg: None)
         unreadable: list[ReadError] = []
@@ -239,7 +251,27 @@ class Detector:
             device=str(device),
         )
         t = torch.from_numpy(pixels)
-        result: TrainResult = train(model, t[fit_idx], t[val_idx] if len(val_idx) else None, tcfg, on_epoch)
+        data_fp = _fingerprint(pixels)
+        identity = hashlib.sha256(
+            json.dumps([data_fp, {k: v for k, v in asdict(cfg).items() if k != "device"}], sort_keys=True).encode()
+        ).hexdigest()
+        state = artifact.load_checkpoint(checkpoint, identity) if resume and checkpoint is not None else None
+
+        def save_state(st: dict[str, Any]) -> None:
+            if checkpoint is not None:
+                artifact.save_checkpoint(checkpoint, identity, st)
+
+        result: TrainResult = train(
+            model,
+            t[fit_idx],
+            t[val_idx] if len(val_idx) else None,
+            tcfg,
+            on_epoch,
+            should_stop=should_stop,
+            on_checkpoint=save_state if checkpoint is not None else None,
+            checkpoint_every=checkpoint_every,
+            resume=state,
+        )
         self.model_, self.preprocessing_, self.device_ = model, prep, device
 
         noise_seed = cfg.seed + 1_000_003
@@ -255,7 +287,7 @@ class Detector:
                 "calibration_images": len(cal_idx),
                 "unreadable_images": len(unreadable),
                 "ignored_files": ignored,
-                "data_fingerprint": _fingerprint(pixels),
+                "data_fingerprint": data_fp,
                 "seed": cfg.seed,
                 "device": str(device),
                 "fit_config": {k: v for k, v in asdict(cfg).items() if k != "samples"},
@@ -333,7 +365,10 @@ class Detector:
         paths: list[str] = []
         parts: list[np.ndarray] = []
         errors: list[ReadError] = []
+        unlike: dict[str, tuple[int, str]] = {}
         for batch in batches:
+            for kind, (count, example) in batch.unlike.items():
+                unlike[kind] = (unlike.get(kind, (0, example))[0] + count, unlike.get(kind, (0, example))[1])
             if len(batch.pixels):
                 parts.append(self._score_pixels(batch.pixels, score, eps))
             paths += batch.paths
@@ -341,7 +376,11 @@ class Detector:
             if on_batch is not None:
                 on_batch(len(batch.paths), len(batch.errors))
         scores = np.concatenate(parts) if parts else np.zeros(0)
-        return ScoreResult(paths, scores, errors, score, samples, ignored)
+        warnings = [
+            f"{count} {kind} (e.g. {example}); scores of such images are less reliable"
+            for kind, (count, example) in unlike.items()
+        ]
+        return ScoreResult(paths, scores, errors, score, samples, ignored, warnings)
 
     def decide(
         self,

@@ -19,6 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 GREY_MODES: frozenset[str] = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "La"})
+DEFAULT_MAX_IMAGE_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
 RESIZE_RULE = "stretch-bilinear"  # resize to size x size, aspect not kept; Pillow antialiases
 
 
@@ -155,14 +156,31 @@ def _to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(path: Path, prep: Preprocessing) -> np.ndarray:
+def set_max_image_pixels(limit: int | None) -> None:
+    """Raise or lower the decompression-bomb limit (Pillow's, default 89,478,485 pixels).
+
+    Files whose header declares more pixels are refused before any pixel is
+    decoded. None restores Pillow's default.
+    """
+    Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS if limit is None else int(limit)
+
+
+def decode_image(path: Path, prep: Preprocessing, source: dict[str, Any] | None = None) -> np.ndarray:
     """One file -> uint8 (C, size, size). EXIF orientation applied, first frame only.
 
-    Raises `ImageReadError` with a human reason on any failure.
+    Raises `ImageReadError` with a human reason on any failure. If `source`
+    is given, it receives the file's own size and whether it was colour, so
+    callers can warn about images unlike the training ones.
     """
     try:
         with _open(path) as img:
             img.seek(0)
+            if source is not None:
+                source["size"] = img.size
+                source["colour"] = img.mode not in GREY_MODES
+            if img.format == "JPEG":
+                # Decode a huge JPEG at a reduced scale straight away (still >= the target size).
+                img.draft("L" if prep.channels == 1 else "RGB", (prep.size, prep.size))
             img.load()
             img = ImageOps.exif_transpose(img)
             img = _to_mode(img, prep.channels)
@@ -224,6 +242,8 @@ class ImageBatch:
     paths: list[str]
     pixels: np.ndarray  # uint8 (B, C, H, W)
     errors: list[ReadError]
+    # Images unlike what the model expects, converted anyway: kind -> (count, an example path).
+    unlike: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 def iter_batches(files: Sequence[Path], prep: Preprocessing, batch_size: int = 256) -> Iterator[ImageBatch]:
@@ -232,14 +252,33 @@ def iter_batches(files: Sequence[Path], prep: Preprocessing, batch_size: int = 2
         paths: list[str] = []
         arrays: list[np.ndarray] = []
         errors: list[ReadError] = []
+        unlike: dict[str, tuple[int, str]] = {}
         for path in files[start : start + batch_size]:
+            source: dict[str, Any] = {}
             try:
-                arrays.append(decode_image(path, prep))
+                arrays.append(decode_image(path, prep, source))
                 paths.append(display_path(path))
             except ImageReadError as exc:
                 errors.append(ReadError(display_path(path), str(exc)))
+                continue
+            for kind in _unlike(source, prep):
+                count, example = unlike.get(kind, (0, paths[-1]))
+                unlike[kind] = (count + 1, example)
         pixels = np.stack(arrays) if arrays else np.zeros((0, prep.channels, prep.size, prep.size), dtype=np.uint8)
-        yield ImageBatch(paths, pixels, errors)
+        yield ImageBatch(paths, pixels, errors, unlike)
+
+
+def _unlike(source: dict[str, Any], prep: Preprocessing) -> list[str]:
+    """How an input differs from what the model was trained on, beyond a plain resize."""
+    kinds = []
+    if source.get("colour") and prep.channels == 1:
+        kinds.append("colour images converted to grey")
+    if not source.get("colour", True) and prep.channels == 3:
+        kinds.append("grey images converted to colour")
+    w, h = source.get("size", (prep.size, prep.size))
+    if max(w, h) > 4 * prep.size or min(w, h) < prep.size / 2:
+        kinds.append(f"images far from the trained size {prep.size}x{prep.size}, resized")
+    return kinds
 
 
 def read_images(files: Sequence[Path], prep: Preprocessing) -> ImageBatch:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .calibration import Threshold
+from .calibration import Threshold, decision_statistic
 
 SCHEMA_NAME = "vae-anomaly/score"
 SCHEMA_VERSION = 1
@@ -98,24 +98,6 @@ class Report:
         return 0
 
 
-def _ranking_key(scores: np.ndarray, p: np.ndarray, threshold: Threshold, calibration: np.ndarray) -> np.ndarray:
-    """Sort order, most anomalous first, following the decision's own statistic.
-
-    Conformal p-values tie beyond the calibration range, so ties are broken
-    by how far the score lies from the calibration median, in IQRs
-    (two-sided), or by the score itself (upper tail, raw threshold).
-    """
-    if threshold.rule == "score":
-        return np.lexsort((-scores,))
-    if threshold.tail == "two-sided":
-        q1, med, q3 = np.percentile(calibration, [25, 50, 75])
-        spread = max(q3 - q1, 1e-12)
-        tie = -np.abs(scores - med) / spread
-    else:
-        tie = -scores
-    return np.lexsort((tie, p))
-
-
 def evaluate_gate(rules: list[GateRule], flagged: int, scored: int) -> list[GateCheck]:
     checks = []
     for r in rules:
@@ -146,7 +128,9 @@ def build_report(
     skip_unreadable: bool,
     warnings: list[str] | None = None,
 ) -> Report:
-    order = _ranking_key(scores, p, threshold, calibration) if len(scores) else np.zeros(0, int)
+    # Most anomalous first, by the decision's own statistic (a raw threshold ranks by score).
+    tail = "upper" if threshold.rule == "score" else threshold.tail
+    order = np.argsort(-decision_statistic(calibration, scores, tail), kind="stable")
     records = [
         ImageRecord(rank + 1, paths[i], float(scores[i]), float(p[i]), bool(flags[i])) for rank, i in enumerate(order)
     ]

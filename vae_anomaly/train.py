@@ -71,7 +71,7 @@ class TrainResult:
     best_epoch: int
     best_val_loss: float | None
     final_train_loss: float
-    stopped: str  # "epochs", "early-stopping" or "time-budget"
+    stopped: str  # "epochs", "early-stopping", "time-budget" or "interrupted"
     seconds: float
     images_per_s: float
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -114,11 +114,23 @@ def train(
     val_pixels: torch.Tensor | None,
     config: TrainConfig,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint_every: float = 30.0,
+    resume: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Adam on -ELBO, batches sliced from one uint8 tensor; keeps the best held-out state.
 
     `train_pixels` and `val_pixels` are uint8 (N, C, H, W). Without held-out
     images there is no early stopping and the last state is kept.
+
+    `should_stop` is asked after every step (Ctrl-C in the CLI): training then
+    ends with the best state so far. `on_checkpoint` receives, at the end of
+    an epoch and at most every `checkpoint_every` seconds, a dict of tensors
+    and plain values from which `resume` continues exactly where it was:
+    same weights, optimiser moments and random streams, so a resumed run
+    ends identical to an uninterrupted one.
     """
     device = torch.device(config.device)
     model.to(device).train()
@@ -129,25 +141,38 @@ def train(
         raise TrainingError("no training images left after the calibration split")
     steps_per_epoch = max(1, math.ceil(n / config.batch_size))
     epochs = config.epochs or max(30, math.ceil(config.min_steps / steps_per_epoch))
-    start = time.perf_counter()
     best_val, best_epoch, best_state = math.inf, 0, None
     history: list[dict[str, Any]] = []
-    stopped, seen, stale = "epochs", 0, 0
-    epoch = 0
+    stopped, seen, stale, first_epoch, before = "epochs", 0, 0, 1, 0.0
     train_loss = math.nan
-    for epoch in range(1, epochs + 1):
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        gen.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        best_val = resume["best_val"]
+        best_epoch, stale, seen = resume["best_epoch"], resume["stale"], resume["seen"]
+        best_state = resume["best_state"] or None
+        history = list(resume["history"])
+        first_epoch, before = resume["epoch"] + 1, resume["elapsed"]
+        train_loss = history[-1]["train_loss"] if history else math.nan
+    start = time.perf_counter() - before
+    last_checkpoint = time.perf_counter()
+    epoch = first_epoch - 1
+    for epoch in range(first_epoch, epochs + 1):
         order = torch.randperm(n, generator=gen)
         loss_sum = kl_sum = 0.0
         count = 0
-        out_of_time = False
+        out_of_time = interrupted = False
         for step in range(steps_per_epoch):
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
             x = _to_float(train_pixels[idx], device)
             loss, kl = elbo_loss(model, x)
             if not torch.isfinite(loss):
                 raise TrainingError(
-                    f"the loss became {float(loss)} at epoch {epoch}, step {step + 1}: the "
-                    "optimiser diverged. Try a smaller --learning-rate, or --likelihood bernoulli."
+                    f"the loss became {float(loss)} at epoch {epoch}, step {step + 1}: the optimiser diverged "
+                    "(a learning rate too high for this data, or images that are all one value). Try a smaller "
+                    "--learning-rate (e.g. 3e-4), a different --seed, or --likelihood bernoulli."
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -157,6 +182,9 @@ def train(
             count += len(idx)
             if config.time_budget is not None and time.perf_counter() - start >= config.time_budget:
                 out_of_time = True
+                break
+            if should_stop is not None and should_stop():
+                interrupted = True
                 break
         seen += count
         train_loss = loss_sum / count
@@ -175,12 +203,33 @@ def train(
             stale += 1
         if on_epoch is not None:
             on_epoch(stats)
+        if interrupted:
+            stopped = "interrupted"
+            break
         if out_of_time:
             stopped = "time-budget"
             break
         if stale >= config.patience:
             stopped = "early-stopping"
             break
+        if on_checkpoint is not None and (time.perf_counter() - last_checkpoint >= checkpoint_every or epoch == epochs):
+            on_checkpoint(
+                {
+                    "epoch": epoch,
+                    "model": copy.deepcopy(model.state_dict()),
+                    "optimizer": copy.deepcopy(opt.state_dict()),
+                    "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "best_val": best_val,
+                    "best_epoch": best_epoch,
+                    "best_state": best_state or {},
+                    "stale": stale,
+                    "seen": seen,
+                    "history": history,
+                    "elapsed": elapsed,
+                }
+            )
+            last_checkpoint = time.perf_counter()
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

@@ -1,0 +1,279 @@
+"""One-class MNIST (Ruff et al. 2018): train on one digit, test on all 10,000 test images.
+
+For each digit c: fit a `Detector` with DEFAULT settings on the training
+images of class c; score all test images (class c normal, the other nine
+anomalous); ROC-AUC per score type, per digit; then the mean and the worst
+digit. Baselines computed in the same run on the same data: PCA
+reconstruction error (90% variance), kNN distance (k=5) on raw pixels, and
+PyOD's AutoEncoder and VAE where `pyod` is installed (`pip install -e .[bench]`).
+
+    python benchmarks/one_class.py --data ../shared/data/mnist [--digits 0,8] [--seeds 0,1,2]
+        [--time-budget 60] [--jobs 1] [--via-files]
+
+Writes benchmarks/results/one_class.json and .md (or --out PREFIX).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.metrics import roc_auc_score
+from sklearn.neighbors import NearestNeighbors
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mnist import load_mnist
+
+from vae_anomaly import Detector, FitConfig
+from vae_anomaly.calibration import decision_statistic
+from vae_anomaly.scores import SCORE_NAMES
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def baselines(x_train: np.ndarray, x_test: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Scores of the simple methods a user could write in three lines; higher = more anomalous."""
+    tr = x_train.reshape(len(x_train), -1) / 255.0
+    te = x_test.reshape(len(x_test), -1) / 255.0
+    out: dict[str, np.ndarray] = {}
+    pca = PCA(n_components=0.90, random_state=seed).fit(tr)
+    out["PCA reconstruction (90% var)"] = ((te - pca.inverse_transform(pca.transform(te))) ** 2).sum(1)
+    dist, _ = NearestNeighbors(n_neighbors=5).fit(tr).kneighbors(te)
+    out["kNN distance (k=5), pixels"] = dist.mean(1)
+    try:
+        from pyod.models.auto_encoder import AutoEncoder
+        from pyod.models.vae import VAE
+    except ImportError:
+        return out
+    for name, cls in (("PyOD AutoEncoder", AutoEncoder), ("PyOD VAE", VAE)):
+        try:
+            model = (
+                cls(random_state=seed, verbose=0, preprocessing=False)
+                if name.endswith("AutoEncoder")
+                else cls(random_state=seed, verbose=0)
+            )
+            model.fit(tr)
+            out[name] = model.decision_function(te)
+        except Exception as exc:  # a baseline failing must not sink the benchmark
+            print(f"warning: {name} failed: {exc}", file=sys.stderr)
+    return out
+
+
+def run_digit(args: tuple[str, int, int, float | None, int, bool]) -> dict[str, Any]:
+    data, digit, seed, budget, threads, via_files = args
+    import torch
+
+    torch.set_num_threads(threads)
+    x_tr, y_tr = load_mnist(data, "train")
+    x_te, y_te = load_mnist(data, "test")
+    normal = x_tr[y_tr == digit]
+    labels = (y_te != digit).astype(int)
+    cfg = FitConfig(seed=seed, device="cpu", time_budget=budget)
+    t0 = time.perf_counter()
+    det = Detector(cfg).fit(normal)
+    fit_s = time.perf_counter() - t0
+    row: dict[str, Any] = {
+        "digit": digit,
+        "seed": seed,
+        "fit_seconds": fit_s,
+        "train_seconds": det.metadata_["training"]["seconds"],
+        "epochs": det.metadata_["training"]["epochs_run"],
+        "auc": {},
+        "auc_decision": {},
+        "images_per_s": {},
+    }
+    for name in SCORE_NAMES:
+        t0 = time.perf_counter()
+        res = det.score(x_te, score=name, batch_size=1000)
+        row["images_per_s"][name] = len(x_te) / (time.perf_counter() - t0)
+        row["auc"][name] = roc_auc_score(labels, res.scores)
+        cal = det.calibration_[name]
+        row["auc_decision"][name] = roc_auc_score(labels, decision_statistic(cal, res.scores, "two-sided"))
+    for name, s in baselines(normal, x_te, seed).items():
+        row["auc"][name] = roc_auc_score(labels, s)
+    if via_files:
+        row["auc_via_files"] = via_cli(normal, x_te, labels, seed, budget)
+    return row
+
+
+def via_cli(normal: np.ndarray, x_te: np.ndarray, labels: np.ndarray, seed: int, budget: float | None) -> float:
+    """The same digit through PNG folders and the real command line."""
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "normal").mkdir()
+        (root / "incoming").mkdir()
+        for i, im in enumerate(normal):
+            Image.fromarray(im).save(root / "normal" / f"{i:05d}.png")
+        for i, im in enumerate(x_te):
+            Image.fromarray(im).save(root / "incoming" / f"{i:05d}.png")
+        cmd = [sys.executable, "-m", "vae_anomaly"]
+        fit = [*cmd, "fit", str(root / "normal"), "-o", str(root / "m.vae"), "--seed", str(seed), "--quiet"]
+        fit += ["--device", "cpu"] + (["--time-budget", str(budget)] if budget else [])
+        subprocess.run(fit, check=True, capture_output=True)
+        out = subprocess.run(
+            [*cmd, "score", str(root / "incoming"), "-m", str(root / "m.vae"), "--format", "json", "--device", "cpu"],
+            capture_output=True,
+            text=True,
+        )
+        if out.returncode not in (0, 1):
+            raise RuntimeError(out.stderr)
+        recs = [r for r in json.loads(out.stdout)["records"] if r["error"] is None]
+        idx = np.array([int(Path(r["path"]).stem) for r in recs])
+        return float(roc_auc_score(labels[idx], [r["score"] for r in recs]))
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    methods = list(rows[0]["auc"])
+    digits = sorted({r["digit"] for r in rows})
+    table: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        per_digit = {str(d): float(np.mean([r["auc"][m] for r in rows if r["digit"] == d])) for d in digits}
+        worst = min(per_digit, key=per_digit.get)
+        table[m] = {
+            "per_digit": per_digit,
+            "mean": float(np.mean(list(per_digit.values()))),
+            "worst": per_digit[worst],
+            "worst_digit": worst,
+        }
+    for m in SCORE_NAMES:
+        per_digit = {str(d): float(np.mean([r["auc_decision"][m] for r in rows if r["digit"] == d])) for d in digits}
+        worst = min(per_digit, key=per_digit.get)
+        table[f"{m} (two-sided decision rank)"] = {
+            "per_digit": per_digit,
+            "mean": float(np.mean(list(per_digit.values()))),
+            "worst": per_digit[worst],
+            "worst_digit": worst,
+        }
+    return table
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    t = doc["table"]
+    digits = [int(d) for d in next(iter(t.values()))["per_digit"]]
+    ours = [m for m in t if m.split(" ")[0] in SCORE_NAMES]
+    base = [m for m in t if m not in ours]
+    best_base = max(base, key=lambda m: t[m]["mean"]) if base else None
+    lines = [
+        f"One-class MNIST, {doc['date']}, {doc['machine']}, commit {doc['commit']}, seeds {doc['seeds']}, "
+        f"time budget {doc['time_budget']}",
+        "",
+        f"    {doc['command']}",
+        "",
+        "| method | " + " | ".join(str(d) for d in digits) + " | mean | worst |",
+        "| --- | " + " | ".join("---" for _ in digits) + " | --- | --- |",
+    ]
+    for m in ours + base:
+        r = t[m]
+        lines.append(
+            f"| {m} | "
+            + " | ".join(f"{r['per_digit'][str(d)]:.3f}" for d in digits)
+            + f" | **{r['mean']:.3f}** | {r['worst']:.3f} ({r['worst_digit']}) |"
+        )
+    if best_base:
+        lines += [
+            "",
+            f"Best baseline: {best_base} (mean {t[best_base]['mean']:.3f}, worst {t[best_base]['worst']:.3f}).",
+        ]
+        for m in ours:
+            lines.append(
+                f"- {m}: margin {t[m]['mean'] - t[best_base]['mean']:+.3f} mean, "
+                f"{t[m]['worst'] - max(t[b]['worst'] for b in base):+.3f} worst digit vs the best worst"
+            )
+    s = doc["speed"]
+    lines += [
+        "",
+        f"Training: {s['train_seconds_mean']:.1f} s per digit on average (max {s['train_seconds_max']:.1f} s), "
+        f"{s['epochs_mean']:.1f} epochs. Scoring from memory: "
+        + ", ".join(f"{k} {v:,.0f} images/s" for k, v in s["images_per_s"].items())
+        + ".",
+    ]
+    if "via_files_max_diff" in doc:
+        lines.append(
+            f"Via PNG files and the CLI: largest ROC-AUC difference from the in-memory path "
+            f"{doc['via_files_max_diff']:.4f}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="folder with the MNIST IDX files")
+    ap.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--time-budget", type=float, default=None, help="fit --time-budget (default: fit's default)")
+    ap.add_argument("--jobs", type=int, default=1, help="digits trained in parallel (each with --threads)")
+    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2)))
+    ap.add_argument("--via-files", action="store_true", help="also run each digit through PNG files and the CLI")
+    ap.add_argument("--out", type=Path, default=RESULTS / "one_class")
+    args = ap.parse_args()
+    digits = [int(d) for d in args.digits.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    threads = max(1, args.threads // args.jobs) if args.jobs > 1 else args.threads
+    tasks = [(args.data, d, s, args.time_budget, threads, args.via_files) for s in seeds for d in digits]
+    t0 = time.perf_counter()
+    rows = []
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            for row in pool.map(run_digit, tasks):
+                rows.append(row)
+                print(_line(row), file=sys.stderr, flush=True)
+    else:
+        for task in tasks:
+            rows.append(run_digit(task))
+            print(_line(rows[-1]), file=sys.stderr, flush=True)
+    commit = (
+        subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+        or "unknown"
+    )
+    doc = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {threads} x {args.jobs} jobs",
+        "commit": commit,
+        "command": "python " + " ".join(sys.argv),
+        "seeds": seeds,
+        "time_budget": args.time_budget,
+        "wall_seconds": time.perf_counter() - t0,
+        "rows": rows,
+        "table": summarise(rows),
+        "speed": {
+            "train_seconds_mean": float(np.mean([r["train_seconds"] for r in rows])),
+            "train_seconds_max": float(np.max([r["train_seconds"] for r in rows])),
+            "epochs_mean": float(np.mean([r["epochs"] for r in rows])),
+            "images_per_s": {k: float(np.mean([r["images_per_s"][k] for r in rows])) for k in SCORE_NAMES},
+        },
+    }
+    if args.via_files:
+        doc["via_files_max_diff"] = float(max(abs(r["auc_via_files"] - r["auc"]["elbo"]) for r in rows))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(doc, indent=2, default=str))
+    md = markdown(doc)
+    args.out.with_suffix(".md").write_text(md)
+    print(md)
+    return 0
+
+
+def _line(row: dict[str, Any]) -> str:
+    aucs = " ".join(f"{k.split(' ')[0]}={v:.4f}" for k, v in row["auc"].items())
+    return (
+        f"digit {row['digit']} seed {row['seed']}: train {row['train_seconds']:.1f} s, {row['epochs']} epochs; {aucs}"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
