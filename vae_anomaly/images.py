@@ -49,7 +49,7 @@ class FileListing:
 
 def display_path(path: str | os.PathLike[str]) -> str:
     """A printable form of any file name, including ones that are not UTF-8."""
-    return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _is_image_name(name: str) -> bool:
@@ -111,8 +111,13 @@ class Preprocessing:
 
 
 def _open(path: Path) -> Image.Image:
-    """Open lazily, refusing decompression bombs from the header alone."""
+    """Open lazily, refusing decompression bombs from the header alone.
+
+    Pillow's other warnings (corrupt EXIF and the like) are silenced: the
+    image either decodes or becomes an error record.
+    """
     with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         return Image.open(path)
 
@@ -173,7 +178,8 @@ def decode_image(path: Path, prep: Preprocessing, source: dict[str, Any] | None 
     callers can warn about images unlike the training ones.
     """
     try:
-        with _open(path) as img:
+        with _open(path) as img, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             img.seek(0)
             if source is not None:
                 source["size"] = img.size

@@ -158,6 +158,8 @@ def train(
         train_loss = history[-1]["train_loss"] if history else math.nan
     start = time.perf_counter() - before
     last_checkpoint = time.perf_counter()
+    snapshot: dict[str, Any] | None = None
+    written = True
     epoch = first_epoch - 1
     for epoch in range(first_epoch, epochs + 1):
         order = torch.randperm(n, generator=gen)
@@ -203,7 +205,30 @@ def train(
             stale += 1
         if on_epoch is not None:
             on_epoch(stats)
+        if on_checkpoint is not None and not interrupted:
+            # A snapshot at every epoch end (cheap for this network's size), written every
+            # `checkpoint_every` seconds, and on an interruption, so a stop never loses an epoch.
+            snapshot = {
+                "epoch": epoch,
+                "model": copy.deepcopy(model.state_dict()),
+                "optimizer": copy.deepcopy(opt.state_dict()),
+                "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "best_val": best_val,
+                "best_epoch": best_epoch,
+                "best_state": best_state or {},
+                "stale": stale,
+                "seen": seen,
+                "history": list(history),
+                "elapsed": elapsed,
+            }
+            written = False
+            if time.perf_counter() - last_checkpoint >= checkpoint_every:
+                on_checkpoint(snapshot)
+                last_checkpoint, written = time.perf_counter(), True
         if interrupted:
+            if on_checkpoint is not None and snapshot is not None and not written:
+                on_checkpoint(snapshot)
             stopped = "interrupted"
             break
         if out_of_time:
@@ -212,24 +237,6 @@ def train(
         if stale >= config.patience:
             stopped = "early-stopping"
             break
-        if on_checkpoint is not None and (time.perf_counter() - last_checkpoint >= checkpoint_every or epoch == epochs):
-            on_checkpoint(
-                {
-                    "epoch": epoch,
-                    "model": copy.deepcopy(model.state_dict()),
-                    "optimizer": copy.deepcopy(opt.state_dict()),
-                    "generator": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "best_val": best_val,
-                    "best_epoch": best_epoch,
-                    "best_state": best_state or {},
-                    "stale": stale,
-                    "seen": seen,
-                    "history": history,
-                    "elapsed": elapsed,
-                }
-            )
-            last_checkpoint = time.perf_counter()
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
