@@ -209,3 +209,18 @@ def test_visual_options_without_matplotlib_are_a_usage_error(
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     code, out, err = run("score", data_dir / "incoming", "-m", model_file, "--html", tmp_path / "r.html")
     assert code == 2 and out == "" and "vae-anomaly[report]" in err and not (tmp_path / "r.html").exists()
+
+
+def test_library_modules_import_neither_click_nor_rich() -> None:
+    import ast
+
+    import vae_anomaly
+
+    for path in Path(vae_anomaly.__file__).parent.glob("*.py"):
+        if path.name in ("cli.py", "__main__.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            assert not any(n.split(".")[0] in ("click", "rich") for n in names), f"{path.name} imports {names}"

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from . import __version__
+from .calibration import smallest_p_value
 from .report import Report
 
 MAX_UNREADABLE_ROWS = 1000  # beyond this the table says how many more; the JSON output has them all
@@ -84,6 +85,23 @@ def _verdict(report: Report) -> str:
     return f'<div class="verdict {cls}">{_e(head)} &middot; exit code {s.exit_code}<small>{_e(detail)}</small></div>'
 
 
+def _p_floor(report: Report) -> str:
+    """Why many rows share one p-value: n calibration scores cannot give a smaller one."""
+    s = report.summary
+    n, tail = s.calibration_images, s.threshold.get("tail", "upper")
+    floor = smallest_p_value(n, tail)
+    return (
+        f"{floor:.4g} ({'2' if tail == 'two-sided' else '1'}/(n+1), n = {n:,}): every score beyond the calibration "
+        "range gets it; such ties are ranked by distance from the calibration median"
+    )
+
+
+def _side(score: float, report: Report) -> str:
+    """Which bound a flagged score crossed: too high (surprising), or too low (too simple to be normal)."""
+    low = report.summary.threshold.get("low")
+    return "score too low" if low is not None and score <= low else "score too high"
+
+
 def render_html(
     report: Report,
     *,
@@ -124,6 +142,7 @@ def render_html(
         ("score", f"{s.score} ({s.samples} Monte Carlo sample(s))"),
         ("rule", s.rule),
         ("calibration", f"{s.calibration_images:,} held-out normal images"),
+        ("p-value floor", _p_floor(report)),
         ("model fingerprint", s.model_fingerprint or "-"),
     ]
     parts += [f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in rows]
@@ -157,7 +176,11 @@ def render_html(
             if pics
             else ["", "", ""]
         )
-        flag = '<span class="flag yes">ANOMALY</span>' if r.flagged else '<span class="flag no">ok</span>'
+        flag = (
+            f'<span class="flag yes">ANOMALY</span><br><span class="meta">{_side(r.score, report)}</span>'
+            if r.flagged
+            else '<span class="flag no">ok</span>'
+        )
         parts.append(
             f'<tr><td class="num">{r.rank}</td><td>{cells[0]}</td><td>{cells[1]}</td><td>{cells[2]}</td>'
             f'<td class="num">{r.score:,.2f}</td><td class="num">{r.p_value:.4f}</td><td>{flag}</td>'
