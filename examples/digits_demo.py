@@ -55,7 +55,7 @@ def write_folders(workdir: Path, digit: int, seed: int) -> dict[str, int]:
     with (workdir / "labels.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "label"])
-        w.writerows(sorted(labels.items()))
+        w.writerows((f"incoming/{name}", y) for name, y in sorted(labels.items()))  # relative to the CSV
     return labels
 
 

@@ -8,6 +8,8 @@ and flagged at a false-positive rate you choose.
 
 __version__ = "0.1.0"
 
-from .detector import Decision, Detector, FitConfig, ScoreResult
+from .detector import Decision, Detector, FitConfig, HeatMaps, ScoreResult
 
-__all__ = ["Decision", "Detector", "FitConfig", "ScoreResult", "__version__"]
+# evaluation (sklearn.metrics) and visualize (matplotlib) are imported where used:
+# `from vae_anomaly.evaluation import evaluate_detector`, so that scoring stays light.
+__all__ = ["Decision", "Detector", "FitConfig", "HeatMaps", "ScoreResult", "__version__"]

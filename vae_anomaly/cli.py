@@ -8,6 +8,7 @@ are those of `report.Report.return_code`, plus 2 for usage and model errors.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import time
@@ -16,15 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import __version__
+from . import __version__, html_report, visualize
 from .artifact import ModelFileError
-from .calibration import TAILS
+from .calibration import TAILS, Threshold
 from .detector import CalibrationError, Detector, FitConfig, FitError
+from .evaluation import Evaluation, LabelsError, evaluate_detector, labelled_folders, labels_csv
 from .images import DEFAULT_MAX_IMAGE_PIXELS, InputPathError, set_max_image_pixels
 from .model import LIKELIHOODS
 from .report import FORMATS, WRITERS, GateRule, Report, build_report
@@ -316,6 +319,10 @@ class ScoreOptions:
     batch_size: int
     device: str
     top: int
+    heatmaps: Path | None = None
+    plots: Path | None = None
+    html: Path | None = None
+    html_top: int = 50
 
 
 def _parse_threshold(ctx: click.Context, param: click.Parameter, value: str) -> str | float:
@@ -370,6 +377,25 @@ def _parse_threshold(ctx: click.Context, param: click.Parameter, value: str) -> 
 @click.option(
     "--top", type=click.IntRange(0), default=30, show_default=True, help="Rows in the terminal table (0: all)."
 )
+@click.option(
+    "--heatmaps",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write a PNG per flagged image here: input | reconstruction | heat map.",
+)
+@click.option("--plots", type=click.Path(file_okay=False, path_type=Path), help="Write the score histogram here (PNG).")
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a self-contained HTML report (verdict, summary, histogram, top images).",
+)
+@click.option(
+    "--html-top",
+    type=click.IntRange(0),
+    default=50,
+    show_default=True,
+    help="Most anomalous images shown, with pictures, in the HTML report.",
+)
 @max_pixels_option
 def score(
     inputs: tuple[Path, ...],
@@ -387,6 +413,10 @@ def score(
     batch_size: int,
     device: str,
     top: int,
+    heatmaps: Path | None,
+    plots: Path | None,
+    html_path: Path | None,
+    html_top: int,
 ) -> None:
     """Score INPUTS (folders or files) against a model; flag and gate."""
     if output is not None and fmt == "table":
@@ -413,12 +443,18 @@ def score(
         batch_size,
         device,
         top,
+        heatmaps,
+        plots,
+        html_path,
+        html_top,
     )
     report = run_score(opts)
     sys.exit(report.return_code)
 
 
 def run_score(opts: ScoreOptions) -> Report:
+    if opts.heatmaps or opts.plots or opts.html:
+        _need_matplotlib()
     try:
         detector = Detector.load(opts.model, device=opts.device)
     except ModelFileError as exc:
@@ -475,7 +511,95 @@ def run_score(opts: ScoreOptions) -> Report:
             err.print(f"wrote {escape(str(opts.output))}")
         else:
             click.echo(text, nl=False)
+    _write_visuals(detector, opts, report, decision.threshold)
     return report
+
+
+def _need_matplotlib() -> None:
+    try:
+        visualize.check_available()
+    except visualize.MissingExtraError as exc:
+        raise UsageFailure(str(exc)) from None
+
+
+def _write_png(path: Path, data: bytes) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    except OSError as exc:
+        raise click.ClickException(f"{path}: cannot write ({exc.strerror or exc}); check the folder") from None
+
+
+def _safe_name(path: str) -> str:
+    """A file-name fragment from any input path: letters, digits, dot, dash, underscore."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem).strip("._") or "image"
+    return stem[:80]
+
+
+def _write_visuals(detector: Detector, opts: ScoreOptions, report: Report, threshold: Threshold) -> None:
+    """Heat maps of flagged images, the histogram, the HTML report: only what was asked for."""
+    if not (opts.heatmaps or opts.plots or opts.html):
+        return
+    ranked = [r for r in report.records if r.error is None]
+    s = report.summary
+    histogram = None
+    if opts.plots or opts.html:
+        scores = np.array([r.score for r in ranked])
+        histogram = visualize.score_histogram(
+            {"calibration (normal)": detector.calibration_[opts.score], "scored batch": scores},
+            threshold,
+            score=opts.score,
+            title=f"{opts.score}: {s.flagged:,} of {s.scored:,} flagged; {s.rule}",
+        )
+        if opts.plots:
+            _write_png(opts.plots / f"histogram_{opts.score}.png", histogram)
+            err.print(f"wrote {escape(str(opts.plots / f'histogram_{opts.score}.png'))}", highlight=False)
+    wanted = {r.path: r for r in ranked[: opts.html_top]} if opts.html else {}
+    flagged = [r for r in ranked if r.flagged] if opts.heatmaps else []
+    wanted.update({r.path: r for r in flagged})
+    rows: dict[str, html_report.RowImages] = {}
+    lut = visualize.colour_table() if wanted else None
+    todo = list(wanted.values())
+    written = 0
+    for i in range(0, len(todo), opts.batch_size):
+        chunk = todo[i : i + opts.batch_size]
+        maps = detector.heatmap([Path(r.path) for r in chunk], score=opts.score, samples=opts.samples)
+        for e in maps.errors:
+            _warn(f"no heat map for {e.path}: {e.reason} (it changed since it was scored?)")
+        by_path = {r.path: r for r in chunk}
+        for j, path in enumerate(maps.paths):
+            rec = by_path[path]
+            img, rec_img, heat = maps.images[j], maps.reconstructions[j], maps.maps[j]
+            if opts.heatmaps and rec.flagged:
+                panel = visualize.heatmap_panel(
+                    img, rec_img, heat, caption=f"#{rec.rank}  score {rec.score:.4g}  p {rec.p_value:.4f}", lut=lut
+                )
+                _write_png(opts.heatmaps / f"{rec.rank:05d}_{_safe_name(path)}.png", visualize.png_bytes(panel))
+                written += 1
+            if opts.html and rec.rank is not None and rec.rank <= opts.html_top:
+                rows[path] = html_report.RowImages(
+                    visualize.png_bytes(visualize.to_rgb(img)),
+                    visualize.png_bytes(visualize.to_rgb(rec_img)),
+                    visualize.png_bytes(visualize.heat_overlay(img, heat, lut=lut)),
+                )
+    if opts.heatmaps:
+        opts.heatmaps.mkdir(parents=True, exist_ok=True)
+        err.print(f"wrote {written} heat map(s) of flagged images to {escape(str(opts.heatmaps))}", highlight=False)
+    if opts.html:
+        page = html_report.render_html(
+            report,
+            histogram=histogram,
+            images=rows,
+            top=opts.html_top,
+            model=str(opts.model),
+            inputs=", ".join(map(str, opts.inputs)),
+        )
+        try:
+            opts.html.parent.mkdir(parents=True, exist_ok=True)
+            opts.html.write_text(page, encoding="utf-8")
+        except OSError as exc:
+            raise click.ClickException(f"{opts.html}: cannot write the report ({exc.strerror or exc})") from None
+        err.print(f"wrote {escape(str(opts.html))} ({len(page.encode()) / 1024:,.0f} KiB)", highlight=False)
 
 
 def _render_table(report: Report, top: int) -> None:
@@ -507,6 +631,151 @@ def _render_table(report: Report, top: int) -> None:
         f"rule {escape(s.rule)}; model {s.model_fingerprint}." + verdict + (f" ({gate})" if gate else ""),
         highlight=False,
     )
+
+
+# -------------------------------------------------------------- evaluate
+@main.command()
+@click.argument("path", required=False, type=click.Path(path_type=Path))
+@click.option("-m", "--model", type=click.Path(path_type=Path), default=Path("model.vae"), show_default=True)
+@click.option(
+    "--labels",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="CSV with columns path,label (1 = anomaly); relative paths are read from the CSV's folder.",
+)
+@click.option(
+    "--score",
+    "score_names",
+    type=click.Choice(SCORE_NAMES),
+    multiple=True,
+    help="Score type to evaluate; repeat for several. Default: all.",
+)
+@click.option(
+    "--fpr",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.01,
+    show_default=True,
+    help="Target false-positive rate of the auto threshold behind the confusion matrix.",
+)
+@click.option("--tail", type=click.Choice(TAILS), default="two-sided", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option(
+    "--plots",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write score histograms, ROC and precision-recall curves here (PNG).",
+)
+@click.option("--skip-unreadable", is_flag=True, help="Unreadable inputs are listed but do not exit 3.")
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def evaluate(
+    path: Path | None,
+    model: Path,
+    labels: Path | None,
+    score_names: tuple[str, ...],
+    fpr: float,
+    tail: str,
+    fmt: str,
+    plots: Path | None,
+    skip_unreadable: bool,
+    batch_size: int,
+    device: str,
+) -> None:
+    """Measure detection quality on labelled images.
+
+    PATH is a folder with normal/ and anomaly/ subfolders; or give --labels FILE.csv instead.
+    Exit 0 on success, 2 on a usage error, 3 when some inputs could not be read.
+    """
+    if (path is None) == (labels is None):
+        raise UsageFailure(
+            "give either PATH (a folder with normal/ and anomaly/ inside) or --labels FILE.csv, not both or neither"
+        )
+    if plots:
+        _need_matplotlib()
+    try:
+        data = labelled_folders(path) if path is not None else labels_csv(labels)  # type: ignore[arg-type]
+    except (LabelsError, InputPathError) as exc:
+        raise UsageFailure(str(exc)) from None
+    try:
+        detector = Detector.load(model, device=device)
+    except (ModelFileError, ValueError) as exc:
+        raise UsageFailure(str(exc)) from None
+    names = score_names or SCORE_NAMES
+    t0 = time.perf_counter()
+    try:
+        ev = evaluate_detector(
+            detector, data, scores=list(dict.fromkeys(names)), fpr=fpr, tail=tail, batch_size=batch_size
+        )
+    except (LabelsError, CalibrationError) as exc:
+        raise UsageFailure(str(exc)) from None
+    for e in ev.unreadable:
+        err.print(f"[red]unreadable:[/] {escape(e.path)}: {escape(e.reason)}", highlight=False)
+    for w in ev.warnings:
+        _warn(w)
+    err.print(
+        f"evaluated {len(ev.paths)} images ({int((ev.labels == 0).sum())} normal, {int((ev.labels == 1).sum())} "
+        f"anomalous) with {len(names)} score type(s) in {time.perf_counter() - t0:.2f} s",
+        highlight=False,
+    )
+    if fmt == "json":
+        click.echo(json.dumps(ev.to_dict(), indent=2))
+    else:
+        _render_evaluation(ev)
+    if plots:
+        _write_evaluation_plots(ev, plots)
+    sys.exit(3 if ev.unreadable and not skip_unreadable else 0)
+
+
+def _render_evaluation(ev: Evaluation) -> None:
+    table = Table(
+        title=f"{escape(ev.source)}: {int((ev.labels == 0).sum())} normal, {int((ev.labels == 1).sum())} anomalous",
+        title_justify="left",
+    )
+    table.add_column("metric")
+    for name, r in ev.results.items():
+        table.add_column(f"{name} ({r.samples})", justify="right")
+    res = list(ev.results.values())
+    rows = [
+        ("ROC-AUC", [f"{r.metrics.roc_auc:.4f}" for r in res]),
+        ("average precision", [f"{r.metrics.average_precision:.4f}" for r in res]),
+        ("best F1", [f"{r.metrics.best_f1:.4f}" for r in res]),
+        ("  at score >=", [f"{r.metrics.best_f1_threshold:.5g}" for r in res]),
+        ("  precision / recall", [f"{r.metrics.best_f1_precision:.3f} / {r.metrics.best_f1_recall:.3f}" for r in res]),
+        ("TPR at FPR 1%", [f"{r.metrics.tpr_at_fpr_1pct:.4f}" for r in res]),
+        ("TPR at FPR 5%", [f"{r.metrics.tpr_at_fpr_5pct:.4f}" for r in res]),
+        ("auto rule: TN / FP", [f"{r.confusion.tn} / {r.confusion.fp}" for r in res]),
+        ("auto rule: FN / TP", [f"{r.confusion.fn} / {r.confusion.tp}" for r in res]),
+        ("auto rule: FPR / TPR", [f"{r.confusion.fpr:.3f} / {r.confusion.tpr:.3f}" for r in res]),
+    ]
+    for label, cells in rows:
+        table.add_row(label, *cells)
+    out.print(table)
+    out.print(
+        "ROC-AUC, AP, best F1 and TPR at FPR rank by the raw score (higher = more anomalous). "
+        f"The auto rule is the model's own (--fpr {ev.fpr:g}, --tail {ev.tail}): "
+        + "; ".join(f"{n}: {escape(r.threshold.describe())}" for n, r in ev.results.items()),
+        highlight=False,
+    )
+
+
+def _write_evaluation_plots(ev: Evaluation, folder: Path) -> None:
+    written = []
+    for name, r in ev.results.items():
+        png = visualize.score_histogram(
+            {
+                "calibration (normal)": ev.calibration[name],
+                "labelled normal": r.scores[ev.labels == 0],
+                "labelled anomaly": r.scores[ev.labels == 1],
+            },
+            r.threshold,
+            score=name,
+            title=f"{name}: ROC-AUC {r.metrics.roc_auc:.3f}; auto rule at fpr {ev.fpr:g} ({ev.tail})",
+        )
+        written.append(folder / f"histogram_{name}.png")
+        _write_png(written[-1], png)
+    scores = {name: r.scores for name, r in ev.results.items()}
+    written += [folder / "roc.png", folder / "pr.png"]
+    _write_png(written[-2], visualize.roc_curves(ev.labels, scores))
+    _write_png(written[-1], visualize.pr_curves(ev.labels, scores))
+    err.print(f"wrote {', '.join(escape(str(w)) for w in written)}", highlight=False)
 
 
 # ------------------------------------------------------------------ info

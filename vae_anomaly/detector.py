@@ -38,7 +38,7 @@ from .images import (
     read_images,
 )
 from .model import ConvVAE, VAEConfig
-from .scores import SCORE_NAMES, SCORE_SPECS, latent_noise, score_images
+from .scores import SCORE_NAMES, SCORE_SPECS, kl_to_standard_normal, latent_noise, pixel_nll_map, score_images
 from .train import EpochStats, TrainConfig, TrainResult, train
 
 MIN_TRAINING_IMAGES = 10
@@ -100,6 +100,24 @@ class ScoreResult:
     samples: int
     ignored: int = 0  # hidden and non-image files skipped in folders
     warnings: list[str] = field(default_factory=list)  # inputs unlike the training images
+
+
+@dataclass
+class HeatMaps:
+    """Per-pixel anomaly maps of the readable images, in input order.
+
+    `maps[i]` is -log p(x|z) per pixel (summed over channels, in nats),
+    averaged over the Monte Carlo draws; `maps[i].sum() + kl[i]` is the
+    image's -ELBO. `images` and `reconstructions` are uint8 (N, C, H, W) at
+    the model's input size, i.e. what the model saw and gave back.
+    """
+
+    paths: list[str]
+    images: np.ndarray
+    reconstructions: np.ndarray
+    maps: np.ndarray  # float64 (N, H, W)
+    kl: np.ndarray  # float64 (N,)
+    errors: list[ReadError]
 
 
 @dataclass
@@ -357,30 +375,95 @@ class Detector:
         on_batch: Callable[[int, int], None] | None = None,
     ) -> ScoreResult:
         """Score images (higher = more anomalous); unreadable files become error records."""
-        if score not in SCORE_SPECS:
-            raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORE_NAMES)}")
-        samples = samples or self.default_samples(score)
-        eps = self._noise(samples)
+        return self.score_many(data, scores=(score,), samples=samples, batch_size=batch_size, on_batch=on_batch)[score]
+
+    def score_many(
+        self,
+        data: ImageInput,
+        *,
+        scores: Sequence[str] = SCORE_NAMES,
+        samples: int | None = None,
+        batch_size: int = 256,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> dict[str, ScoreResult]:
+        """Several score types in one pass, so each file is decoded once (`evaluate` asks for all three)."""
+        for name in scores:
+            if name not in SCORE_SPECS:
+                raise ValueError(f"unknown score {name!r}; choose one of {', '.join(SCORE_NAMES)}")
+        counts = {name: samples or self.default_samples(name) for name in scores}
+        noise = {name: self._noise(n) for name, n in counts.items()}
         batches, ignored = self._batches(data, batch_size)
         paths: list[str] = []
-        parts: list[np.ndarray] = []
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in scores}
         errors: list[ReadError] = []
         unlike: dict[str, tuple[int, str]] = {}
         for batch in batches:
             for kind, (count, example) in batch.unlike.items():
                 unlike[kind] = (unlike.get(kind, (0, example))[0] + count, unlike.get(kind, (0, example))[1])
             if len(batch.pixels):
-                parts.append(self._score_pixels(batch.pixels, score, eps))
+                for name in scores:
+                    parts[name].append(self._score_pixels(batch.pixels, name, noise[name]))
             paths += batch.paths
             errors += batch.errors
             if on_batch is not None:
                 on_batch(len(batch.paths), len(batch.errors))
-        scores = np.concatenate(parts) if parts else np.zeros(0)
         warnings = [
             f"{count} {kind} (e.g. {example}); scores of such images are less reliable"
             for kind, (count, example) in unlike.items()
         ]
-        return ScoreResult(paths, scores, errors, score, samples, ignored, warnings)
+        return {
+            name: ScoreResult(
+                list(paths),
+                np.concatenate(parts[name]) if parts[name] else np.zeros(0),
+                list(errors),
+                name,
+                counts[name],
+                ignored,
+                list(warnings),
+            )
+            for name in scores
+        }
+
+    def heatmap(
+        self, data: ImageInput, *, score: str = "elbo", samples: int | None = None, batch_size: int = 256
+    ) -> HeatMaps:
+        """Where in each image the decoder was surprised: per-pixel -log p(x|z), averaged over z.
+
+        The draws are the score's own (same seed and count), so for `elbo` a
+        map's sum is exactly the reconstruction term of the image's score
+        (score = map.sum() + KL). Unreadable files are listed in `errors`.
+        """
+        model, _ = self._check_fitted()
+        if score not in SCORE_SPECS:
+            raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORE_NAMES)}")
+        eps = self._noise(samples or self.default_samples(score))
+        batches, _ = self._batches(data, batch_size)
+        paths: list[str] = []
+        images, maps, recons, kls = [], [], [], []
+        errors: list[ReadError] = []
+        for batch in batches:
+            paths += batch.paths
+            errors += batch.errors
+            if not len(batch.pixels):
+                continue
+            x = torch.from_numpy(batch.pixels).to(self.device_).float().div_(255.0)
+            with torch.no_grad():
+                m, r = pixel_nll_map(model, x, eps)  # (B, C, H, W) each
+                mu, logvar = model.encode(x)
+                kls.append(kl_to_standard_normal(mu, logvar).double().cpu().numpy())
+            images.append(batch.pixels)
+            maps.append(m.sum(1).double().cpu().numpy())
+            recons.append(r.clamp(0, 1).mul(255).round().byte().cpu().numpy())
+        _, prep = self._check_fitted()
+        empty = np.zeros((0, prep.channels, prep.size, prep.size), np.uint8)
+        return HeatMaps(
+            paths,
+            np.concatenate(images) if images else empty,
+            np.concatenate(recons) if recons else empty,
+            np.concatenate(maps) if maps else np.zeros((0, prep.size, prep.size)),
+            np.concatenate(kls) if kls else np.zeros(0),
+            errors,
+        )
 
     def decide(
         self,

@@ -65,3 +65,32 @@ def evaluate(labels: np.ndarray, scores: np.ndarray) -> DetectionMetrics:
         n_normal=int((y == 0).sum()),
         n_anomaly=int((y == 1).sum()),
     )
+
+
+@dataclass(frozen=True)
+class Confusion:
+    """Counts of a yes/no decision against the labels (positive = anomaly)."""
+
+    tn: int
+    fp: int
+    fn: int
+    tp: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def fpr(self) -> float:
+        return self.fp / (self.fp + self.tn) if self.fp + self.tn else 0.0
+
+    @property
+    def tpr(self) -> float:
+        return self.tp / (self.tp + self.fn) if self.tp + self.fn else 0.0
+
+
+def confusion(labels: np.ndarray, flags: np.ndarray) -> Confusion:
+    """sklearn's confusion matrix of flags against labels, unpacked."""
+    tn, fp, fn, tp = skm.confusion_matrix(
+        np.asarray(labels).astype(int), np.asarray(flags).astype(int), labels=[0, 1]
+    ).ravel()
+    return Confusion(int(tn), int(fp), int(fn), int(tp))
