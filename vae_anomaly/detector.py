@@ -15,7 +15,7 @@ import hashlib
 import os
 import platform
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,17 @@ import numpy as np
 import torch
 
 from . import __version__, artifact
-from .calibration import Threshold, auto_threshold, calibration_needed, flag, p_values, score_threshold
+from .calibration import (
+    Threshold,
+    auto_threshold,
+    calibration_needed,
+    cross_conformal_p_values,
+    fdr_threshold,
+    flag,
+    p_values,
+    score_threshold,
+    smallest_p_value,
+)
 from .images import (
     FileListing,
     ImageBatch,
@@ -42,6 +52,12 @@ from .train import EpochStats, TrainConfig, TrainResult, train
 
 MIN_TRAINING_IMAGES = 10
 MIN_VALIDATION_IMAGES = 20  # below this, early stopping would chase noise
+# Below this many readable normal images `fit` cross-fits by default. A 20%
+# split of 1000 images leaves 200 for calibration, just enough for a 1%
+# two-sided test (which needs 199); with fewer, a split wastes images that
+# cross-fitting turns into calibration scores, at K times the training cost.
+CROSS_FIT_BELOW = 1000
+DEFAULT_FOLDS = 5
 
 ImageInput = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | np.ndarray
 
@@ -73,8 +89,14 @@ class FitConfig:
     device: str = "auto"
     samples: dict[str, int] = field(default_factory=lambda: {k: s.default_samples for k, s in SCORE_SPECS.items()})
     max_unreadable_fraction: float = 0.1
+    # Cross-fitting: K models, each trained on K-1 folds and scoring the fold it
+    # did not see, so every image becomes a calibration score. None: 5 folds
+    # below CROSS_FIT_BELOW readable images, else 1 (one split, one model).
+    folds: int | None = None
 
     def __post_init__(self) -> None:
+        if self.folds is not None and not 1 <= self.folds <= 20:
+            raise ValueError(f"folds must be between 1 and 20, got {self.folds}")
         if not 0 < self.calibration_fraction < 1:
             raise ValueError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction}")
         if not 0 <= self.validation_fraction < 1:
@@ -98,6 +120,9 @@ class ScoreResult:
     score: str
     samples: int
     ignored: int = 0  # hidden and non-image files skipped in folders
+    # (K, N) scores under each of K cross-fitted models; `scores` is their mean.
+    # None for a single model.
+    model_scores: np.ndarray | None = None
 
 
 @dataclass
@@ -152,7 +177,9 @@ class Detector:
 
     def __init__(self, config: FitConfig | None = None) -> None:
         self.config = config or FitConfig()
-        self.model_: ConvVAE | None = None
+        self.model_: ConvVAE | None = None  # the (first) model; all K are in models_
+        self.models_: list[ConvVAE] = []
+        self.calibration_folds_: np.ndarray = np.zeros(0, np.int64)  # fold (= model) of each calibration score
         self.preprocessing_: Preprocessing | None = None
         self.calibration_: dict[str, np.ndarray] = {}
         self.metadata_: dict[str, Any] = {}
@@ -166,8 +193,13 @@ class Detector:
         *,
         on_epoch: Callable[[EpochStats], None] | None = None,
         on_warning: Callable[[str], None] | None = None,
+        on_model: Callable[[int, int], None] | None = None,
     ) -> Detector:
-        """Train on normal images (paths, folders, or a uint8 array) and calibrate."""
+        """Train on normal images (paths, folders, or a uint8 array) and calibrate.
+
+        With folds K > 1 (the default below CROSS_FIT_BELOW images) this trains
+        K models; `on_model(k, K)` is called before each.
+        """
         cfg = self.config
         warn = on_warning or (lambda _msg: None)
         unreadable: list[ReadError] = []
@@ -207,59 +239,90 @@ class Detector:
                 f"only {n} readable training image(s); at least {MIN_TRAINING_IMAGES} are needed to train "
                 "and hold some out for calibration (a few hundred give useful p-values)"
             )
+        folds = cfg.folds if cfg.folds is not None else (DEFAULT_FOLDS if n < CROSS_FIT_BELOW else 1)
+        if folds > 1 and n < 2 * folds:
+            raise FitError(f"{folds} folds need at least {2 * folds} readable images, got {n}; lower --folds")
         rng = np.random.default_rng(cfg.seed)
-        fit_idx, cal_idx = _split(n, cfg.calibration_fraction, rng)
-        val_idx = np.array([], dtype=np.int64)
-        n_val = round(len(fit_idx) * cfg.validation_fraction)
-        if n_val >= MIN_VALIDATION_IMAGES:
-            rel_train, rel_val = _split(len(fit_idx), cfg.validation_fraction, rng)
-            fit_idx, val_idx = fit_idx[rel_train], fit_idx[rel_val]
+        if folds == 1:
+            fit_idx, cal_idx = _split(n, cfg.calibration_fraction, rng)
+            plans = [(fit_idx, cal_idx)]
+        else:
+            # Every image lands in exactly one fold; model k trains on the others.
+            fold_of = np.empty(n, np.int64)
+            fold_of[rng.permutation(n)] = np.arange(n) % folds
+            plans = [(np.nonzero(fold_of != k)[0], np.nonzero(fold_of == k)[0]) for k in range(folds)]
+        n_cal = sum(len(c) for _, c in plans)
         for tail in ("upper", "two-sided"):
             need = calibration_needed(0.01, tail)
-            if len(cal_idx) < need:
+            if n_cal < need:
+                fix = (
+                    "Add normal images."
+                    if folds > 1
+                    else "Add normal images, raise --calibration-fraction, or cross-fit with --folds 5."
+                )
                 warn(
-                    f"only {len(cal_idx)} calibration images: "
+                    f"only {n_cal} calibration images: "
                     f"{'an' if tail == 'upper' else 'a'} {tail} test at --fpr 0.01 needs at least "
-                    f"{need}; with fewer, nothing can be flagged at that rate. Add normal images or raise "
-                    "--calibration-fraction."
+                    f"{need}; with fewer, nothing can be flagged at that rate. {fix}"
                 )
                 break
 
         device = resolve_device(cfg.device)
-        torch.manual_seed(cfg.seed)
         vae_cfg = VAEConfig(prep.channels, prep.size, cfg.latent_dim, cfg.hidden_channels, cfg.likelihood)
-        model = ConvVAE(vae_cfg)
-        tcfg = TrainConfig(
-            epochs=cfg.epochs,
-            time_budget=cfg.time_budget,
-            batch_size=cfg.batch_size,
-            learning_rate=cfg.learning_rate,
-            patience=cfg.patience,
-            seed=cfg.seed,
-            device=str(device),
-        )
         t = torch.from_numpy(pixels)
-        result: TrainResult = train(model, t[fit_idx], t[val_idx] if len(val_idx) else None, tcfg, on_epoch)
-        self.model_, self.preprocessing_, self.device_ = model, prep, device
+        models: list[ConvVAE] = []
+        results: list[TrainResult] = []
+        sizes: list[tuple[int, int]] = []
+        for k, (fit_idx, _) in enumerate(plans):
+            if on_model is not None:
+                on_model(k, folds)
+            val_idx = np.array([], dtype=np.int64)
+            if round(len(fit_idx) * cfg.validation_fraction) >= MIN_VALIDATION_IMAGES:
+                rel_train, rel_val = _split(len(fit_idx), cfg.validation_fraction, rng)
+                fit_idx, val_idx = fit_idx[rel_train], fit_idx[rel_val]
+            torch.manual_seed(cfg.seed + k)
+            model = ConvVAE(vae_cfg)
+            tcfg = TrainConfig(
+                epochs=cfg.epochs,
+                # A time budget is for the whole fit, so K models share it.
+                time_budget=None if cfg.time_budget is None else cfg.time_budget / folds,
+                batch_size=cfg.batch_size,
+                learning_rate=cfg.learning_rate,
+                patience=cfg.patience,
+                seed=cfg.seed + k,
+                device=str(device),
+            )
+            results.append(train(model, t[fit_idx], t[val_idx] if len(val_idx) else None, tcfg, on_epoch))
+            models.append(model)
+            sizes.append((len(fit_idx), len(val_idx)))
+        self.models_, self.preprocessing_, self.device_ = models, prep, device
+        self.model_ = models[0]
 
         noise_seed = cfg.seed + 1_000_003
+        summaries = [{k: v for k, v in r.to_dict().items() if k != "history"} for r in results]
+        overall = dict(summaries[0])
+        overall["seconds"] = sum(r.seconds for r in results)
         self.metadata_ = {
             "config": vae_cfg.to_dict(),
             "preprocessing": prep.to_dict(),
             "noise_seed": noise_seed,
             "samples": dict(cfg.samples),
+            "models": folds,
             "training": {
                 "images": n,
-                "train_images": len(fit_idx),
-                "validation_images": len(val_idx),
-                "calibration_images": len(cal_idx),
+                "train_images": sizes[0][0],
+                "validation_images": sizes[0][1],
+                "calibration_images": n_cal,
                 "unreadable_images": len(unreadable),
                 "ignored_files": ignored,
                 "data_fingerprint": _fingerprint(pixels),
                 "seed": cfg.seed,
                 "device": str(device),
+                "folds": folds,
+                "cross_fit": folds > 1,
                 "fit_config": {k: v for k, v in asdict(cfg).items() if k != "samples"},
-                **{k: v for k, v in result.to_dict().items() if k != "history"},
+                **overall,
+                "per_model": summaries if folds > 1 else [],
             },
             "versions": {
                 "vae_anomaly": __version__,
@@ -269,8 +332,11 @@ class Detector:
             },
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        cal_pixels = pixels[cal_idx]
-        self.calibration_ = {name: self._score_array(cal_pixels, name, cfg.samples[name]) for name in SCORE_NAMES}
+        self.calibration_folds_ = np.concatenate([np.full(len(c), k, np.int64) for k, (_, c) in enumerate(plans)])
+        self.calibration_ = {}
+        for name in SCORE_NAMES:
+            parts = [self._score_array(pixels[c], name, cfg.samples[name], models[k]) for k, (_, c) in enumerate(plans)]
+            self.calibration_[name] = np.concatenate(parts)
         self.checksum_ = None
         return self
 
@@ -287,14 +353,22 @@ class Detector:
         model, _ = self._check_fitted()
         return latent_noise(model.config.latent_dim, samples, int(self.metadata_["noise_seed"]))
 
-    def _score_pixels(self, pixels: np.ndarray, score: str, eps: torch.Tensor) -> np.ndarray:
-        model, _ = self._check_fitted()
+    @property
+    def n_models(self) -> int:
+        """K: 1 for a single model, K > 1 for cross-fitted models."""
+        return max(1, len(self.models_))
+
+    def _score_pixels(self, pixels: np.ndarray, score: str, eps: torch.Tensor, model: ConvVAE) -> np.ndarray:
         x = torch.from_numpy(pixels).to(self.device_).float().div_(255.0)
         return score_images(model, x, score, eps).double().cpu().numpy()
 
-    def _score_array(self, pixels: np.ndarray, score: str, samples: int, batch_size: int = 512) -> np.ndarray:
+    def _score_array(
+        self, pixels: np.ndarray, score: str, samples: int, model: ConvVAE, batch_size: int = 512
+    ) -> np.ndarray:
         eps = self._noise(samples)
-        parts = [self._score_pixels(pixels[i : i + batch_size], score, eps) for i in range(0, len(pixels), batch_size)]
+        parts = [
+            self._score_pixels(pixels[i : i + batch_size], score, eps, model) for i in range(0, len(pixels), batch_size)
+        ]
         return np.concatenate(parts) if parts else np.zeros(0)
 
     def _batches(self, data: ImageInput, batch_size: int) -> tuple[Iterator[ImageBatch], int]:
@@ -335,13 +409,15 @@ class Detector:
         errors: list[ReadError] = []
         for batch in batches:
             if len(batch.pixels):
-                parts.append(self._score_pixels(batch.pixels, score, eps))
+                parts.append(np.stack([self._score_pixels(batch.pixels, score, eps, m) for m in self.models_]))
             paths += batch.paths
             errors += batch.errors
             if on_batch is not None:
                 on_batch(len(batch.paths), len(batch.errors))
-        scores = np.concatenate(parts) if parts else np.zeros(0)
-        return ScoreResult(paths, scores, errors, score, samples, ignored)
+        per_model = np.concatenate(parts, axis=1) if parts else np.zeros((self.n_models, 0))
+        if self.n_models == 1:
+            return ScoreResult(paths, per_model[0], errors, score, samples, ignored)
+        return ScoreResult(paths, per_model.mean(axis=0), errors, score, samples, ignored, per_model)
 
     def decide(
         self,
@@ -350,8 +426,13 @@ class Detector:
         threshold: str | float = "auto",
         fpr: float = 0.01,
         tail: str = "two-sided",
+        fdr: float | None = None,
     ) -> Decision:
-        """Conformal p-values against the calibration scores, and flags under the rule."""
+        """Conformal p-values against the calibration scores, and flags under the rule.
+
+        threshold "auto" flags p <= fpr, or, with `fdr` = q, runs Benjamini-Hochberg
+        at level q over the batch. Cross-fitted models give cross-conformal p-values.
+        """
         cal = self.calibration_.get(result.score)
         if cal is None or len(cal) == 0:
             raise CalibrationError(f"the model holds no calibration scores for {result.score!r}")
@@ -367,19 +448,55 @@ class Detector:
             warnings.append(
                 f"p-values are approximate: calibrated with {calibrated} samples, scored with {result.samples}"
             )
-        p = p_values(cal, result.scores, tail) if len(result.scores) else np.zeros(0)
+        p = self.p_values(result, tail)
         if threshold == "auto":
-            rule = auto_threshold(cal, fpr, tail)
-            need = calibration_needed(fpr, tail)
+            level = fpr if fdr is None else fdr
+            rule = auto_threshold(cal, fpr, tail) if fdr is None else fdr_threshold(cal, p, fdr, tail)
+            if self.n_models > 1:
+                rule = replace(rule, low=None, high=None, models=self.n_models)
+            need = calibration_needed(level, tail)
             if len(cal) < need:
+                refit = (
+                    "Add normal images and re-fit"
+                    if self.n_models > 1
+                    else ("Re-fit with more normal images, a larger --calibration-fraction or --folds 5")
+                )
                 warnings.append(
-                    f"{len(cal)} calibration scores cannot reach p <= {fpr:g} ({tail}); at least {need} are "
-                    "needed, so nothing will be flagged. Re-fit with more normal images or a larger "
-                    "--calibration-fraction, or raise --fpr."
+                    f"{len(cal)} calibration scores cannot reach p <= {level:g} ({tail}); at least {need} are "
+                    f"needed, so nothing will be flagged. {refit}, or raise --{'fpr' if fdr is None else 'fdr'}."
                 )
         else:
             rule = score_threshold(float(threshold))
         return Decision(p, flag(result.scores, p, rule), rule, len(cal), warnings)
+
+    def p_values(self, result: ScoreResult, tail: str = "two-sided") -> np.ndarray:
+        """Conformal p-values (cross-conformal for K cross-fitted models) of a scored batch."""
+        cal = self.calibration_[result.score]
+        if len(result.scores) == 0:
+            return np.zeros(0)
+        if self.n_models == 1:
+            return p_values(cal, result.scores, tail)
+        if result.model_scores is None:
+            raise ValueError("cross-fitted models need each model's scores: score with this Detector")
+        return cross_conformal_p_values(cal, self.calibration_folds_, result.model_scores, tail)
+
+    def shift_inputs(self, result: ScoreResult) -> tuple[np.ndarray, np.ndarray]:
+        """Batch and reference scores on one scale, for the Mann-Whitney shift test.
+
+        A single model: the batch's scores and the calibration scores. K
+        cross-fitted models: calibration score i comes from the model of its
+        fold, so batch image j is scored by model j mod K; both samples then
+        mix the K models' out-of-sample scores in (nearly) equal shares.
+        """
+        cal = self.calibration_[result.score]
+        if self.n_models == 1 or result.model_scores is None:
+            return result.scores, cal
+        m = result.model_scores.shape[1]
+        return result.model_scores[np.arange(m) % self.n_models, np.arange(m)], cal
+
+    def smallest_p_value(self, score: str, tail: str = "two-sided") -> float:
+        """The smallest p-value this model can give: 1/(n+1), 2/(n+1) two-sided, n calibration scores."""
+        return smallest_p_value(len(self.calibration_[score]), tail)
 
     # ------------------------------------------------------------ save/load
     @property
@@ -388,9 +505,19 @@ class Detector:
 
     def save(self, path: str | os.PathLike[str]) -> str:
         """Write the model file atomically; returns its checksum (the model's fingerprint)."""
-        model, _ = self._check_fitted()
+        self._check_fitted()
         cal = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in self.calibration_.items()}
-        self.checksum_ = artifact.save(path, self.metadata_, model.state_dict(), cal)
+        folds = self.calibration_folds_
+        if len(folds) != len(next(iter(self.calibration_.values()))):
+            folds = np.zeros(len(next(iter(self.calibration_.values()))), np.int64)
+        cal[artifact.FOLD_KEY] = torch.from_numpy(np.asarray(folds, dtype=np.int64))
+        state = {
+            f"{artifact.model_prefix(k)}{name}": t
+            for k, m in enumerate(self.models_)
+            for name, t in m.state_dict().items()
+        }
+        self.metadata_["models"] = self.n_models
+        self.checksum_ = artifact.save(path, self.metadata_, state, cal)
         return self.checksum_
 
     @classmethod
@@ -403,8 +530,17 @@ class Detector:
             vae_cfg = VAEConfig.from_dict(meta["config"])
             prep = Preprocessing.from_dict(meta["preprocessing"])
             int(meta["noise_seed"])
-            model = ConvVAE(vae_cfg)
-            model.load_state_dict(mf.state_dict, strict=True)
+            models = []
+            for state in artifact.split_models(mf):
+                model = ConvVAE(vae_cfg)
+                model.load_state_dict(state, strict=True)
+                models.append(model)
+            cal = {k: v.double().numpy() for k, v in mf.calibration.items() if k != artifact.FOLD_KEY}
+            n_cal = len(next(iter(cal.values())))
+            fold_t = mf.calibration.get(artifact.FOLD_KEY)
+            folds = np.zeros(n_cal, np.int64) if fold_t is None else fold_t.long().numpy()
+            if len(folds) != n_cal or (len(folds) and int(folds.max()) >= len(models)):
+                raise ValueError(f"{len(folds)} fold labels for {n_cal} calibration scores and {len(models)} models")
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise artifact.ModelFileError(
                 f"{name}: the weights or settings inside do not fit together ({type(exc).__name__}: "
@@ -412,10 +548,12 @@ class Detector:
             ) from None
         det = cls()
         det.device_ = resolve_device(device)
-        det.model_ = model.to(det.device_).eval()
+        det.models_ = [m.to(det.device_).eval() for m in models]
+        det.model_ = det.models_[0]
         det.preprocessing_ = prep
         det.metadata_ = meta
-        det.calibration_ = {k: v.double().numpy() for k, v in mf.calibration.items()}
+        det.calibration_ = cal
+        det.calibration_folds_ = folds
         det.checksum_ = mf.checksum
         return det
 
@@ -425,6 +563,7 @@ class Detector:
         return {
             "fingerprint": self.fingerprint,
             **self.metadata_,
+            "models": self.n_models,
             "calibration": {
                 k: {"n": len(v), "samples": self.default_samples(k), "median": float(np.median(v)) if len(v) else None}
                 for k, v in self.calibration_.items()
