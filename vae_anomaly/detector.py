@@ -25,14 +25,17 @@ import torch
 
 from . import __version__, artifact
 from .calibration import (
+    BatchTest,
     Threshold,
     auto_threshold,
     calibration_needed,
     cross_conformal_p_values,
+    exceedance_test,
     fdr_threshold,
     flag,
     p_values,
     score_threshold,
+    shift_test,
     smallest_p_value,
 )
 from .images import (
@@ -493,6 +496,31 @@ class Detector:
             return result.scores, cal
         m = result.model_scores.shape[1]
         return result.model_scores[np.arange(m) % self.n_models, np.arange(m)], cal
+
+    def batch_tests(
+        self,
+        result: ScoreResult,
+        decision: Decision,
+        *,
+        fpr: float = 0.01,
+        tail: str = "two-sided",
+        baseline: np.ndarray | None = None,
+    ) -> dict[str, BatchTest]:
+        """Batch-level tests, each a one-sided p-value (small = the batch looks worse than normal).
+
+        shift:    Mann-Whitney U, batch scores above the calibration scores?
+        binomial: more images at p <= fpr than a normal batch gives?
+        drift:    Mann-Whitney U, batch scores above `baseline` (a previous batch's scores)?
+        """
+        batch, reference = self.shift_inputs(result)
+        count = int(np.sum(decision.p_values <= fpr + 1e-12))
+        tests = {
+            "shift": shift_test(batch, reference, "shift"),
+            "binomial": exceedance_test(count, len(result.scores), decision.n_calibration, fpr, tail),
+        }
+        if baseline is not None:
+            tests["drift"] = shift_test(result.scores, np.asarray(baseline, dtype=np.float64), "drift")
+        return tests
 
     def smallest_p_value(self, score: str, tail: str = "two-sided") -> float:
         """The smallest p-value this model can give: 1/(n+1), 2/(n+1) two-sided, n calibration scores."""
