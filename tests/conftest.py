@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
 from vae_anomaly import Detector, FitConfig
+from vae_anomaly.cli import main
 
 SIZE = 16
 BACKGROUND = 40  # grey level of the empty parts of every generated image
@@ -95,3 +97,37 @@ def model_file(fitted: Detector, tmp_path_factory: pytest.TempPathFactory) -> Pa
     path = tmp_path_factory.mktemp("model") / "model.vae"
     fitted.save(path)
     return path
+
+
+# The CLI's model: fitted once per session through `vae-anomaly fit` (one model, no cross-fitting).
+FIT_ARGS = [
+    "--calibration-fraction",
+    "0.35",
+    "--epochs",
+    "100",
+    "--latent-dim",
+    "8",
+    "--seed",
+    "0",
+    "--device",
+    "cpu",
+    "--patience",
+    "25",
+    "--folds",
+    "1",
+]
+
+
+def cli_run(*args: str | Path) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="session")
+def cli_model(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = tmp_path_factory.mktemp("cli") / "model.vae"
+    code, out, err = cli_run("fit", data_dir / "normal", "-o", model, *FIT_ARGS)
+    assert code == 0, err
+    assert out == "", "fit writes nothing to stdout"
+    assert "wrote" in err and model.exists()
+    return model

@@ -9,41 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from vae_anomaly.cli import main
-
-FIT_ARGS = [
-    "--calibration-fraction",
-    "0.35",
-    "--epochs",
-    "100",
-    "--latent-dim",
-    "8",
-    "--seed",
-    "0",
-    "--device",
-    "cpu",
-    "--patience",
-    "25",
-]
-
-
-def run(*args: str | Path) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
-
-
-@pytest.fixture(scope="session")
-def cli_model(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = tmp_path_factory.mktemp("cli") / "model.vae"
-    code, out, err = run("fit", data_dir / "normal", "-o", model, *FIT_ARGS)
-    assert code == 0, err
-    assert out == "", "fit writes nothing to stdout"
-    assert "wrote" in err and model.exists()
-    return model
+from conftest import cli_run as run
 
 
 def _json(out: str) -> dict:
@@ -81,6 +50,11 @@ def test_json_output_field_by_field(cli_model: Path, data_dir: Path, tmp_path: P
         "gate",
         "gate_passed",
         "exit_code",
+        "guarantee",
+        "models",
+        "smallest_p_value",
+        "tests",
+        "baseline",
     }
     assert (s["total"], s["scored"], s["unreadable"], s["ignored"]) == (80, 80, 0, 0)
     assert s["score"] == "elbo" and s["samples"] == 1 and s["exit_code"] == code == 0
@@ -125,7 +99,16 @@ def test_exit_1_when_the_gate_fails_and_0_when_it_passes(cli_model: Path, data_d
     code, out, _ = run("score", data_dir / "incoming", "-m", cli_model, "--max-anomalies", "0", "--format", "json")
     s = _json(out)["summary"]
     assert code == 1 and s["gate_passed"] is False and s["exit_code"] == 1
-    assert s["gate"] == [{"name": "max-anomalies", "limit": 0, "value": s["flagged"], "passed": False}]
+    assert s["gate"] == [
+        {
+            "name": "max-count",
+            "limit": 0,
+            "value": s["flagged"],
+            "passed": False,
+            "fails_when": "value > limit",
+            "measures": "number of flagged images",
+        }
+    ]
     code, out, _ = run("score", data_dir / "incoming", "-m", cli_model, "--max-anomaly-rate", "0.9")
     assert code == 0 and "gate PASSED" in out
     code, out, _ = run("score", data_dir / "incoming", "-m", cli_model, "--max-anomaly-rate", "0.05")

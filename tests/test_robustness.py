@@ -245,7 +245,7 @@ def test_mutated_model_files_load_or_fail_cleanly(model_file: Path, tmp_path: Pa
 
 
 # ------------------------------------------------------ training that survives
-SMALL = dict(latent_dim=4, seed=3, device="cpu", patience=100, batch_size=64)
+SMALL = dict(latent_dim=4, seed=3, device="cpu", patience=100, batch_size=64, folds=1)
 
 
 def _weights(det: Detector) -> bytes:
@@ -277,6 +277,24 @@ def test_resume_reaches_the_same_model_as_an_uninterrupted_run(tmp_path: Path) -
     assert resumed.metadata_["training"]["epochs_run"] == 6
     assert _weights(resumed) == _weights(whole)
     np.testing.assert_array_equal(resumed.score(x).scores, whole.score(x).scores)
+
+
+def test_cross_fit_interrupted_then_resumed_matches_an_uninterrupted_cross_fit(tmp_path: Path) -> None:
+    from vae_anomaly.detector import FitInterrupted
+
+    x = disks(120, seed=6)
+    cfg = {**SMALL, "folds": 2}
+    whole = Detector(FitConfig(epochs=3, **cfg)).fit(x)
+    steps = iter(range(10_000))
+    ckpt = tmp_path / "m.ckpt"
+    with pytest.raises(FitInterrupted, match="model 2 of 2"):
+        Detector(FitConfig(epochs=3, **cfg)).fit(
+            x, checkpoint=ckpt, checkpoint_every=0, should_stop=lambda: next(steps) == 4  # model 2, epoch 2 (1 step per epoch)
+        )
+    resumed = Detector(FitConfig(epochs=3, **cfg)).fit(x, checkpoint=ckpt, resume=True, checkpoint_every=0)
+    for a, b in zip(whole.models_, resumed.models_, strict=True):
+        assert all(torch.equal(t, u) for t, u in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    np.testing.assert_array_equal(whole.calibration_["elbo"], resumed.calibration_["elbo"])
 
 
 def test_resume_refuses_a_checkpoint_of_other_data(tmp_path: Path) -> None:
@@ -313,6 +331,8 @@ def _start_fit(folder: Path, model: Path, *extra: str) -> subprocess.Popen[str]:
         "cpu",
         "--latent-dim",
         "4",
+        "--folds",
+        "1",
         *extra,
     ]
     return subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)

@@ -4,12 +4,21 @@ Layout (a `torch.save` zip holding only tensors, strings and numbers, so
 it loads with `weights_only=True` and never unpickles arbitrary objects):
 
     format          "vae-anomaly-model"
-    format_version  1
+    format_version  2
     metadata        JSON text: VAEConfig, preprocessing, training summary,
-                    calibration settings, library versions
-    state_dict      {name: tensor}   the network's weights
-    calibration     {score: tensor}  held-out normal scores per score type
+                    calibration settings, library versions, and "models": K
+    state_dict      {"model<k>.<name>": tensor}  the weights of model k, k = 0..K-1
+    calibration     {score: tensor}  held-out normal scores per score type, and
+                    {"fold": int64 tensor}: the model that did not see each image
     checksum        SHA-256 over all of the above, to catch bit flips and edits
+
+K = 1 is one model trained on a split (calibration = the held-out part);
+K > 1 are cross-fitted models (model k trained without fold k, whose images
+it scored; calibration = every image). Both fit in one layout, so one
+loader serves both and a K-model file is still a single, checksummed file.
+
+Format 1 (version 0.1.0 before cross-fitting) is still read: one model,
+unprefixed weight names, no "fold" entry. Files are always written as 2.
 """
 
 from __future__ import annotations
@@ -26,7 +35,13 @@ from typing import Any
 import torch
 
 FORMAT_NAME = "vae-anomaly-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+FOLD_KEY = "fold"  # in `calibration`: the fold (= model) of each calibration score
+
+
+def model_prefix(k: int) -> str:
+    """Weight names of model k in a format-2 file start with this."""
+    return f"model{k}."
 
 
 class ModelFileError(Exception):
@@ -41,6 +56,26 @@ class ModelFile:
     state_dict: dict[str, torch.Tensor]
     calibration: dict[str, torch.Tensor]
     checksum: str
+    version: int = FORMAT_VERSION
+
+
+def split_models(mf: ModelFile) -> list[dict[str, torch.Tensor]]:
+    """The K models' state dicts, in order; format 1 holds exactly one, unprefixed.
+
+    Raises KeyError or ValueError when the names do not fit the declared count.
+    """
+    if mf.version == 1:
+        return [mf.state_dict]
+    k_models = int(mf.metadata["models"])
+    if k_models < 1:
+        raise ValueError(f"model count {k_models} < 1")
+    states: list[dict[str, torch.Tensor]] = [{} for _ in range(k_models)]
+    for name, t in mf.state_dict.items():
+        head, _, rest = name.partition(".")
+        if not head.startswith("model") or not head[5:].isdigit() or int(head[5:]) >= k_models:
+            raise ValueError(f"weight {name!r} belongs to no model of {k_models}")
+        states[int(head[5:])][rest] = t
+    return states
 
 
 def _digest(metadata_json: str, state: dict[str, torch.Tensor], cal: dict[str, torch.Tensor]) -> str:
@@ -157,7 +192,7 @@ def load(path: str | os.PathLike[str]) -> ModelFile:
         metadata = json.loads(meta_json)
     except json.JSONDecodeError as exc:
         raise ModelFileError(f"{name}: damaged model file: metadata is not JSON ({exc}).") from None
-    return ModelFile(metadata, state, cal, checksum)
+    return ModelFile(metadata, state, cal, checksum, version)
 
 
 CHECKPOINT_FORMAT = "vae-anomaly-checkpoint"

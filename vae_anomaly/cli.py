@@ -8,6 +8,7 @@ are those of `report.Report.return_code`, plus 2 for usage and model errors.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sys
@@ -25,12 +26,35 @@ from rich.table import Table
 
 from . import __version__, html_report, visualize
 from .artifact import ModelFileError
-from .calibration import TAILS, Threshold
-from .detector import CalibrationError, Detector, FitConfig, FitError
+from .calibration import TAILS, Threshold, guarantee
+from .detector import (
+    CROSS_FIT_BELOW,
+    DEFAULT_FOLDS,
+    CalibrationError,
+    Detector,
+    FitConfig,
+    FitError,
+    FitInterrupted,
+)
 from .evaluation import Evaluation, LabelsError, evaluate_detector, labelled_folders, labels_csv
 from .images import DEFAULT_MAX_IMAGE_PIXELS, InputPathError, set_max_image_pixels
 from .model import LIKELIHOODS
-from .report import FORMATS, WRITERS, GateRule, Report, build_report
+from .report import (
+    FORMATS,
+    GATE_RULES,
+    WRITERS,
+    BaselineError,
+    GateRule,
+    GateSpecError,
+    Report,
+    build_report,
+    github_annotations,
+    github_summary,
+    load_baseline,
+    parse_gate,
+    to_junit,
+    verdict_lines,
+)
 from .scores import SCORE_NAMES
 from .train import EpochStats, TrainingError
 
@@ -138,6 +162,12 @@ def main() -> None:
     show_default=True,
     help="Seconds between checkpoints (written at epoch ends to OUTPUT.ckpt).",
 )
+@click.option(
+    "--folds",
+    type=click.IntRange(1, 20),
+    help=f"Cross-fit K models on K folds, every image then calibrates. Default: {DEFAULT_FOLDS} below "
+    f"{CROSS_FIT_BELOW} readable images, else 1 (one model, --calibration-fraction held out).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @max_pixels_option
 def fit(
@@ -157,6 +187,7 @@ def fit(
     max_unreadable_fraction: float,
     resume: bool,
     checkpoint_every: float,
+    folds: int | None,
     quiet: bool,
 ) -> None:
     """Train on INPUTS (folders or files of normal images) and write a model file.
@@ -178,6 +209,7 @@ def fit(
             seed=seed,
             device=device,
             max_unreadable_fraction=max_unreadable_fraction,
+            folds=folds,
         )
     except ValueError as exc:
         raise UsageFailure(str(exc)) from None
@@ -194,6 +226,7 @@ def fit(
                 checkpoint=checkpoint,
                 resume=resume,
                 checkpoint_every=checkpoint_every,
+                on_model=progress.new_model,
             )
             seconds = time.perf_counter() - t0
             checksum = detector.save(output)
@@ -201,6 +234,9 @@ def fit(
             raise UsageFailure(str(exc)) from None
         except TrainingError as exc:
             raise click.ClickException(str(exc)) from None
+        except FitInterrupted as exc:
+            err.print(f"[yellow]interrupted[/]: {escape(str(exc))}")
+            sys.exit(128 + (stop.signum or signal.SIGINT))
         except KeyboardInterrupt:
             err.print("[red]aborted[/]: no model file written; `fit --resume` continues from the last checkpoint")
             sys.exit(130)
@@ -213,10 +249,23 @@ def fit(
         )
         sys.exit(128 + stop.signum)
     checkpoint.unlink(missing_ok=True)
+    k = detector.n_models
+    if k > 1:
+        how = (
+            f"{k} cross-fitted models, each on {tr['train_images']} training and {tr['validation_images']} "
+            f"validation images; all {tr['calibration_images']} images calibrate (each scored by the model "
+            "that did not see it)"
+        )
+    else:
+        how = (
+            f"{tr['train_images']} training, {tr['validation_images']} validation, {tr['calibration_images']} "
+            f"calibration images; {tr['epochs_run']} epochs ({tr['stopped']}, best epoch {tr['best_epoch']})"
+        )
+    smallest = detector.smallest_p_value("elbo", "upper")
     err.print(
-        f"[green]wrote[/] {escape(str(output))}: {tr['train_images']} training, {tr['validation_images']} "
-        f"validation, {tr['calibration_images']} calibration images; {tr['epochs_run']} epochs "
-        f"({tr['stopped']}, best epoch {tr['best_epoch']}) in {seconds:.1f} s; fingerprint {checksum[:16]}"
+        f"[green]wrote[/] {escape(str(output))}: {how}; smallest reachable p-value {smallest:.4g} "
+        f"({2 * smallest:.4g} two-sided); {seconds:.1f} s; fingerprint {checksum[:16]}",
+        highlight=False,
     )
 
 
@@ -274,6 +323,12 @@ class _FitProgress:
             self.task = self.bar.add_task("fit", total=None, epoch="-", loss="-", kl="-", val="-", rate="-")
         return self
 
+    def new_model(self, k: int, folds: int) -> None:
+        if folds > 1 and not self.quiet:
+            if self.bar is not None:
+                self.bar.update(self.task, description=f"model {k + 1}/{folds}")
+            err.print(f"cross-fitting: model {k + 1} of {folds} (fold {k + 1} held out)", highlight=False)
+
     def update(self, s: EpochStats) -> None:
         val = "-" if s.val_loss is None else f"{s.val_loss:.2f}"
         if self.bar is not None:
@@ -323,6 +378,9 @@ class ScoreOptions:
     plots: Path | None = None
     html: Path | None = None
     html_top: int = 50
+    fdr: float | None = None
+    junit: Path | None = None
+    baseline: Path | None = None
 
 
 def _parse_threshold(ctx: click.Context, param: click.Parameter, value: str) -> str | float:
@@ -356,6 +414,11 @@ def _parse_threshold(ctx: click.Context, param: click.Parameter, value: str) -> 
     help="Target false-positive rate for --threshold auto.",
 )
 @click.option(
+    "--fdr",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Flag by Benjamini-Hochberg at this false discovery rate over the batch, instead of p <= --fpr.",
+)
+@click.option(
     "--tail",
     type=click.Choice(TAILS),
     default="two-sided",
@@ -369,8 +432,27 @@ def _parse_threshold(ctx: click.Context, param: click.Parameter, value: str) -> 
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write results here instead of stdout (format from --format, or the file's extension).",
 )
-@click.option("--max-anomalies", type=click.IntRange(0), help="Gate: fail (exit 1) above this many flagged images.")
-@click.option("--max-anomaly-rate", type=click.FloatRange(0, 1), help="Gate: fail (exit 1) above this flagged share.")
+@click.option(
+    "--gate",
+    "gate_specs",
+    multiple=True,
+    metavar="RULE=LIMIT[,...]",
+    help="Gate rules, exit 1 when any fails: "
+    + ", ".join(f"{k} ({v[0]}; fails when {v[1]})" for k, v in GATE_RULES.items())
+    + ". Repeatable or comma separated.",
+)
+@click.option("--max-anomalies", type=click.IntRange(0), help="Same as --gate max-count=N.")
+@click.option("--max-anomaly-rate", type=click.FloatRange(0, 1), help="Same as --gate max-rate=R.")
+@click.option(
+    "--baseline",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A previous accepted JSON report of this model: test this batch's scores against it (gate rule drift-p).",
+)
+@click.option(
+    "--junit",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write JUnit XML here: one test case per image, flagged and unreadable ones fail.",
+)
 @click.option("--skip-unreadable", is_flag=True, help="Unreadable inputs are reported but do not exit 3.")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -405,10 +487,14 @@ def score(
     threshold: str | float,
     fpr: float,
     tail: str,
+    fdr: float | None,
     fmt: str,
     output: Path | None,
+    gate_specs: tuple[str, ...],
     max_anomalies: int | None,
     max_anomaly_rate: float | None,
+    baseline: Path | None,
+    junit: Path | None,
     skip_unreadable: bool,
     batch_size: int,
     device: str,
@@ -423,11 +509,19 @@ def score(
         fmt = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}.get(output.suffix.lower(), "")
         if not fmt:
             raise UsageFailure(f"--output {output}: say which format with --format json|jsonl|csv")
-    gate = []
+    specs = list(gate_specs)
     if max_anomalies is not None:
-        gate.append(GateRule("max-anomalies", max_anomalies))
+        specs.append(f"max-count={max_anomalies}")
     if max_anomaly_rate is not None:
-        gate.append(GateRule("max-anomaly-rate", max_anomaly_rate))
+        specs.append(f"max-rate={max_anomaly_rate!r}")
+    try:
+        gate = parse_gate(specs)
+    except GateSpecError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--gate'") from None
+    if any(r.name == "drift-p" for r in gate) and baseline is None:
+        raise UsageFailure("gate rule drift-p compares with a previous batch: pass --baseline previous.json")
+    if fdr is not None and threshold != "auto":
+        raise UsageFailure("--fdr chooses the flags itself; drop --threshold NUMBER, or drop --fdr")
     opts = ScoreOptions(
         inputs,
         model,
@@ -447,6 +541,9 @@ def score(
         plots,
         html_path,
         html_top,
+        fdr,
+        junit,
+        baseline,
     )
     report = run_score(opts)
     sys.exit(report.return_code)
@@ -472,12 +569,19 @@ def run_score(opts: ScoreOptions) -> Report:
             f"no image files found in {', '.join(map(str, opts.inputs))} ({result.ignored} hidden or non-image "
             "files ignored); supported: PNG, JPEG, BMP, GIF, TIFF, WebP"
         )
+    baseline_scores = None
+    if opts.baseline is not None:
+        try:
+            baseline_scores = load_baseline(opts.baseline, detector.fingerprint, opts.score)
+        except BaselineError as exc:
+            raise UsageFailure(str(exc)) from None
     try:
-        decision = detector.decide(result, threshold=opts.threshold, fpr=opts.fpr, tail=opts.tail)
+        decision = detector.decide(result, threshold=opts.threshold, fpr=opts.fpr, tail=opts.tail, fdr=opts.fdr)
     except CalibrationError as exc:
         raise UsageFailure(str(exc)) from None
     for w in [*result.warnings, *decision.warnings]:
         _warn(w)
+    tests = detector.batch_tests(result, decision, fpr=opts.fpr, tail=opts.tail, baseline=baseline_scores)
     report = build_report(
         result.paths,
         result.scores,
@@ -493,6 +597,11 @@ def run_score(opts: ScoreOptions) -> Report:
         gate=list(opts.gate),
         skip_unreadable=opts.skip_unreadable,
         warnings=[*result.warnings, *decision.warnings],
+        tests=tests,
+        guarantee=guarantee(decision.threshold),
+        models=detector.n_models,
+        smallest_p_value=detector.smallest_p_value(opts.score, opts.tail),
+        baseline=None if opts.baseline is None else str(opts.baseline),
     )
     for e in result.errors:
         err.print(f"[red]unreadable:[/] {escape(e.path)}: {escape(e.reason)}", highlight=False)
@@ -512,6 +621,10 @@ def run_score(opts: ScoreOptions) -> Report:
         else:
             click.echo(text, nl=False)
     _write_visuals(detector, opts, report, decision.threshold)
+    if opts.junit is not None:
+        _write(opts.junit, to_junit(report), "JUnit XML")
+    if os.environ.get("GITHUB_ACTIONS"):
+        _github(report)
     return report
 
 
@@ -602,6 +715,27 @@ def _write_visuals(detector: Detector, opts: ScoreOptions, report: Report, thres
         err.print(f"wrote {escape(str(opts.html))} ({len(page.encode()) / 1024:,.0f} KiB)", highlight=False)
 
 
+def _write(path: Path, text: str, what: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UsageFailure(f"cannot write {what} to {path}: {exc.strerror or exc}") from None
+    err.print(f"wrote {escape(str(path))} ({what})", highlight=False)
+
+
+def _github(report: Report) -> None:
+    """On GitHub Actions: annotations on stderr, and the Markdown verdict in the job summary."""
+    for line in github_annotations(report):
+        click.echo(line, err=True)
+    summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary_file:
+        try:
+            with open(summary_file, "a", encoding="utf-8") as fh:
+                fh.write(github_summary(report))
+        except OSError as exc:
+            _warn(f"could not append to $GITHUB_STEP_SUMMARY ({summary_file}): {exc.strerror or exc}")
+
+
 def _render_table(report: Report, top: int) -> None:
     s = report.summary
     scored = [r for r in report.records if r.error is None]
@@ -624,13 +758,8 @@ def _render_table(report: Report, top: int) -> None:
         out.print(table)
     if len(scored) > len(shown):
         out.print(f"... {len(scored) - len(shown)} more (use --top 0 or --format json for all)")
-    gate = "; ".join(f"{c.name} {c.value:g} <= {c.limit:g}: {'pass' if c.passed else 'FAIL'}" for c in s.gate)
-    verdict = "" if not s.gate else (" gate [green]PASSED[/]" if s.gate_passed else " gate [bold red]FAILED[/]")
-    out.print(
-        f"{s.flagged} of {s.scored} scored images flagged, {s.unreadable} unreadable, {s.ignored} ignored; "
-        f"rule {escape(s.rule)}; model {s.model_fingerprint}." + verdict + (f" ({gate})" if gate else ""),
-        highlight=False,
-    )
+    for line in verdict_lines(report):
+        out.print(escape(line), highlight=False)
 
 
 # -------------------------------------------------------------- evaluate
@@ -812,6 +941,12 @@ def info(model: Path, fmt: str) -> None:
             f"{tr['calibration_images']} calibration), {tr['unreadable_images']} unreadable",
         ),
         ("data fingerprint", tr["data_fingerprint"]),
+        (
+            "models",
+            f"{data['models']} cross-fitted (each scores the fold it did not see; cross-conformal p-values)"
+            if data["models"] > 1
+            else "1 (calibration split held out)",
+        ),
         (
             "training",
             f"{tr['epochs_run']} epochs ({tr['stopped']}), best epoch {tr['best_epoch']}, "

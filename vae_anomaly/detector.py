@@ -16,7 +16,7 @@ import json
 import os
 import platform
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,20 @@ import numpy as np
 import torch
 
 from . import __version__, artifact
-from .calibration import Threshold, auto_threshold, calibration_needed, flag, p_values, score_threshold
+from .calibration import (
+    BatchTest,
+    Threshold,
+    auto_threshold,
+    calibration_needed,
+    cross_conformal_p_values,
+    exceedance_test,
+    fdr_threshold,
+    flag,
+    p_values,
+    score_threshold,
+    shift_test,
+    smallest_p_value,
+)
 from .images import (
     FileListing,
     ImageBatch,
@@ -43,12 +56,22 @@ from .train import EpochStats, TrainConfig, TrainResult, train
 
 MIN_TRAINING_IMAGES = 10
 MIN_VALIDATION_IMAGES = 20  # below this, early stopping would chase noise
+# Below this many readable normal images `fit` cross-fits by default. A 20%
+# split of 1000 images leaves 200 for calibration, just enough for a 1%
+# two-sided test (which needs 199); with fewer, a split wastes images that
+# cross-fitting turns into calibration scores, at K times the training cost.
+CROSS_FIT_BELOW = 1000
+DEFAULT_FOLDS = 5
 
 ImageInput = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | np.ndarray
 
 
 class FitError(Exception):
     """Fitting cannot proceed with these images or options; the message says why and what to do."""
+
+
+class FitInterrupted(Exception):
+    """Training was asked to stop before a usable model existed; the message says how to resume."""
 
 
 class CalibrationError(Exception):
@@ -74,8 +97,14 @@ class FitConfig:
     device: str = "auto"
     samples: dict[str, int] = field(default_factory=lambda: {k: s.default_samples for k, s in SCORE_SPECS.items()})
     max_unreadable_fraction: float = 0.1
+    # Cross-fitting: K models, each trained on K-1 folds and scoring the fold it
+    # did not see, so every image becomes a calibration score. None: 5 folds
+    # below CROSS_FIT_BELOW readable images, else 1 (one split, one model).
+    folds: int | None = None
 
     def __post_init__(self) -> None:
+        if self.folds is not None and not 1 <= self.folds <= 20:
+            raise ValueError(f"folds must be between 1 and 20, got {self.folds}")
         if not 0 < self.calibration_fraction < 1:
             raise ValueError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction}")
         if not 0 <= self.validation_fraction < 1:
@@ -99,6 +128,9 @@ class ScoreResult:
     score: str
     samples: int
     ignored: int = 0  # hidden and non-image files skipped in folders
+    # (K, N) scores under each of K cross-fitted models; `scores` is their mean.
+    # None for a single model.
+    model_scores: np.ndarray | None = None
     warnings: list[str] = field(default_factory=list)  # inputs unlike the training images
 
 
@@ -172,7 +204,9 @@ class Detector:
 
     def __init__(self, config: FitConfig | None = None) -> None:
         self.config = config or FitConfig()
-        self.model_: ConvVAE | None = None
+        self.model_: ConvVAE | None = None  # the (first) model; all K are in models_
+        self.models_: list[ConvVAE] = []
+        self.calibration_folds_: np.ndarray = np.zeros(0, np.int64)  # fold (= model) of each calibration score
         self.preprocessing_: Preprocessing | None = None
         self.calibration_: dict[str, np.ndarray] = {}
         self.metadata_: dict[str, Any] = {}
@@ -186,6 +220,7 @@ class Detector:
         *,
         on_epoch: Callable[[EpochStats], None] | None = None,
         on_warning: Callable[[str], None] | None = None,
+        on_model: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         checkpoint: str | os.PathLike[str] | None = None,
         resume: bool = False,
@@ -193,10 +228,14 @@ class Detector:
     ) -> Detector:
         """Train on normal images (paths, folders, or a uint8 array) and calibrate.
 
+        With folds K > 1 (the default below CROSS_FIT_BELOW images) this trains
+        K models; `on_model(k, K)` is called before each.
+
         With `checkpoint`, a resumable state is written there during training;
-        `resume=True` continues from it, and ends with the same model as a run
+        `resume=True` continues from it and ends with the same models as a run
         that was never interrupted. `should_stop` (asked after every step)
-        ends training early with the best state so far.
+        ends training early: a single model keeps its best state so far; an
+        unfinished cross-fit raises `FitInterrupted` (its checkpoint remains).
         """
         cfg = self.config
         warn = on_warning or (lambda _msg: None)
@@ -237,79 +276,128 @@ class Detector:
                 f"only {n} readable training image(s); at least {MIN_TRAINING_IMAGES} are needed to train "
                 "and hold some out for calibration (a few hundred give useful p-values)"
             )
+        folds = cfg.folds if cfg.folds is not None else (DEFAULT_FOLDS if n < CROSS_FIT_BELOW else 1)
+        if folds > 1 and n < 2 * folds:
+            raise FitError(f"{folds} folds need at least {2 * folds} readable images, got {n}; lower --folds")
         rng = np.random.default_rng(cfg.seed)
-        fit_idx, cal_idx = _split(n, cfg.calibration_fraction, rng)
-        val_idx = np.array([], dtype=np.int64)
-        n_val = round(len(fit_idx) * cfg.validation_fraction)
-        if n_val >= MIN_VALIDATION_IMAGES:
-            rel_train, rel_val = _split(len(fit_idx), cfg.validation_fraction, rng)
-            fit_idx, val_idx = fit_idx[rel_train], fit_idx[rel_val]
+        if folds == 1:
+            fit_idx, cal_idx = _split(n, cfg.calibration_fraction, rng)
+            plans = [(fit_idx, cal_idx)]
+        else:
+            # Every image lands in exactly one fold; model k trains on the others.
+            fold_of = np.empty(n, np.int64)
+            fold_of[rng.permutation(n)] = np.arange(n) % folds
+            plans = [(np.nonzero(fold_of != k)[0], np.nonzero(fold_of == k)[0]) for k in range(folds)]
+        n_cal = sum(len(c) for _, c in plans)
         for tail in ("upper", "two-sided"):
             need = calibration_needed(0.01, tail)
-            if len(cal_idx) < need:
+            if n_cal < need:
+                fix = (
+                    "Add normal images."
+                    if folds > 1
+                    else "Add normal images, raise --calibration-fraction, or cross-fit with --folds 5."
+                )
                 warn(
-                    f"only {len(cal_idx)} calibration images: "
+                    f"only {n_cal} calibration images: "
                     f"{'an' if tail == 'upper' else 'a'} {tail} test at --fpr 0.01 needs at least "
-                    f"{need}; with fewer, nothing can be flagged at that rate. Add normal images or raise "
-                    "--calibration-fraction."
+                    f"{need}; with fewer, nothing can be flagged at that rate. {fix}"
                 )
                 break
 
         device = resolve_device(cfg.device)
-        torch.manual_seed(cfg.seed)
         vae_cfg = VAEConfig(prep.channels, prep.size, cfg.latent_dim, cfg.hidden_channels, cfg.likelihood)
-        model = ConvVAE(vae_cfg)
-        tcfg = TrainConfig(
-            epochs=cfg.epochs,
-            time_budget=cfg.time_budget,
-            batch_size=cfg.batch_size,
-            learning_rate=cfg.learning_rate,
-            patience=cfg.patience,
-            seed=cfg.seed,
-            device=str(device),
-        )
         t = torch.from_numpy(pixels)
         data_fp = _fingerprint(pixels)
         identity = hashlib.sha256(
             json.dumps([data_fp, {k: v for k, v in asdict(cfg).items() if k != "device"}], sort_keys=True).encode()
         ).hexdigest()
-        state = artifact.load_checkpoint(checkpoint, identity) if resume and checkpoint is not None else None
+        saved = artifact.load_checkpoint(checkpoint, identity) if resume and checkpoint is not None else None
+        done: list[dict[str, Any]] = list(saved["done"]) if saved else []
+        models: list[ConvVAE] = []
+        results: list[TrainResult] = []
+        sizes: list[tuple[int, int]] = []
+        for k, (fit_idx, _) in enumerate(plans):
+            if on_model is not None:
+                on_model(k, folds)
+            val_idx = np.array([], dtype=np.int64)
+            if round(len(fit_idx) * cfg.validation_fraction) >= MIN_VALIDATION_IMAGES:
+                rel_train, rel_val = _split(len(fit_idx), cfg.validation_fraction, rng)
+                fit_idx, val_idx = fit_idx[rel_train], fit_idx[rel_val]
+            torch.manual_seed(cfg.seed + k)
+            model = ConvVAE(vae_cfg)
+            sizes.append((len(fit_idx), len(val_idx)))
+            if k < len(done):  # finished before the interruption
+                model.load_state_dict(done[k]["weights"])
+                models.append(model.to(device).eval())
+                results.append(TrainResult(**done[k]["result"]))
+                continue
+            tcfg = TrainConfig(
+                epochs=cfg.epochs,
+                # A time budget is for the whole fit, so K models share it.
+                time_budget=None if cfg.time_budget is None else cfg.time_budget / folds,
+                batch_size=cfg.batch_size,
+                learning_rate=cfg.learning_rate,
+                patience=cfg.patience,
+                seed=cfg.seed + k,
+                device=str(device),
+            )
 
-        def save_state(st: dict[str, Any]) -> None:
-            if checkpoint is not None:
-                artifact.save_checkpoint(checkpoint, identity, st)
+            def save_state(st: dict[str, Any], k: int = k) -> None:
+                artifact.save_checkpoint(checkpoint, identity, {"done": done, "fold": k, "train": st})
 
-        result: TrainResult = train(
-            model,
-            t[fit_idx],
-            t[val_idx] if len(val_idx) else None,
-            tcfg,
-            on_epoch,
-            should_stop=should_stop,
-            on_checkpoint=save_state if checkpoint is not None else None,
-            checkpoint_every=checkpoint_every,
-            resume=state,
-        )
-        self.model_, self.preprocessing_, self.device_ = model, prep, device
+            result = train(
+                model,
+                t[fit_idx],
+                t[val_idx] if len(val_idx) else None,
+                tcfg,
+                on_epoch,
+                should_stop=should_stop,
+                on_checkpoint=save_state if checkpoint is not None else None,
+                checkpoint_every=checkpoint_every,
+                resume=saved["train"] if saved and saved["fold"] == k and k == len(done) else None,
+            )
+            results.append(result)
+            models.append(model)
+            if result.stopped == "interrupted" and folds > 1:
+                raise FitInterrupted(
+                    f"interrupted while training model {k + 1} of {folds} (cross-fitting): no model file can be "
+                    "written until all are trained"
+                    + ("; `fit --resume` continues from the last checkpoint." if checkpoint is not None else ".")
+                )
+            done.append(
+                {
+                    "weights": {n: v.detach().cpu().clone() for n, v in model.state_dict().items()},
+                    "result": result.to_dict(),
+                }
+            )
+        self.models_, self.preprocessing_, self.device_ = models, prep, device
+        self.model_ = models[0]
 
         noise_seed = cfg.seed + 1_000_003
+        summaries = [{k: v for k, v in r.to_dict().items() if k != "history"} for r in results]
+        overall = dict(summaries[0])
+        overall["seconds"] = sum(r.seconds for r in results)
         self.metadata_ = {
             "config": vae_cfg.to_dict(),
             "preprocessing": prep.to_dict(),
             "noise_seed": noise_seed,
             "samples": dict(cfg.samples),
+            "models": folds,
             "training": {
                 "images": n,
-                "train_images": len(fit_idx),
-                "validation_images": len(val_idx),
-                "calibration_images": len(cal_idx),
+                "train_images": sizes[0][0],
+                "validation_images": sizes[0][1],
+                "calibration_images": n_cal,
                 "unreadable_images": len(unreadable),
                 "ignored_files": ignored,
                 "data_fingerprint": data_fp,
                 "seed": cfg.seed,
                 "device": str(device),
+                "folds": folds,
+                "cross_fit": folds > 1,
                 "fit_config": {k: v for k, v in asdict(cfg).items() if k != "samples"},
-                **{k: v for k, v in result.to_dict().items() if k != "history"},
+                **overall,
+                "per_model": summaries if folds > 1 else [],
             },
             "versions": {
                 "vae_anomaly": __version__,
@@ -319,8 +407,11 @@ class Detector:
             },
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        cal_pixels = pixels[cal_idx]
-        self.calibration_ = {name: self._score_array(cal_pixels, name, cfg.samples[name]) for name in SCORE_NAMES}
+        self.calibration_folds_ = np.concatenate([np.full(len(c), k, np.int64) for k, (_, c) in enumerate(plans)])
+        self.calibration_ = {}
+        for name in SCORE_NAMES:
+            parts = [self._score_array(pixels[c], name, cfg.samples[name], models[k]) for k, (_, c) in enumerate(plans)]
+            self.calibration_[name] = np.concatenate(parts)
         self.checksum_ = None
         return self
 
@@ -337,14 +428,22 @@ class Detector:
         model, _ = self._check_fitted()
         return latent_noise(model.config.latent_dim, samples, int(self.metadata_["noise_seed"]))
 
-    def _score_pixels(self, pixels: np.ndarray, score: str, eps: torch.Tensor) -> np.ndarray:
-        model, _ = self._check_fitted()
+    @property
+    def n_models(self) -> int:
+        """K: 1 for a single model, K > 1 for cross-fitted models."""
+        return max(1, len(self.models_))
+
+    def _score_pixels(self, pixels: np.ndarray, score: str, eps: torch.Tensor, model: ConvVAE) -> np.ndarray:
         x = torch.from_numpy(pixels).to(self.device_).float().div_(255.0)
         return score_images(model, x, score, eps).double().cpu().numpy()
 
-    def _score_array(self, pixels: np.ndarray, score: str, samples: int, batch_size: int = 512) -> np.ndarray:
+    def _score_array(
+        self, pixels: np.ndarray, score: str, samples: int, model: ConvVAE, batch_size: int = 512
+    ) -> np.ndarray:
         eps = self._noise(samples)
-        parts = [self._score_pixels(pixels[i : i + batch_size], score, eps) for i in range(0, len(pixels), batch_size)]
+        parts = [
+            self._score_pixels(pixels[i : i + batch_size], score, eps, model) for i in range(0, len(pixels), batch_size)
+        ]
         return np.concatenate(parts) if parts else np.zeros(0)
 
     def _batches(self, data: ImageInput, batch_size: int) -> tuple[Iterator[ImageBatch], int]:
@@ -386,7 +485,11 @@ class Detector:
         batch_size: int = 256,
         on_batch: Callable[[int, int], None] | None = None,
     ) -> dict[str, ScoreResult]:
-        """Several score types in one pass, so each file is decoded once (`evaluate` asks for all three)."""
+        """Several score types in one pass, so each file is decoded once (`evaluate` asks for all).
+
+        With K cross-fitted models every image is scored by each; `scores` is
+        their mean and `model_scores` keeps all K for cross-conformal p-values.
+        """
         for name in scores:
             if name not in SCORE_SPECS:
                 raise ValueError(f"unknown score {name!r}; choose one of {', '.join(SCORE_NAMES)}")
@@ -402,7 +505,9 @@ class Detector:
                 unlike[kind] = (unlike.get(kind, (0, example))[0] + count, unlike.get(kind, (0, example))[1])
             if len(batch.pixels):
                 for name in scores:
-                    parts[name].append(self._score_pixels(batch.pixels, name, noise[name]))
+                    parts[name].append(
+                        np.stack([self._score_pixels(batch.pixels, name, noise[name], m) for m in self.models_])
+                    )
             paths += batch.paths
             errors += batch.errors
             if on_batch is not None:
@@ -411,18 +516,20 @@ class Detector:
             f"{count} {kind} (e.g. {example}); scores of such images are less reliable"
             for kind, (count, example) in unlike.items()
         ]
-        return {
-            name: ScoreResult(
+        out: dict[str, ScoreResult] = {}
+        for name in scores:
+            per_model = np.concatenate(parts[name], axis=1) if parts[name] else np.zeros((self.n_models, 0))
+            out[name] = ScoreResult(
                 list(paths),
-                np.concatenate(parts[name]) if parts[name] else np.zeros(0),
+                per_model.mean(axis=0) if self.n_models > 1 else per_model[0],
                 list(errors),
                 name,
                 counts[name],
                 ignored,
-                list(warnings),
+                model_scores=per_model if self.n_models > 1 else None,
+                warnings=list(warnings),
             )
-            for name in scores
-        }
+        return out
 
     def heatmap(
         self, data: ImageInput, *, score: str = "elbo", samples: int | None = None, batch_size: int = 256
@@ -472,8 +579,13 @@ class Detector:
         threshold: str | float = "auto",
         fpr: float = 0.01,
         tail: str = "two-sided",
+        fdr: float | None = None,
     ) -> Decision:
-        """Conformal p-values against the calibration scores, and flags under the rule."""
+        """Conformal p-values against the calibration scores, and flags under the rule.
+
+        threshold "auto" flags p <= fpr, or, with `fdr` = q, runs Benjamini-Hochberg
+        at level q over the batch. Cross-fitted models give cross-conformal p-values.
+        """
         cal = self.calibration_.get(result.score)
         if cal is None or len(cal) == 0:
             raise CalibrationError(f"the model holds no calibration scores for {result.score!r}")
@@ -489,19 +601,80 @@ class Detector:
             warnings.append(
                 f"p-values are approximate: calibrated with {calibrated} samples, scored with {result.samples}"
             )
-        p = p_values(cal, result.scores, tail) if len(result.scores) else np.zeros(0)
+        p = self.p_values(result, tail)
         if threshold == "auto":
-            rule = auto_threshold(cal, fpr, tail)
-            need = calibration_needed(fpr, tail)
+            level = fpr if fdr is None else fdr
+            rule = auto_threshold(cal, fpr, tail) if fdr is None else fdr_threshold(cal, p, fdr, tail)
+            if self.n_models > 1:
+                rule = replace(rule, low=None, high=None, models=self.n_models)
+            need = calibration_needed(level, tail)
             if len(cal) < need:
+                refit = (
+                    "Add normal images and re-fit"
+                    if self.n_models > 1
+                    else ("Re-fit with more normal images, a larger --calibration-fraction or --folds 5")
+                )
                 warnings.append(
-                    f"{len(cal)} calibration scores cannot reach p <= {fpr:g} ({tail}); at least {need} are "
-                    "needed, so nothing will be flagged. Re-fit with more normal images or a larger "
-                    "--calibration-fraction, or raise --fpr."
+                    f"{len(cal)} calibration scores cannot reach p <= {level:g} ({tail}); at least {need} are "
+                    f"needed, so nothing will be flagged. {refit}, or raise --{'fpr' if fdr is None else 'fdr'}."
                 )
         else:
             rule = score_threshold(float(threshold))
         return Decision(p, flag(result.scores, p, rule), rule, len(cal), warnings)
+
+    def p_values(self, result: ScoreResult, tail: str = "two-sided") -> np.ndarray:
+        """Conformal p-values (cross-conformal for K cross-fitted models) of a scored batch."""
+        cal = self.calibration_[result.score]
+        if len(result.scores) == 0:
+            return np.zeros(0)
+        if self.n_models == 1:
+            return p_values(cal, result.scores, tail)
+        if result.model_scores is None:
+            raise ValueError("cross-fitted models need each model's scores: score with this Detector")
+        return cross_conformal_p_values(cal, self.calibration_folds_, result.model_scores, tail)
+
+    def shift_inputs(self, result: ScoreResult) -> tuple[np.ndarray, np.ndarray]:
+        """Batch and reference scores on one scale, for the Mann-Whitney shift test.
+
+        A single model: the batch's scores and the calibration scores. K
+        cross-fitted models: calibration score i comes from the model of its
+        fold, so batch image j is scored by model j mod K; both samples then
+        mix the K models' out-of-sample scores in (nearly) equal shares.
+        """
+        cal = self.calibration_[result.score]
+        if self.n_models == 1 or result.model_scores is None:
+            return result.scores, cal
+        m = result.model_scores.shape[1]
+        return result.model_scores[np.arange(m) % self.n_models, np.arange(m)], cal
+
+    def batch_tests(
+        self,
+        result: ScoreResult,
+        decision: Decision,
+        *,
+        fpr: float = 0.01,
+        tail: str = "two-sided",
+        baseline: np.ndarray | None = None,
+    ) -> dict[str, BatchTest]:
+        """Batch-level tests, each a one-sided p-value (small = the batch looks worse than normal).
+
+        shift:    Mann-Whitney U, batch scores above the calibration scores?
+        binomial: more images at p <= fpr than a normal batch gives?
+        drift:    Mann-Whitney U, batch scores above `baseline` (a previous batch's scores)?
+        """
+        batch, reference = self.shift_inputs(result)
+        count = int(np.sum(decision.p_values <= fpr + 1e-12))
+        tests = {
+            "shift": shift_test(batch, reference, "shift"),
+            "binomial": exceedance_test(count, len(result.scores), decision.n_calibration, fpr, tail),
+        }
+        if baseline is not None:
+            tests["drift"] = shift_test(result.scores, np.asarray(baseline, dtype=np.float64), "drift")
+        return tests
+
+    def smallest_p_value(self, score: str, tail: str = "two-sided") -> float:
+        """The smallest p-value this model can give: 1/(n+1), 2/(n+1) two-sided, n calibration scores."""
+        return smallest_p_value(len(self.calibration_[score]), tail)
 
     # ------------------------------------------------------------ save/load
     @property
@@ -510,9 +683,19 @@ class Detector:
 
     def save(self, path: str | os.PathLike[str]) -> str:
         """Write the model file atomically; returns its checksum (the model's fingerprint)."""
-        model, _ = self._check_fitted()
+        self._check_fitted()
         cal = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in self.calibration_.items()}
-        self.checksum_ = artifact.save(path, self.metadata_, model.state_dict(), cal)
+        folds = self.calibration_folds_
+        if len(folds) != len(next(iter(self.calibration_.values()))):
+            folds = np.zeros(len(next(iter(self.calibration_.values()))), np.int64)
+        cal[artifact.FOLD_KEY] = torch.from_numpy(np.asarray(folds, dtype=np.int64))
+        state = {
+            f"{artifact.model_prefix(k)}{name}": t
+            for k, m in enumerate(self.models_)
+            for name, t in m.state_dict().items()
+        }
+        self.metadata_["models"] = self.n_models
+        self.checksum_ = artifact.save(path, self.metadata_, state, cal)
         return self.checksum_
 
     @classmethod
@@ -525,8 +708,17 @@ class Detector:
             vae_cfg = VAEConfig.from_dict(meta["config"])
             prep = Preprocessing.from_dict(meta["preprocessing"])
             int(meta["noise_seed"])
-            model = ConvVAE(vae_cfg)
-            model.load_state_dict(mf.state_dict, strict=True)
+            models = []
+            for state in artifact.split_models(mf):
+                model = ConvVAE(vae_cfg)
+                model.load_state_dict(state, strict=True)
+                models.append(model)
+            cal = {k: v.double().numpy() for k, v in mf.calibration.items() if k != artifact.FOLD_KEY}
+            n_cal = len(next(iter(cal.values())))
+            fold_t = mf.calibration.get(artifact.FOLD_KEY)
+            folds = np.zeros(n_cal, np.int64) if fold_t is None else fold_t.long().numpy()
+            if len(folds) != n_cal or (len(folds) and int(folds.max()) >= len(models)):
+                raise ValueError(f"{len(folds)} fold labels for {n_cal} calibration scores and {len(models)} models")
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise artifact.ModelFileError(
                 f"{name}: the weights or settings inside do not fit together ({type(exc).__name__}: "
@@ -534,10 +726,12 @@ class Detector:
             ) from None
         det = cls()
         det.device_ = resolve_device(device)
-        det.model_ = model.to(det.device_).eval()
+        det.models_ = [m.to(det.device_).eval() for m in models]
+        det.model_ = det.models_[0]
         det.preprocessing_ = prep
         det.metadata_ = meta
-        det.calibration_ = {k: v.double().numpy() for k, v in mf.calibration.items()}
+        det.calibration_ = cal
+        det.calibration_folds_ = folds
         det.checksum_ = mf.checksum
         return det
 
@@ -547,6 +741,7 @@ class Detector:
         return {
             "fingerprint": self.fingerprint,
             **self.metadata_,
+            "models": self.n_models,
             "calibration": {
                 k: {"n": len(v), "samples": self.default_samples(k), "median": float(np.median(v)) if len(v) else None}
                 for k, v in self.calibration_.items()

@@ -1,0 +1,104 @@
+"""Small normal sets: K cross-fitted models, cross-conformal p-values, model file format 2."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import cli_run, crosses, disks, write_pngs
+from vae_anomaly import Detector, FitConfig, artifact
+from vae_anomaly.calibration import smallest_p_value
+
+
+@pytest.fixture(scope="session")
+def crossfit() -> Detector:
+    """150 normal images, 5 folds: five small models (40 epochs of 4 steps each, about 6 s in all)."""
+    det = Detector(FitConfig(epochs=40, batch_size=32, latent_dim=8, seed=0, device="cpu"))
+    return det.fit(disks(150, seed=20))
+
+
+def test_small_sets_cross_fit_by_default_and_every_image_calibrates(crossfit: Detector) -> None:
+    assert crossfit.n_models == 5 and len(crossfit.models_) == 5
+    assert len(crossfit.calibration_["elbo"]) == 150
+    assert np.bincount(crossfit.calibration_folds_).tolist() == [30] * 5
+    assert crossfit.metadata_["training"]["train_images"] == 120, "each model trains on (K-1)/K of the images"
+
+
+def test_held_out_normal_p_values_are_close_to_uniform(crossfit: Detector) -> None:
+    """As in the split-conformal test: the flagged share of m new normals varies around alpha by
+    about sqrt(a(1-a)(1/(n+2) + 1/m)) (the calibration set is one draw); allow three of those."""
+    result = crossfit.score(disks(1000, seed=21))
+    n, m = 150, 1000
+    for tail in ("upper", "two-sided"):
+        p = crossfit.p_values(result, tail)
+        assert np.all((p > 0) & (p <= 1))
+        for a in (0.1, 0.2, 0.5):
+            sd = math.sqrt(a * (1 - a) * (1 / (n + 2) + 1 / m))
+            assert abs((p <= a).mean() - a) <= 3 * sd, (tail, a, (p <= a).mean())
+
+
+def test_150_images_reach_p_below_one_percent_where_a_split_cannot(crossfit: Detector) -> None:
+    assert smallest_p_value(30, "upper") > 0.01, "a 20% split of 150 leaves 30: p >= 1/31"
+    assert crossfit.smallest_p_value("elbo", "upper") == pytest.approx(1 / 151)
+    decision = crossfit.decide(crossfit.score(crosses(100, seed=22)), fpr=0.01, tail="upper")
+    assert decision.flags.mean() >= 0.3 and decision.p_values.min() < 0.01  # 0.49 with this small model
+    assert decision.threshold.models == 5 and "cross-conformal over 5" in decision.threshold.describe()
+
+
+def test_cross_fitted_model_file_round_trips(crossfit: Detector, tmp_path: Path) -> None:
+    path = tmp_path / "cf.vae"
+    crossfit.save(path)
+    assert torch.load(path, weights_only=True)["format_version"] == 2
+    loaded = Detector.load(path, device="cpu")
+    x = np.concatenate([disks(20, seed=23), crosses(5, seed=24)])
+    a, b = crossfit.score(x), loaded.score(x)
+    np.testing.assert_array_equal(a.model_scores, b.model_scores)
+    np.testing.assert_array_equal(crossfit.p_values(a), loaded.p_values(b))
+    assert loaded.info()["models"] == 5 and loaded.info()["training"]["folds"] == 5
+
+
+def test_format_1_files_still_load(fitted: Detector, model_file: Path, tmp_path: Path) -> None:
+    """A file as 0.1.0 wrote it: unprefixed weight names, no fold labels, version 1."""
+    payload = torch.load(model_file, weights_only=True)
+    state = {k.removeprefix("model0."): v for k, v in payload["state_dict"].items()}
+    cal = {k: v for k, v in payload["calibration"].items() if k != artifact.FOLD_KEY}
+    meta = json.loads(payload["metadata"])
+    meta.pop("models")
+    meta_json = json.dumps(meta, sort_keys=True)
+    old = tmp_path / "v1.vae"
+    torch.save(
+        {
+            "format": artifact.FORMAT_NAME,
+            "format_version": 1,
+            "metadata": meta_json,
+            "state_dict": state,
+            "calibration": cal,
+            "checksum": artifact._digest(meta_json, state, cal),
+        },
+        old,
+    )
+    loaded = Detector.load(old, device="cpu")
+    x = disks(10, seed=25)
+    assert loaded.n_models == 1
+    np.testing.assert_array_equal(loaded.score(x).scores, fitted.score(x).scores)
+
+
+def test_cli_cross_fits_a_small_folder_and_score_states_the_smallest_p(tmp_path: Path) -> None:
+    write_pngs(tmp_path / "normal", disks(30, seed=26))
+    write_pngs(tmp_path / "new", disks(4, seed=27))
+    model = tmp_path / "m.vae"
+    code, out, err = cli_run("fit", tmp_path / "normal", "-o", model, "--epochs", "1", "--device", "cpu")
+    assert code == 0 and out == ""
+    assert "cross-fitting: model 5 of 5" in err and "5 cross-fitted models" in err
+    assert "smallest reachable p-value 0.03226" in err, "1/31 with all 30 images calibrating"
+    code, out, _ = cli_run("score", tmp_path / "new", "-m", model, "--format", "json")
+    s = json.loads(out)["summary"]
+    assert code == 0 and s["models"] == 5 and s["calibration_images"] == 30
+    assert s["smallest_p_value"] == pytest.approx(2 / 31)
+    code, out, _ = cli_run("score", tmp_path / "new", "-m", model)
+    assert "5 cross-fitted models, 30 normal scores; smallest reachable p-value 0.06452" in out
