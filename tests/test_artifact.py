@@ -20,7 +20,7 @@ from vae_anomaly.artifact import ModelFileError
 def test_saved_and_reloaded_model_gives_identical_scores(fitted: Detector, model_file: Path) -> None:
     x = disks(50, seed=7)
     loaded = Detector.load(model_file, device="cpu")
-    for name in ("elbo", "iwae", "recon-prob"):
+    for name in ("elbo", "elbo-ic", "kl", "iwae", "recon-prob"):
         np.testing.assert_array_equal(fitted.score(x, score=name).scores, loaded.score(x, score=name).scores)
         np.testing.assert_array_equal(fitted.calibration_[name], loaded.calibration_[name])
     assert loaded.preprocessing_ == fitted.preprocessing_
@@ -33,7 +33,7 @@ def test_model_file_holds_everything_design_lists(model_file: Path) -> None:
     tr = info["training"]
     assert tr["images"] == 1000 and tr["calibration_images"] == 400 and tr["seed"] == 0
     assert len(tr["data_fingerprint"]) == 16 and tr["epochs_run"] >= 1 and tr["final_train_loss"] is not None
-    assert set(info["calibration"]) == {"elbo", "iwae", "recon-prob"}
+    assert set(info["calibration"]) == {"elbo", "elbo-ic", "kl", "iwae", "recon-prob"}
     assert {"vae_anomaly", "torch", "numpy", "python"} <= set(info["versions"])
 
 

@@ -43,7 +43,7 @@ def test_figures_equal_sklearn_on_the_same_scores(fitted: Detector, labelled: Pa
     ev = evaluate_detector(fitted, labelled_folders(labelled / "lab"), fpr=0.05, tail="two-sided")
     y = ev.labels
     assert (int((y == 0).sum()), int((y == 1).sum())) == (40, 40)
-    assert list(ev.results) == ["elbo", "iwae", "recon-prob"]
+    assert list(ev.results) == ["elbo", "elbo-ic", "kl", "iwae", "recon-prob"]
     for name, r in ev.results.items():
         s = fitted.score([Path(p) for p in ev.paths], score=name).scores  # plain scoring gives the same
         np.testing.assert_allclose(r.scores, s, rtol=1e-6)
@@ -61,7 +61,8 @@ def test_figures_equal_sklearn_on_the_same_scores(fitted: Detector, labelled: Pa
         flags = p_values(fitted.calibration_[name], s, "two-sided") <= 0.05
         tn, fp, fn, tp = skm.confusion_matrix(y, flags).ravel()
         assert r.confusion.to_dict() == {"tn": tn, "fp": fp, "fn": fn, "tp": tp}
-        assert m.roc_auc >= 0.9, "a quality floor on shapes the model never saw"
+        if name != "kl":  # the latent term alone does not rank crosses above disks; it is a component
+            assert m.roc_auc >= 0.9, "a quality floor on shapes the model never saw"
 
 
 def test_labels_csv_and_folder_layout_give_the_same_result(model_file: Path, labelled: Path) -> None:

@@ -289,7 +289,10 @@ def test_cross_fit_interrupted_then_resumed_matches_an_uninterrupted_cross_fit(t
     ckpt = tmp_path / "m.ckpt"
     with pytest.raises(FitInterrupted, match="model 2 of 2"):
         Detector(FitConfig(epochs=3, **cfg)).fit(
-            x, checkpoint=ckpt, checkpoint_every=0, should_stop=lambda: next(steps) == 4  # model 2, epoch 2
+            x,
+            checkpoint=ckpt,
+            checkpoint_every=0,
+            should_stop=lambda: next(steps) == 4,  # model 2, epoch 2
         )
     resumed = Detector(FitConfig(epochs=3, **cfg)).fit(x, checkpoint=ckpt, resume=True, checkpoint_every=0)
     for a, b in zip(whole.models_, resumed.models_, strict=True):

@@ -92,7 +92,7 @@ def test_importance_weights_have_one_row_per_sample() -> None:
 def test_scores_do_not_depend_on_the_batch_an_image_sits_in() -> None:
     model, x = _model(), _x(8)
     eps = latent_noise(4, 4, seed=9)
-    for name in ("elbo", "iwae", "recon-prob"):
+    for name in ("elbo", "elbo-ic", "kl", "iwae", "recon-prob"):
         whole = score_images(model, x, name, eps)
         parts = torch.cat([score_images(model, x[:3], name, eps), score_images(model, x[3:], name, eps)])
         torch.testing.assert_close(whole, parts, rtol=1e-5, atol=1e-4)
@@ -117,3 +117,35 @@ def test_latent_noise_is_repeatable_and_rejects_zero_samples() -> None:
         assert "samples" in str(exc)
     else:
         raise AssertionError("samples=0 must be refused")
+
+
+def test_complexity_corrected_elbo_is_elbo_in_bits_minus_png_bits() -> None:
+    from vae_anomaly.scores import complexity_corrected_elbo, png_bits
+
+    model, x = _model(), _x(5)
+    x = (x * 255).round() / 255  # exact 8-bit pixels, as the model always sees them
+    eps = latent_noise(4, 2, seed=4)
+    with torch.no_grad():
+        nats = negative_elbo(model, x, eps) + 144 * math.log(255.0)
+        bits = torch.from_numpy(png_bits((x * 255).round().byte().numpy())).float()
+        torch.testing.assert_close(complexity_corrected_elbo(model, x, eps), nats / math.log(2) - bits)
+
+
+def test_png_bits_grow_with_image_complexity() -> None:
+    import numpy as np
+
+    from vae_anomaly.scores import png_bits
+
+    flat = np.zeros((1, 1, 28, 28), np.uint8)
+    noise = np.random.default_rng(0).integers(0, 255, (1, 1, 28, 28), dtype=np.uint8)
+    colour = np.random.default_rng(0).integers(0, 255, (1, 3, 28, 28), dtype=np.uint8)
+    assert png_bits(flat)[0] < png_bits(noise)[0] < png_bits(colour)[0]
+
+
+def test_kl_score_is_the_closed_form_kl_of_the_encoding() -> None:
+    model, x = _model(), _x(3)
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        torch.testing.assert_close(
+            score_images(model, x, "kl", latent_noise(4, 1, 0)), kl_to_standard_normal(mu, logvar)
+        )
