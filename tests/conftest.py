@@ -77,9 +77,9 @@ FAST_FIT = dict(epochs=100, latent_dim=8, patience=25, seed=0, device="cpu")
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """normal/ (600 disks) and incoming/ (40 disks, 40 crosses), as PNG files."""
+    """normal/ (900 disks) and incoming/ (40 disks, 40 crosses), as PNG files."""
     root = tmp_path_factory.mktemp("data")
-    write_pngs(root / "normal", disks(600, seed=1))
+    write_pngs(root / "normal", disks(900, seed=1))
     write_pngs(root / "incoming", disks(40, seed=2), prefix="disk")
     write_pngs(root / "incoming", crosses(40, seed=3), prefix="cross")
     return root
@@ -100,9 +100,10 @@ def model_file(fitted: Detector, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 # The CLI's model: fitted once per session through `vae-anomaly fit` (one model, no cross-fitting).
+# 405 calibration images: enough for the default decision (two two-sided tests, 1% in all) to flag.
 FIT_ARGS = [
     "--calibration-fraction",
-    "0.35",
+    "0.45",
     "--epochs",
     "100",
     "--latent-dim",

@@ -74,15 +74,35 @@ def test_anomalies_get_small_p_values(fitted: Detector) -> None:
 
 
 def test_blank_image_is_flagged_two_sided_but_not_upper(fitted: Detector) -> None:
-    blank = fitted.score(np.full((1, SIZE, SIZE), BACKGROUND, np.uint8))
+    """-ELBO ranks a blank frame as more normal than any normal image (Nalisnick et al. 2019)."""
+    blank = fitted.score(np.full((1, SIZE, SIZE), BACKGROUND, np.uint8), score="elbo", guard=None)
     assert fitted.decide(blank).flags[0], "a blank frame is too simple to be normal"
     assert not fitted.decide(blank, tail="upper").flags[0], "the upper tail alone cannot see it"
+
+
+def test_default_score_and_guard_flag_a_blank_frame_on_either_tail(fitted: Detector) -> None:
+    """The complexity correction turns 'too simple' into a high score: PNG codes a blank frame in
+    a few bits, the VAE still needs its usual code, so elbo-ic is far above the normal range."""
+    blank = fitted.score(np.full((1, SIZE, SIZE), BACKGROUND, np.uint8))
+    assert blank.score == "elbo-ic" and blank.guard is not None and blank.guard.score == "kl"
+    assert blank.scores[0] > fitted.calibration_["elbo-ic"].max()
+    assert fitted.decide(blank).flags[0] and fitted.decide(blank, tail="upper").flags[0]
+
+
+def test_guard_combines_two_p_values_by_bonferroni(fitted: Detector) -> None:
+    x = np.concatenate([disks(5, seed=31), crosses(5, seed=32)])
+    both = fitted.score(x)
+    alone = fitted.score(x, guard=None)
+    kl = fitted.score(x, score="kl", guard=None)
+    expected = np.minimum(1, 2 * np.minimum(fitted.decide(alone).p_values, fitted.decide(kl).p_values))
+    np.testing.assert_allclose(fitted.decide(both).p_values, expected)
+    assert fitted.smallest_p_value("elbo-ic", "two-sided", "kl") == 2 * fitted.smallest_p_value("elbo-ic")
 
 
 def test_too_few_calibration_images_warn_with_the_number_needed(fitted: Detector) -> None:
     result = fitted.score(disks(3, seed=5))
     d = fitted.decide(result, fpr=0.0005)
-    assert any(str(calibration_needed(0.0005, "two-sided")) in w for w in d.warnings)
+    assert any(str(calibration_needed(0.0005 / 2, "two-sided")) in w for w in d.warnings)  # guard: half each
     assert not d.flags.any()
 
 

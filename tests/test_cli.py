@@ -57,9 +57,11 @@ def test_json_output_field_by_field(cli_model: Path, data_dir: Path, tmp_path: P
         "baseline",
     }
     assert (s["total"], s["scored"], s["unreadable"], s["ignored"]) == (80, 80, 0, 0)
-    assert s["score"] == "elbo" and s["samples"] == 1 and s["exit_code"] == code == 0
+    assert s["score"] == "elbo-ic" and s["samples"] == 1 and s["exit_code"] == code == 0
     assert s["threshold"]["rule"] == "auto" and s["threshold"]["tail"] == "two-sided"
-    assert s["threshold"]["alpha"] == 0.01 and s["calibration_images"] == 210
+    assert s["threshold"]["guard"] == "kl" and "Bonferroni" in s["rule"]
+    assert s["smallest_p_value"] == 4 / 406  # two tests, two-sided, 405 calibration scores
+    assert s["threshold"]["alpha"] == 0.01 and s["calibration_images"] == 405
     assert s["rule"].startswith("auto: conformal two-sided p <= 0.01")
     assert len(s["model_fingerprint"]) == 16 and s["gate"] == [] and s["gate_passed"] is True
     recs = doc["records"]
@@ -191,7 +193,7 @@ def test_numeric_threshold_flags_scores_at_or_above_it(cli_model: Path, data_dir
 def test_info_shows_training_data_and_settings(cli_model: Path) -> None:
     code, out, _ = run("info", cli_model, "--format", "json")
     info = json.loads(out)
-    assert code == 0 and info["training"]["images"] == 600 and info["preprocessing"]["size"] == 16
+    assert code == 0 and info["training"]["images"] == 900 and info["preprocessing"]["size"] == 16
     code, out, _ = run("info", cli_model)
     assert code == 0 and "fingerprint" in out and "calibration elbo" in out
 

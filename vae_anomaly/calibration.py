@@ -97,6 +97,7 @@ class Threshold:
     high: float | None
     p_cutoff: float | None = None
     models: int = 1
+    guard: str | None = None  # a second statistic, combined by Bonferroni
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,6 +118,11 @@ class Threshold:
             where = "no image (no p-value passed the step-up test)"
         else:
             where = "no score (too few calibration images)"
+        if self.guard is not None:
+            where += (
+                f", or {self.guard} atypical (Bonferroni: p = min(1, 2 min(p_score, p_{self.guard})),"
+                " each test at half the level)"
+            )
         if self.rule == "fdr":
             cut = "none" if self.p_cutoff is None else f"{self.p_cutoff:.4g}"
             return (

@@ -24,7 +24,7 @@ class TrainingError(Exception):
 class TrainConfig:
     """How long and how to train. Defaults reach a good model on a laptop CPU in a minute."""
 
-    # Upper bound; early stopping usually ends sooner. None: 30 epochs, or more for
+    # Upper bound; early stopping usually ends sooner. None: 50 epochs, or more for
     # small data sets so that training takes at least `min_steps` optimiser steps
     # (30 epochs of 100 images would be only 30 steps).
     epochs: int | None = None
@@ -140,7 +140,7 @@ def train(
     if n == 0:
         raise TrainingError("no training images left after the calibration split")
     steps_per_epoch = max(1, math.ceil(n / config.batch_size))
-    epochs = config.epochs or max(30, math.ceil(config.min_steps / steps_per_epoch))
+    epochs = config.epochs or max(50, math.ceil(config.min_steps / steps_per_epoch))
     best_val, best_epoch, best_state = math.inf, 0, None
     history: list[dict[str, Any]] = []
     stopped, seen, stale, first_epoch, before = "epochs", 0, 0, 1, 0.0
