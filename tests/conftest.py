@@ -72,7 +72,7 @@ def write_pngs(folder: Path, images: np.ndarray, prefix: str = "img") -> list[Pa
     return paths
 
 
-FAST_FIT = dict(epochs=100, latent_dim=8, patience=25, seed=0, device="cpu")
+FAST_FIT = dict(epochs=100, latent_dim=8, patience=25, seed=0, device="cpu", folds=1)
 
 
 @pytest.fixture(scope="session")
