@@ -234,6 +234,13 @@ def main() -> int:
     ap.add_argument("--scores", default="elbo-ic,elbo,kl", help=f"score types to rank by, of {', '.join(SCORE_NAMES)}")
     ap.add_argument("--no-pyod", action="store_true", help="skip PyOD's baselines even where pyod is installed")
     ap.add_argument("--out", type=Path, default=RESULTS / "one_class")
+    ap.add_argument(
+        "--also",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="JSON results of earlier runs (other seeds) to report with this one",
+    )
     args = ap.parse_args()
     digits = [int(d) for d in args.digits.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -255,6 +262,9 @@ def main() -> int:
         for task in tasks:
             rows.append(run_digit(task))
             print(_line(rows[-1]), file=sys.stderr, flush=True)
+    for earlier in args.also:
+        rows += json.loads(earlier.read_text())["rows"]
+    seeds = sorted({r["seed"] for r in rows})
     commit = (
         subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent

@@ -441,7 +441,7 @@ class Detector:
         return max(1, len(self.models_))
 
     def _score_pixels(self, pixels: np.ndarray, score: str, eps: torch.Tensor, model: ConvVAE) -> np.ndarray:
-        x = torch.from_numpy(pixels).to(self.device_).float().div_(255.0)
+        x = torch.from_numpy(np.require(pixels, requirements=["W"])).to(self.device_).float().div_(255.0)
         return score_images(model, x, score, eps).double().cpu().numpy()
 
     def _score_array(
