@@ -132,7 +132,7 @@ def main() -> int:
         f"{flagged[y == 0].mean():.0%} of the unseen normal digits"
     )
     print(
-        f"ROC-AUC of the -ELBO scores: {roc_auc_score(y, s):.3f}  "
+        f"ROC-AUC of the {summary['score']} scores: {roc_auc_score(y, s):.3f}  "
         f"(average precision {average_precision_score(y, s):.3f})"
     )
     return 0

@@ -307,6 +307,7 @@ class _FitProgress:
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
+        self.last_line = -1e9
         self.bar: Progress | None = None
         self.task: Any = None
 
@@ -344,7 +345,9 @@ class _FitProgress:
                 val=val,
                 rate=f"{s.images_per_s:,.0f}",
             )
-        elif not self.quiet:
+        elif not self.quiet and (s.epoch <= 3 or s.epoch == s.epochs or s.elapsed - self.last_line >= 2.0):
+            # CI logs: the first epochs, then at most one line every two seconds.
+            self.last_line = s.elapsed
             err.print(
                 f"epoch {s.epoch}/{s.epochs}  loss {s.train_loss:.3f}  KL {s.train_kl:.3f}  val {val}  "
                 f"{s.images_per_s:,.0f} img/s  {s.elapsed:.1f} s",

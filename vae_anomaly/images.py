@@ -138,7 +138,10 @@ def _explain(path: Path, exc: BaseException) -> str:
     if isinstance(exc, UnidentifiedImageError):
         return "not a readable image: unknown format or corrupt header"
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return f"refused: declared size is too large ({exc})"
+        return (
+            f"refused before decoding: the header declares more pixels than the limit of "
+            f"{Image.MAX_IMAGE_PIXELS:,} (a decompression bomb?); --max-image-pixels raises the limit ({exc})"
+        )
     msg = str(exc).strip() or type(exc).__name__
     if "truncated" in msg.lower() or isinstance(exc, EOFError):
         return f"truncated or corrupt image data ({msg})"

@@ -160,6 +160,7 @@ def train(
     last_checkpoint = time.perf_counter()
     snapshot: dict[str, Any] | None = None
     written = True
+    last_snapshot = -math.inf
     epoch = first_epoch - 1
     for epoch in range(first_epoch, epochs + 1):
         order = torch.randperm(n, generator=gen)
@@ -205,9 +206,12 @@ def train(
             stale += 1
         if on_epoch is not None:
             on_epoch(stats)
-        if on_checkpoint is not None and not interrupted:
-            # A snapshot at every epoch end (cheap for this network's size), written every
-            # `checkpoint_every` seconds, and on an interruption, so a stop never loses an epoch.
+        due = time.perf_counter() - last_checkpoint >= checkpoint_every
+        if on_checkpoint is not None and not interrupted and (due or time.perf_counter() - last_snapshot >= 1.0):
+            # A snapshot at an epoch end at most every second (tiny epochs would otherwise spend
+            # their time copying), written every `checkpoint_every` seconds and on an
+            # interruption, so a stop loses at most a second of training.
+            last_snapshot = time.perf_counter()
             snapshot = {
                 "epoch": epoch,
                 "model": copy.deepcopy(model.state_dict()),
@@ -223,7 +227,7 @@ def train(
                 "elapsed": elapsed,
             }
             written = False
-            if time.perf_counter() - last_checkpoint >= checkpoint_every:
+            if due:
                 on_checkpoint(snapshot)
                 last_checkpoint, written = time.perf_counter(), True
         if interrupted:
