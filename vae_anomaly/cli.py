@@ -326,6 +326,7 @@ class _FitProgress:
         return self
 
     def new_model(self, k: int, folds: int) -> None:
+        self.last_line = -1e9  # each model's clock starts at zero
         if folds > 1 and not self.quiet:
             if self.bar is not None:
                 self.bar.update(self.task, description=f"model {k + 1}/{folds}")
