@@ -20,12 +20,12 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mnist import load_mnist  # noqa: E402
+from mnist import load_mnist
 
-from vae_anomaly import Detector, FitConfig  # noqa: E402
-from vae_anomaly.model import ConvVAE, VAEConfig  # noqa: E402
-from vae_anomaly.scores import SCORE_NAMES  # noqa: E402
-from vae_anomaly.train import elbo_loss  # noqa: E402
+from vae_anomaly import Detector, FitConfig
+from vae_anomaly.model import ConvVAE, VAEConfig
+from vae_anomaly.scores import SCORE_NAMES
+from vae_anomaly.train import elbo_loss
 
 
 def main() -> None:
