@@ -95,6 +95,7 @@ def run_digit(args: tuple[str, int, int, float | None, int, bool, tuple[str, ...
         "fit_seconds": fit_s,
         "train_seconds": det.metadata_["training"]["seconds"],
         "epochs": det.metadata_["training"]["epochs_run"],
+        "train_images_per_s": det.metadata_["training"]["images_per_s"],
         "auc": {},
         "auc_decision": {},
         "images_per_s": {},
