@@ -149,27 +149,19 @@ def via_cli(normal: np.ndarray, x_te: np.ndarray, labels: np.ndarray, seed: int,
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    methods = list(rows[0]["auc"])
+    """Per method: AUC per digit (mean over seeds), the mean over digits and the worst digit."""
     digits = sorted({r["digit"] for r in rows})
     table: dict[str, dict[str, Any]] = {}
-    for m in methods:
-        per_digit = {str(d): float(np.mean([r["auc"][m] for r in rows if r["digit"] == d])) for d in digits}
-        worst = min(per_digit, key=per_digit.get)
-        table[m] = {
-            "per_digit": per_digit,
-            "mean": float(np.mean(list(per_digit.values()))),
-            "worst": per_digit[worst],
-            "worst_digit": worst,
-        }
-    for m in rows[0]["auc_decision"]:
-        per_digit = {str(d): float(np.mean([r["auc_decision"][m] for r in rows if r["digit"] == d])) for d in digits}
-        worst = min(per_digit, key=per_digit.get)
-        table[m] = {
-            "per_digit": per_digit,
-            "mean": float(np.mean(list(per_digit.values()))),
-            "worst": per_digit[worst],
-            "worst_digit": worst,
-        }
+    for key in ("auc", "auc_decision"):
+        for m in rows[0][key]:
+            per_digit = {str(d): float(np.mean([r[key][m] for r in rows if r["digit"] == d])) for d in digits}
+            worst = min(per_digit, key=per_digit.get)
+            table[m] = {
+                "per_digit": per_digit,
+                "mean": float(np.mean(list(per_digit.values()))),
+                "worst": per_digit[worst],
+                "worst_digit": worst,
+            }
     return table
 
 

@@ -149,6 +149,23 @@ def test_bomb_limit_can_be_raised(bad_corpus: Path) -> None:
     decode_image(bad_corpus / "palette.png", GREY16)
 
 
+def test_permission_denied_is_a_record_even_where_root_could_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CI runs as root, who reads any file: the reader's handling is checked by making open() refuse."""
+    import vae_anomaly.images as images_mod
+
+    p = tmp_path / "locked.png"
+    Image.new("L", (4, 4)).save(p)
+
+    def refuse(path: object, *args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(images_mod.Image, "open", refuse)
+    batch = next(iter_batches([p], GREY16))
+    assert batch.errors[0].reason == "permission denied: make the file readable"
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
 def test_unreadable_permissions_are_a_record(tmp_path: Path) -> None:
     p = tmp_path / "locked.png"
