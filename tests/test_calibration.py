@@ -109,3 +109,15 @@ def test_too_few_calibration_images_warn_with_the_number_needed(fitted: Detector
 def test_unknown_tail_is_refused() -> None:
     with pytest.raises(ValueError, match="tail"):
         p_values(np.ones(3), np.ones(2), "lower")
+
+
+def test_missing_guard_calibration_is_a_clear_error(fitted: Detector) -> None:
+    import copy
+
+    from vae_anomaly.detector import CalibrationError
+
+    old = copy.copy(fitted)
+    old.calibration_ = {k: v for k, v in fitted.calibration_.items() if k not in ("elbo-ic", "kl")}
+    with pytest.raises(CalibrationError, match="--guard none"):
+        old.decide(old.score(disks(2, seed=1)))
+    assert old.decide(old.score(disks(2, seed=1), score="elbo", guard=None)).p_values.shape == (2,)

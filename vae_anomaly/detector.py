@@ -612,8 +612,12 @@ class Detector:
         at level q over the batch. Cross-fitted models give cross-conformal p-values.
         """
         cal = self.calibration_.get(result.score)
-        if cal is None or len(cal) == 0:
-            raise CalibrationError(f"the model holds no calibration scores for {result.score!r}")
+        for name in [result.score] + ([result.guard.score] if result.guard is not None else []):
+            if len(self.calibration_.get(name, [])) == 0:
+                raise CalibrationError(
+                    f"the model holds no calibration scores for {name!r} (written by an older vae-anomaly?): "
+                    f"re-fit it, or score with one of {', '.join(sorted(self.calibration_))} and --guard none"
+                )
         calibrated = self.default_samples(result.score)
         warnings: list[str] = []
         if result.samples != calibrated:
