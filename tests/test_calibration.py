@@ -121,3 +121,8 @@ def test_missing_guard_calibration_is_a_clear_error(fitted: Detector) -> None:
     with pytest.raises(CalibrationError, match="--guard none"):
         old.decide(old.score(disks(2, seed=1)))
     assert old.decide(old.score(disks(2, seed=1), score="elbo", guard=None)).p_values.shape == (2,)
+
+
+def test_samples_apply_to_the_score_and_the_guard_keeps_its_calibrated_count(fitted: Detector) -> None:
+    r = fitted.score(disks(3, seed=2), score="recon-prob", samples=4)
+    assert r.samples == 4 and r.guard is not None and r.guard.samples == fitted.default_samples("kl")

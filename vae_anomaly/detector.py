@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import platform
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -491,12 +491,12 @@ class Detector:
         the score itself, turns it off.
         """
         names = (score,) if guard in (None, score) else (score, guard)
-        out = self.score_many(data, scores=names, samples=samples, batch_size=batch_size, on_batch=on_batch)
+        # `samples` is for the score; the guard keeps the count it was calibrated with.
+        counts = {score: samples} if samples is not None else None
+        out = self.score_many(data, scores=names, samples=counts, batch_size=batch_size, on_batch=on_batch)
         result = out[score]
         if len(names) == 2:
             result.guard = out[names[1]]
-            if samples is not None:  # the guard keeps its calibrated sample count
-                result.guard = self.score_many(data, scores=(names[1],), batch_size=batch_size)[names[1]]
         return result
 
     def score_many(
@@ -504,7 +504,7 @@ class Detector:
         data: ImageInput,
         *,
         scores: Sequence[str] = SCORE_NAMES,
-        samples: int | None = None,
+        samples: int | Mapping[str, int] | None = None,
         batch_size: int = 256,
         on_batch: Callable[[int, int], None] | None = None,
     ) -> dict[str, ScoreResult]:
@@ -516,9 +516,8 @@ class Detector:
         for name in scores:
             if name not in SCORE_SPECS:
                 raise ValueError(f"unknown score {name!r}; choose one of {', '.join(SCORE_NAMES)}")
-        counts = {name: samples or self.default_samples(name) for name in scores}
-        if len(scores) > 1 and samples is not None:
-            counts = {name: samples if i == 0 else self.default_samples(name) for i, name in enumerate(scores)}
+        given = samples if isinstance(samples, Mapping) else dict.fromkeys(scores, samples)
+        counts = {name: given.get(name) or self.default_samples(name) for name in scores}
         noise = {name: self._noise(n) for name, n in counts.items()}
         batches, ignored = self._batches(data, batch_size)
         paths: list[str] = []
