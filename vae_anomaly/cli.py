@@ -576,9 +576,7 @@ def run_score(opts: ScoreOptions) -> Report:
         _need_matplotlib()
     try:
         detector = Detector.load(opts.model, device=opts.device)
-    except ModelFileError as exc:
-        raise UsageFailure(str(exc)) from None
-    except ValueError as exc:
+    except (ModelFileError, ValueError) as exc:
         raise UsageFailure(str(exc)) from None
     t0 = time.perf_counter()
     try:
@@ -592,11 +590,6 @@ def run_score(opts: ScoreOptions) -> Report:
     except InputPathError as exc:
         raise UsageFailure(str(exc)) from None
     seconds = time.perf_counter() - t0
-    if not result.paths and not result.errors:
-        raise UsageFailure(
-            f"no image files found in {', '.join(map(str, opts.inputs))} ({result.ignored} hidden or non-image "
-            "files ignored); supported: PNG, JPEG, BMP, GIF, TIFF, WebP"
-        )
     baseline_scores = None
     if opts.baseline is not None:
         try:

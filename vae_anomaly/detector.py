@@ -42,13 +42,13 @@ from .calibration import (
 from .images import (
     FileListing,
     ImageBatch,
-    InputPathError,
     Preprocessing,
     ReadError,
     find_images,
     infer_preprocessing,
     iter_batches,
     read_images,
+    require_images,
 )
 from .model import ConvVAE, VAEConfig
 from .scores import SCORE_NAMES, SCORE_SPECS, kl_to_standard_normal, latent_noise, pixel_nll_map, score_images
@@ -255,13 +255,7 @@ class Detector:
             ignored = 0
         else:
             listing = find_images(_as_paths(data))
-            if not listing.files:
-                raise InputPathError(
-                    "no image files found in the inputs "
-                    f"({listing.ignored} hidden or non-image files ignored); "
-                    "supported: PNG, JPEG, BMP, GIF, TIFF, WebP"
-                )
-            prep, _ = infer_preprocessing(listing.files, cfg.image_size)
+            prep, _ = infer_preprocessing(require_images(listing), cfg.image_size)
             batch = read_images(listing.files, prep)
             pixels, unreadable, ignored = batch.pixels, batch.errors, listing.ignored
             if unreadable:
@@ -469,7 +463,7 @@ class Detector:
             )
             return it, 0
         listing: FileListing = find_images(_as_paths(data))
-        return iter_batches(listing.files, prep, batch_size), listing.ignored
+        return iter_batches(require_images(listing), prep, batch_size), listing.ignored
 
     def score(
         self,

@@ -93,6 +93,16 @@ def find_images(paths: Sequence[str | os.PathLike[str]]) -> FileListing:
     return listing
 
 
+def require_images(listing: FileListing) -> list[Path]:
+    """The listing's files, or the usage error every command gives for inputs without images."""
+    if not listing.files:
+        raise InputPathError(
+            f"no image files found in the inputs ({listing.ignored} hidden or non-image files ignored); "
+            "supported: PNG, JPEG, BMP, GIF, TIFF, WebP"
+        )
+    return listing.files
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How files become model inputs; stored in the model file and replayed at score time."""

@@ -164,24 +164,26 @@ def train(
     epoch = first_epoch - 1
     for epoch in range(first_epoch, epochs + 1):
         order = torch.randperm(n, generator=gen)
-        loss_sum = kl_sum = 0.0
+        loss_sum = 0.0
+        kl_sum = torch.zeros((), device=device)
         count = 0
         out_of_time = interrupted = False
         for step in range(steps_per_epoch):
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
             x = _to_float(train_pixels[idx], device)
             loss, kl = elbo_loss(model, x)
-            if not torch.isfinite(loss):
+            value = float(loss.detach())  # the step's one device sync: the NaN check and the running mean
+            if not math.isfinite(value):
                 raise TrainingError(
-                    f"the loss became {float(loss)} at epoch {epoch}, step {step + 1}: the optimiser diverged "
+                    f"the loss became {value} at epoch {epoch}, step {step + 1}: the optimiser diverged "
                     "(a learning rate too high for this data, or images that are all one value). Try a smaller "
                     "--learning-rate (e.g. 3e-4), a different --seed, or --likelihood bernoulli."
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += float(loss.detach()) * len(idx)
-            kl_sum += float(kl.detach()) * len(idx)
+            loss_sum += value * len(idx)
+            kl_sum += kl.detach() * len(idx)  # stays on the device until the epoch ends
             count += len(idx)
             if config.time_budget is not None and time.perf_counter() - start >= config.time_budget:
                 out_of_time = True
@@ -197,7 +199,7 @@ def train(
             remaining = max(0.0, config.time_budget - elapsed)
         else:
             remaining = elapsed / epoch * (epochs - epoch)
-        stats = EpochStats(epoch, epochs, train_loss, kl_sum / count, val, seen / elapsed, elapsed, remaining)
+        stats = EpochStats(epoch, epochs, train_loss, float(kl_sum) / count, val, seen / elapsed, elapsed, remaining)
         history.append(asdict(stats))
         if val is None or val < best_val:
             best_val, best_epoch, stale = (val if val is not None else math.inf), epoch, 0
