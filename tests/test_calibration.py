@@ -126,3 +126,13 @@ def test_missing_guard_calibration_is_a_clear_error(fitted: Detector) -> None:
 def test_samples_apply_to_the_score_and_the_guard_keeps_its_calibrated_count(fitted: Detector) -> None:
     r = fitted.score(disks(3, seed=2), score="recon-prob", samples=4)
     assert r.samples == 4 and r.guard is not None and r.guard.samples == fitted.default_samples("kl")
+
+
+def test_fit_warns_when_the_default_decision_cannot_flag_at_one_percent() -> None:
+    from vae_anomaly import FitConfig
+
+    warnings: list[str] = []
+    Detector(FitConfig(epochs=1, latent_dim=4, folds=1, calibration_fraction=0.3, device="cpu")).fit(
+        disks(1000, seed=3), on_warning=warnings.append
+    )
+    assert any("300 calibration images" in w and "default decision" in w and "399" in w for w in warnings)

@@ -290,20 +290,22 @@ class Detector:
             fold_of[rng.permutation(n)] = np.arange(n) % folds
             plans = [(np.nonzero(fold_of != k)[0], np.nonzero(fold_of == k)[0]) for k in range(folds)]
         n_cal = sum(len(c) for _, c in plans)
-        for tail in ("upper", "two-sided"):
-            need = calibration_needed(0.01, tail)
-            if n_cal < need:
-                fix = (
-                    "Add normal images."
-                    if folds > 1
-                    else "Add normal images, raise --calibration-fraction, or cross-fit with --folds 5."
-                )
-                warn(
-                    f"only {n_cal} calibration images: "
-                    f"{'an' if tail == 'upper' else 'a'} {tail} test at --fpr 0.01 needs at least "
-                    f"{need}; with fewer, nothing can be flagged at that rate. {fix}"
-                )
-                break
+        # The same arithmetic as `decide`, for the default decision (two-sided, guarded) and
+        # for a plain one-sided test: warn about the strictest one these images cannot run.
+        checks = [("the default decision (two-sided, with the kl guard)", calibration_needed(0.01 / 2, "two-sided"))]
+        checks.append(("even a one-sided test", calibration_needed(0.01, "upper")))
+        failing = [(what, need) for what, need in checks if n_cal < need]
+        if failing:
+            what, need = failing[-1]
+            fix = (
+                "Add normal images."
+                if folds > 1
+                else "Add normal images, raise --calibration-fraction, or cross-fit with --folds 5."
+            )
+            warn(
+                f"only {n_cal} calibration images: {what} at --fpr 0.01 needs at least {need}; with fewer, "
+                f"nothing can be flagged at that rate. {fix}"
+            )
 
         device = resolve_device(cfg.device)
         vae_cfg = VAEConfig(prep.channels, prep.size, cfg.latent_dim, cfg.hidden_channels, cfg.likelihood)
