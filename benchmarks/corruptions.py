@@ -19,14 +19,9 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +31,7 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mnist import load_mnist
+from provenance import provenance, write_results
 
 from vae_anomaly import Detector, FitConfig
 from vae_anomaly.calibration import decision_statistic
@@ -124,17 +120,8 @@ def main() -> int:
         rows[name] = {"detected": float(flags.mean()), "roc_auc": float(roc_auc_score(y, -np.r_[clean_p, p]))}
     p_all = np.concatenate(all_p)
     y_all = np.r_[np.zeros(len(clean_p)), np.ones(len(p_all) - len(clean_p))]
-    commit = (
-        subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-        or "unknown"
-    )
     doc: dict[str, Any] = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "commit": commit,
-        "command": "python " + " ".join(sys.argv),
+        **provenance(),
         "train_size": args.train_size,
         "fit_seconds": fit_s,
         "epochs": det.metadata_["training"]["epochs_run"],
@@ -145,7 +132,8 @@ def main() -> int:
         "kinds": rows,
     }
     lines = [
-        f"Corruptions, {doc['date']}, {doc['machine']}, commit {commit}; normal: {args.train_size} MNIST training "
+        f"Corruptions, {doc['date']}, {doc['machine']}, commit {doc['commit']}; normal: {args.train_size} "
+        f"MNIST training "
         f"digits of every class, fit {fit_s:.0f} s ({doc['epochs']} epochs), default decision: {doc['rule']}",
         "",
         f"    {doc['command']}",
@@ -157,11 +145,7 @@ def main() -> int:
         f"False-positive rate on the 10,000 clean test digits: {doc['fpr_clean']:.2%}. "
         f"Overall ROC-AUC (clean vs every corrupted image): {doc['overall_roc_auc']:.4f}.",
     ]
-    md = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(doc, indent=2))
-    args.out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(args.out, doc, "\n".join(lines) + "\n")
     return 0
 
 

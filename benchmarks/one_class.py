@@ -18,13 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,7 @@ from sklearn.neighbors import NearestNeighbors
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mnist import load_mnist
+from provenance import provenance, write_results
 
 from vae_anomaly import Detector, FitConfig
 from vae_anomaly.calibration import decision_statistic
@@ -258,17 +257,8 @@ def main() -> int:
     for earlier in args.also:
         rows += json.loads(earlier.read_text())["rows"]
     seeds = sorted({r["seed"] for r in rows})
-    commit = (
-        subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-        or "unknown"
-    )
     doc = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {threads} x {args.jobs} jobs",
-        "commit": commit,
-        "command": "python " + " ".join(sys.argv),
+        **provenance(f"torch threads {threads} x {args.jobs} jobs"),
         "seeds": seeds,
         "time_budget": args.time_budget,
         "wall_seconds": time.perf_counter() - t0,
@@ -285,11 +275,7 @@ def main() -> int:
     }
     if args.via_files:
         doc["via_files_max_diff"] = float(max(abs(r["auc_via_files"] - r["auc_in_memory_default"]) for r in rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(doc, indent=2, default=str))
-    md = markdown(doc)
-    args.out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(args.out, doc, markdown(doc))
     return 0
 
 

@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +30,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mnist import load_mnist
+from provenance import provenance, write_results
 
 from vae_anomaly import Detector, FitConfig
 from vae_anomaly.images import Preprocessing, find_images, read_images
@@ -129,9 +127,7 @@ def main() -> int:
     grey = load_mnist(args.data, "train")[0][: args.n] if args.data else blobs(args.n, 28, 1, 0)
     sets = {"28x28 grey": grey, "64x64 colour": blobs(args.n, 64, 3, 1)}
     doc: dict[str, Any] = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
-        "command": "python " + " ".join(sys.argv),
+        **provenance(f"torch threads {torch.get_num_threads()}"),
         "sets": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,7 +135,7 @@ def main() -> int:
             doc["sets"][name] = measure(name.replace(" ", "_"), images, Path(tmp))
             print(name, json.dumps(doc["sets"][name]), file=sys.stderr, flush=True)
     doc["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    lines = [f"Throughput, {doc['date']}, {doc['machine']}", "", f"    {doc['command']}", ""]
+    lines = [f"Throughput, {doc['date']}, {doc['machine']}, commit {doc['commit']}", "", f"    {doc['command']}", ""]
     for name, r in doc["sets"].items():
         lines += [
             f"{name}, {r['images']} PNG files: decode {r['decode_img_s']:,.0f} images/s; training "
@@ -153,11 +149,7 @@ def main() -> int:
             "",
         ]
     lines.append(f"Peak RSS: {doc['peak_rss_mb']:,.0f} MB.")
-    md = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(doc, indent=2))
-    args.out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(args.out, doc, "\n".join(lines) + "\n")
     return 0
 
 
