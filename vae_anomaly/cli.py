@@ -64,6 +64,9 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
+FIT_DEFAULTS = FitConfig()  # the CLI shows and uses the library's defaults; one place to change them
+
+
 class UsageFailure(click.ClickException):
     """A user error: bad option, missing path, unreadable or incompatible model. Exit code 2."""
 
@@ -113,11 +116,11 @@ def main() -> None:
     help="Model file to write.",
 )
 @click.option("--image-size", type=click.IntRange(4, 1024), help="Square input side; default: from the data.")
-@click.option("--latent-dim", type=click.IntRange(1, 4096), default=16, show_default=True)
+@click.option("--latent-dim", type=click.IntRange(1, 4096), default=FIT_DEFAULTS.latent_dim, show_default=True)
 @click.option(
     "--likelihood",
     type=click.Choice(LIKELIHOODS),
-    default="gaussian",
+    default=FIT_DEFAULTS.likelihood,
     show_default=True,
     help="Decoder p(x|z). Gaussian has a learned scale; Bernoulli favours simple images.",
 )
@@ -128,30 +131,39 @@ def main() -> None:
     "Default: 50, or enough for 600 steps on small data sets.",
 )
 @click.option("--time-budget", type=click.FloatRange(0, min_open=True), help="Stop training after this many seconds.")
-@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=FIT_DEFAULTS.batch_size, show_default=True)
 @click.option(
-    "--learning-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=1e-3, show_default=True
+    "--learning-rate",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=FIT_DEFAULTS.learning_rate,
+    show_default=True,
 )
 @click.option(
     "--patience",
     type=click.IntRange(1),
-    default=5,
+    default=FIT_DEFAULTS.patience,
     show_default=True,
     help="Epochs without held-out improvement before stopping.",
 )
 @click.option(
     "--calibration-fraction",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    default=0.2,
+    default=FIT_DEFAULTS.calibration_fraction,
     show_default=True,
     help="Share of the normal images held out to calibrate p-values.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, data and options: same model on CPU.")
+@click.option(
+    "--seed",
+    type=int,
+    default=FIT_DEFAULTS.seed,
+    show_default=True,
+    help="Same seed, data and options: same model on CPU.",
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option(
     "--max-unreadable-fraction",
     type=click.FloatRange(0, 1),
-    default=0.1,
+    default=FIT_DEFAULTS.max_unreadable_fraction,
     show_default=True,
     help="Fail when more of the training files than this cannot be read.",
 )
