@@ -20,6 +20,12 @@ BACKGROUND = 40  # grey level of the empty parts of every generated image
 torch.set_num_threads(int(os.environ.get("VAE_ANOMALY_TEST_THREADS", min(2, torch.get_num_threads()))))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_pixel_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests never write into the user's ~/.cache: every run gets its own decoded-pixel cache."""
+    os.environ["VAE_ANOMALY_CACHE_DIR"] = str(tmp_path_factory.mktemp("pixel-cache"))
+
+
 def _grid() -> tuple[np.ndarray, np.ndarray]:
     return np.mgrid[0:SIZE, 0:SIZE].astype(np.float64)
 

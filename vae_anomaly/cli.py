@@ -7,13 +7,14 @@ are those of `report.Report.return_code`, plus 2 for usage and model errors.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from .detector import (
     FitInterrupted,
 )
 from .evaluation import Evaluation, LabelsError, evaluate_detector, labelled_folders, labels_csv
-from .images import DEFAULT_MAX_IMAGE_PIXELS, InputPathError, set_max_image_pixels
+from .images import DEFAULT_MAX_IMAGE_PIXELS, DecodeOptions, InputPathError, default_cache_dir, set_max_image_pixels
 from .model import LIKELIHOODS
 from .report import (
     FORMATS,
@@ -91,6 +92,41 @@ def max_pixels_option(fn: Any) -> Any:
         expose_value=False,
         help=f"Refuse images whose header declares more pixels (default {DEFAULT_MAX_IMAGE_PIXELS:,}).",
     )(fn)
+
+
+def decode_options(fn: Any) -> Any:
+    """Shared by every command that reads image files: worker processes and the pixel cache.
+
+    The three options reach the command as one `decode: DecodeOptions`.
+    """
+
+    @functools.wraps(fn)
+    def command(*args: Any, workers: int | None, no_cache: bool, cache_dir: Path | None, **kwargs: Any) -> Any:
+        decode = DecodeOptions(workers, not no_cache, None if cache_dir is None else str(cache_dir))
+        return fn(*args, decode=decode, **kwargs)
+
+    options = [
+        click.option(
+            "--workers",
+            type=click.IntRange(0),
+            help="Processes that decode images (0: in this process). Default: one per CPU left free, "
+            "for 1024 files or more.",
+        ),
+        click.option(
+            "--no-cache",
+            is_flag=True,
+            help="Neither read nor write the cache of decoded pixels (files are found again by path, size "
+            "and modification time).",
+        ),
+        click.option(
+            "--cache-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            help=f"Where decoded pixels are cached (default $VAE_ANOMALY_CACHE_DIR or {default_cache_dir()}).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -183,6 +219,7 @@ def main() -> None:
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @max_pixels_option
+@decode_options
 def fit(
     inputs: tuple[Path, ...],
     output: Path,
@@ -202,6 +239,7 @@ def fit(
     checkpoint_every: float,
     folds: int | None,
     quiet: bool,
+    decode: DecodeOptions,
 ) -> None:
     """Train on INPUTS (folders or files of normal images) and write a model file.
 
@@ -223,6 +261,7 @@ def fit(
             device=device,
             max_unreadable_fraction=max_unreadable_fraction,
             folds=folds,
+            decode=decode,
         )
     except ValueError as exc:
         raise UsageFailure(str(exc)) from None
@@ -399,6 +438,7 @@ class ScoreOptions:
     junit: Path | None = None
     baseline: Path | None = None
     guard: str = "kl"
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
 
 
 def _parse_threshold(ctx: click.Context, param: click.Parameter, value: str) -> str | float:
@@ -511,6 +551,7 @@ def _parse_threshold(ctx: click.Context, param: click.Parameter, value: str) -> 
     help="Most anomalous images shown, with pictures, in the HTML report.",
 )
 @max_pixels_option
+@decode_options
 def score(
     inputs: tuple[Path, ...],
     model: Path,
@@ -536,6 +577,7 @@ def score(
     plots: Path | None,
     html_path: Path | None,
     html_top: int,
+    decode: DecodeOptions,
 ) -> None:
     """Score INPUTS (folders or files) against a model; flag and gate."""
     if output is not None and fmt == "table":
@@ -578,6 +620,7 @@ def score(
         junit,
         baseline,
         guard,
+        decode,
     )
     report = run_score(opts)
     sys.exit(report.return_code)
@@ -587,7 +630,7 @@ def run_score(opts: ScoreOptions) -> Report:
     if opts.heatmaps or opts.plots or opts.html:
         _need_matplotlib()
     try:
-        detector = Detector.load(opts.model, device=opts.device)
+        detector = Detector.load(opts.model, device=opts.device, decode=opts.decode)
     except (ModelFileError, ValueError) as exc:
         raise UsageFailure(str(exc)) from None
     t0 = time.perf_counter()
@@ -598,6 +641,7 @@ def run_score(opts: ScoreOptions) -> Report:
             samples=opts.samples,
             batch_size=opts.batch_size,
             guard=None if opts.guard == "none" else opts.guard,
+            on_warning=_warn,
         )
     except InputPathError as exc:
         raise UsageFailure(str(exc)) from None
@@ -830,6 +874,7 @@ def _render_table(report: Report, top: int) -> None:
 @click.option("--skip-unreadable", is_flag=True, help="Unreadable inputs are listed but do not exit 3.")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@decode_options
 def evaluate(
     path: Path | None,
     model: Path,
@@ -842,6 +887,7 @@ def evaluate(
     skip_unreadable: bool,
     batch_size: int,
     device: str,
+    decode: DecodeOptions,
 ) -> None:
     """Measure detection quality on labelled images.
 
@@ -859,7 +905,7 @@ def evaluate(
     except (LabelsError, InputPathError) as exc:
         raise UsageFailure(str(exc)) from None
     try:
-        detector = Detector.load(model, device=device)
+        detector = Detector.load(model, device=device, decode=decode)
     except (ModelFileError, ValueError) as exc:
         raise UsageFailure(str(exc)) from None
     names = score_names or SCORE_NAMES

@@ -9,15 +9,13 @@ random numbers also make scores of different images directly comparable.
 
 from __future__ import annotations
 
-import io
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from PIL import Image
 
+from .images import png_bits
 from .model import ConvVAE
 
 LOG_2PI = math.log(2 * math.pi)
@@ -75,26 +73,54 @@ def _log_likelihoods(
     return torch.stack(lls), torch.stack(zs)
 
 
+@dataclass
+class _Terms:
+    """What every score is made of: the encoder's output and the decoder's likelihoods under `eps`."""
+
+    logvar: torch.Tensor  # (B, D)
+    kl: torch.Tensor  # (B,) closed form
+    ll: torch.Tensor | None  # (L, B) log p(x|z_l); None when no decoding was needed
+    z: torch.Tensor | None  # (L, B, D)
+    eps: torch.Tensor  # (L, D)
+
+
+def _terms(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor, decode: bool = True) -> _Terms:
+    mu, logvar = model.encode(x)
+    ll, z = _log_likelihoods(model, x, mu, logvar, eps) if decode else (None, None)
+    return _Terms(logvar, kl_to_standard_normal(mu, logvar), ll, z, eps)
+
+
+def _negative_elbo(t: _Terms) -> torch.Tensor:
+    assert t.ll is not None
+    return -t.ll.mean(0) + t.kl
+
+
 def negative_elbo(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """-ELBO(x) = -E_q[log p(x|z)] + KL(q(z|x) || N(0, I)), per image (B,).
 
     The SGVB estimator B of Kingma & Welling (2014, Eq. 7): the reconstruction
     term averaged over the L draws in `eps`, the KL term in closed form.
     """
-    mu, logvar = model.encode(x)
-    ll, _ = _log_likelihoods(model, x, mu, logvar, eps)
-    return -ll.mean(0) + kl_to_standard_normal(mu, logvar)
+    return _negative_elbo(_terms(model, x, eps))
+
+
+def _log_importance_weights(t: _Terms) -> torch.Tensor:
+    assert t.ll is not None and t.z is not None
+    log_prior = -0.5 * (t.z.pow(2) + LOG_2PI).sum(-1)
+    # z_k - mu = sigma * eps_k, so the Gaussian exponent is just eps_k^2.
+    e = t.eps.to(t.logvar.device).unsqueeze(1)  # (K, 1, D)
+    log_q = -0.5 * (e.pow(2) + t.logvar.unsqueeze(0) + LOG_2PI).sum(-1)
+    return t.ll + log_prior - log_q
 
 
 def log_importance_weights(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x), shape (K, B)."""
-    mu, logvar = model.encode(x)
-    ll, z = _log_likelihoods(model, x, mu, logvar, eps)
-    log_prior = -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
-    # z_k - mu = sigma * eps_k, so the Gaussian exponent is just eps_k^2.
-    e = eps.to(mu.device).unsqueeze(1)  # (K, 1, D)
-    log_q = -0.5 * (e.pow(2) + logvar.unsqueeze(0) + LOG_2PI).sum(-1)
-    return ll + log_prior - log_q
+    return _log_importance_weights(_terms(model, x, eps))
+
+
+def _iwae_bound(t: _Terms) -> torch.Tensor:
+    log_w = _log_importance_weights(t)
+    return -(torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0]))
 
 
 def iwae_bound(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -103,8 +129,12 @@ def iwae_bound(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tens
     An upper bound on -log p(x) that tightens as K grows; with K = 1 it is the
     one-sample ELBO with a Monte Carlo KL term (Kingma & Welling 2014, Eq. 6).
     """
-    log_w = log_importance_weights(model, x, eps)
-    return -(torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0]))
+    return _iwae_bound(_terms(model, x, eps))
+
+
+def _reconstruction_probability(t: _Terms) -> torch.Tensor:
+    assert t.ll is not None
+    return -(torch.logsumexp(t.ll, dim=0) - math.log(t.ll.shape[0]))
 
 
 def reconstruction_probability(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -114,27 +144,21 @@ def reconstruction_probability(model: ConvVAE, x: torch.Tensor, eps: torch.Tenso
     decoder likelihood over L encoder samples; we take -log of it, computed
     with logsumexp so that it never underflows.
     """
-    mu, logvar = model.encode(x)
-    ll, _ = _log_likelihoods(model, x, mu, logvar, eps)
-    return -(torch.logsumexp(ll, dim=0) - math.log(ll.shape[0]))
+    return _reconstruction_probability(_terms(model, x, eps))
 
 
-def png_bits(pixels: np.ndarray) -> np.ndarray:
-    """Lossless PNG length of each uint8 (C, H, W) image, in bits (deflate level 9).
-
-    The generic compressor of Serra et al. (2020): its code length L(x) is
-    an estimate of the image's complexity that knows nothing of the data set.
-    """
-    out = np.empty(len(pixels))
-    for i, img in enumerate(pixels):
-        arr = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
-        buf = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=9)
-        out[i] = 8 * buf.getbuffer().nbytes
-    return out
+def _complexity_corrected(model: ConvVAE, x: torch.Tensor, t: _Terms, bits: torch.Tensor | None) -> torch.Tensor:
+    nats = _negative_elbo(t)
+    if model.config.likelihood == "gaussian":
+        nats = nats + x[0].numel() * math.log(255.0)
+    if bits is None:
+        bits = torch.from_numpy(png_bits((x * 255.0).round().clamp(0, 255).byte().cpu().numpy()))
+    return nats / math.log(2.0) - bits.to(nats)
 
 
-def complexity_corrected_elbo(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+def complexity_corrected_elbo(
+    model: ConvVAE, x: torch.Tensor, eps: torch.Tensor, bits: torch.Tensor | None = None
+) -> torch.Tensor:
     """S(x) = -ELBO(x) in bits - L(x), L the PNG length in bits (Serra et al. 2020, Eq. 2).
 
     An upper bound on how many more bits the VAE needs for x than a generic
@@ -143,13 +167,10 @@ def complexity_corrected_elbo(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor
     look typical just for being simple, and busy ones are not flagged for
     being busy. A Gaussian density on [0, 1] becomes a code length for 8-bit
     pixels by adding log2(255) bits per pixel (the quantisation bin width).
+    `bits`, if given, is `png_bits` of x's pixels computed beforehand (by
+    the decoding workers), which takes compression off the scoring path.
     """
-    nats = negative_elbo(model, x, eps)
-    if model.config.likelihood == "gaussian":
-        nats = nats + x[0].numel() * math.log(255.0)
-    pixels = (x * 255.0).round().clamp(0, 255).byte().cpu().numpy()
-    bits = torch.from_numpy(png_bits(pixels)).to(nats)
-    return nats / math.log(2.0) - bits
+    return _complexity_corrected(model, x, _terms(model, x, eps), bits)
 
 
 def latent_kl(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -159,8 +180,7 @@ def latent_kl(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tenso
     normal images go, or is unusually certain about it. No sampling, so `eps`
     is unused.
     """
-    mu, logvar = model.encode(x)
-    return kl_to_standard_normal(mu, logvar)
+    return _terms(model, x, eps, decode=False).kl
 
 
 SCORE_FUNCTIONS: dict[str, Callable[[ConvVAE, torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -170,6 +190,43 @@ SCORE_FUNCTIONS: dict[str, Callable[[ConvVAE, torch.Tensor, torch.Tensor], torch
     "iwae": iwae_bound,
     "recon-prob": reconstruction_probability,
 }
+
+
+def score_batch(
+    model: ConvVAE, x: torch.Tensor, noise: Mapping[str, torch.Tensor], bits: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Several scores of one batch from one encoder pass; scores with equal draws share the decoder passes.
+
+    `noise` maps each score name to its draws. Each result equals the score's
+    own function above (tested): `elbo`, `elbo-ic` and the `kl` guard of the
+    default decision cost one encoder and one decoder pass together, not three
+    and two.
+    """
+    for name in noise:
+        if name not in SCORE_FUNCTIONS:
+            raise ValueError(f"unknown score {name!r}; choose one of {', '.join(SCORE_NAMES)}")
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        kl = kl_to_standard_normal(mu, logvar)
+        decoded: dict[tuple[tuple[int, ...], bytes], tuple[torch.Tensor, torch.Tensor]] = {}
+        out: dict[str, torch.Tensor] = {}
+        for name, eps in noise.items():
+            if name == "kl":
+                out[name] = kl
+                continue
+            key = (tuple(eps.shape), eps.cpu().numpy().tobytes())
+            if key not in decoded:
+                decoded[key] = _log_likelihoods(model, x, mu, logvar, eps)
+            t = _Terms(logvar, kl, *decoded[key], eps)
+            if name == "elbo":
+                out[name] = _negative_elbo(t)
+            elif name == "elbo-ic":
+                out[name] = _complexity_corrected(model, x, t, bits)
+            elif name == "iwae":
+                out[name] = _iwae_bound(t)
+            else:
+                out[name] = _reconstruction_probability(t)
+        return out
 
 
 def pixel_nll_map(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
