@@ -99,6 +99,13 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> Detector:
 
 
 @pytest.fixture(scope="session")
+def crossfit() -> Detector:
+    """150 normal images, 5 folds: five small models (40 epochs of 4 steps each, about 6 s in all)."""
+    det = Detector(FitConfig(epochs=40, batch_size=32, latent_dim=8, seed=0, device="cpu"))
+    return det.fit(disks(150, seed=20))
+
+
+@pytest.fixture(scope="session")
 def model_file(fitted: Detector, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("model") / "model.vae"
     fitted.save(path)

@@ -11,15 +11,8 @@ import pytest
 import torch
 
 from conftest import cli_run, crosses, disks, write_pngs
-from vae_anomaly import Detector, FitConfig, artifact
+from vae_anomaly import Detector, artifact
 from vae_anomaly.calibration import smallest_p_value
-
-
-@pytest.fixture(scope="session")
-def crossfit() -> Detector:
-    """150 normal images, 5 folds: five small models (40 epochs of 4 steps each, about 6 s in all)."""
-    det = Detector(FitConfig(epochs=40, batch_size=32, latent_dim=8, seed=0, device="cpu"))
-    return det.fit(disks(150, seed=20))
 
 
 def test_small_sets_cross_fit_by_default_and_every_image_calibrates(crossfit: Detector) -> None:

@@ -152,14 +152,28 @@ def auto_threshold(calibration: np.ndarray, alpha: float, tail: str = "two-sided
     return Threshold("auto", tail, alpha, low, high, alpha)
 
 
-def fdr_threshold(calibration: np.ndarray, p: np.ndarray, q: float, tail: str = "two-sided") -> Threshold:
-    """The Benjamini-Hochberg rule at level q over this batch's p-values, with its score bounds."""
+def fdr_threshold(
+    calibration: np.ndarray,
+    p: np.ndarray,
+    q: float,
+    tail: str = "two-sided",
+    *,
+    models: int = 1,
+    guard: str | None = None,
+) -> Threshold:
+    """The Benjamini-Hochberg rule at level q over this batch's p-values, with its score bounds.
+
+    Score bounds exist only for one test on one model: a guard statistic or
+    K cross-fitted models give flags that no single score bound reproduces.
+    `Detector.decide` and `vae-anomaly merge` (which re-runs BH over the union
+    of shards) both build the rule here, so the two cannot disagree.
+    """
     _, cutoff = benjamini_hochberg(p, q)
     low = high = None
-    if cutoff is not None:
+    if cutoff is not None and models == 1 and guard is None:
         bounds = auto_threshold(calibration, min(cutoff, 1 - 1e-12), tail)
         low, high = bounds.low, bounds.high
-    return Threshold("fdr", tail, q, low, high, cutoff)
+    return Threshold("fdr", tail, q, low, high, cutoff, models, guard)
 
 
 def score_threshold(value: float) -> Threshold:
@@ -321,6 +335,50 @@ def exceedance_test(count: int, m: int, n_calibration: int, alpha: float, tail: 
         f"{count} of {m} images at p <= {alpha:g}, {alpha * m:.3g} expected; beta-binomial "
         f"(calibration of {n_calibration}) p = {p:.3g}; plain binomial p = {naive:.3g}",
     )
+
+
+def shift_sample(scores: np.ndarray, model_scores: np.ndarray | None = None) -> np.ndarray:
+    """The batch's side of the shift test, on the calibration scores' scale.
+
+    A single model: the batch's scores. K cross-fitted models: calibration
+    score i comes from the model of its fold, so batch image j (j counts the
+    readable images in listing order) is taken from model j mod K; both
+    samples then mix the K models' out-of-sample scores in (nearly) equal
+    shares. `model_scores` is (K, N).
+    """
+    if model_scores is None or model_scores.shape[0] == 1:
+        return np.asarray(scores, dtype=np.float64)
+    k, m = model_scores.shape
+    return model_scores[np.arange(m) % k, np.arange(m)]
+
+
+def run_batch_tests(
+    scores: np.ndarray,
+    p: np.ndarray,
+    reference: np.ndarray,
+    *,
+    fpr: float = 0.01,
+    tail: str = "two-sided",
+    model_scores: np.ndarray | None = None,
+    baseline: np.ndarray | None = None,
+) -> dict[str, BatchTest]:
+    """Batch-level tests, each a one-sided p-value (small = the batch looks worse than normal).
+
+    shift:    Mann-Whitney U, batch scores (see `shift_sample`) above the calibration scores?
+    binomial: more images at p <= fpr than a normal batch gives?
+    drift:    Mann-Whitney U, batch scores above `baseline` (a previous batch's scores)?
+
+    Everything comes from arrays, so `vae-anomaly merge` re-runs the tests
+    over the union of shards exactly as `score` runs them over one batch.
+    """
+    count = int(np.sum(np.asarray(p) <= fpr + 1e-12))
+    tests = {
+        "shift": shift_test(shift_sample(scores, model_scores), reference, "shift"),
+        "binomial": exceedance_test(count, len(scores), len(reference), fpr, tail),
+    }
+    if baseline is not None:
+        tests["drift"] = shift_test(scores, np.asarray(baseline, dtype=np.float64), "drift")
+    return tests
 
 
 def guarantee(threshold: Threshold) -> str:

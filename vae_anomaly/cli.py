@@ -59,6 +59,15 @@ from .report import (
     verdict_lines,
 )
 from .scores import SCORE_NAMES
+from .shard import (
+    MergeError,
+    load_shard_report,
+    merge_reports,
+    parse_shard,
+    scoring_options,
+    select_shard,
+    shard_report,
+)
 from .train import EpochStats, TrainingError
 
 out = Console(soft_wrap=True)
@@ -438,6 +447,7 @@ class ScoreOptions:
     junit: Path | None = None
     baseline: Path | None = None
     guard: str = "kl"
+    shard: tuple[int, int] | None = None  # (I, N): score only the I-th of N parts of the listing
     decode: DecodeOptions = field(default_factory=DecodeOptions)
 
 
@@ -448,6 +458,42 @@ def _parse_threshold(ctx: click.Context, param: click.Parameter, value: str) -> 
         return float(value)
     except ValueError:
         raise click.BadParameter(f"expected 'auto' or a number, got {value!r}", ctx, param) from None
+
+
+def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        return parse_shard(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def _gate_from_options(
+    gate_specs: tuple[str, ...], max_anomalies: int | None, max_anomaly_rate: float | None, baseline: Path | None
+) -> list[GateRule]:
+    """--gate, --max-anomalies and --max-anomaly-rate as one list of rules (score and merge share them)."""
+    specs = list(gate_specs)
+    if max_anomalies is not None:
+        specs.append(f"max-count={max_anomalies}")
+    if max_anomaly_rate is not None:
+        specs.append(f"max-rate={max_anomaly_rate!r}")
+    try:
+        gate = parse_gate(specs)
+    except GateSpecError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--gate'") from None
+    if any(r.name == "drift-p" for r in gate) and baseline is None:
+        raise UsageFailure("gate rule drift-p compares with a previous batch: pass --baseline previous.json")
+    return gate
+
+
+def _output_format(output: Path | None, fmt: str) -> str:
+    """With --output and no --format, the format comes from the file's extension."""
+    if output is not None and fmt == "table":
+        fmt = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}.get(output.suffix.lower(), "")
+        if not fmt:
+            raise UsageFailure(f"--output {output}: say which format with --format json|jsonl|csv")
+    return fmt
 
 
 @main.command()
@@ -526,6 +572,13 @@ def _parse_threshold(ctx: click.Context, param: click.Parameter, value: str) -> 
     help="Also write JUnit XML here: one test case per image, flagged and unreadable ones fail.",
 )
 @click.option("--skip-unreadable", is_flag=True, help="Unreadable inputs are reported but do not exit 3.")
+@click.option(
+    "--shard",
+    metavar="I/N",
+    callback=_parse_shard,
+    help="Score only the I-th of N parts of the sorted listing (round robin) and write a JSON report "
+    "for `vae-anomaly merge`, which gates the whole batch.",
+)
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option(
@@ -570,6 +623,7 @@ def score(
     baseline: Path | None,
     junit: Path | None,
     skip_unreadable: bool,
+    shard: tuple[int, int] | None,
     batch_size: int,
     device: str,
     top: int,
@@ -579,24 +633,25 @@ def score(
     html_top: int,
     decode: DecodeOptions,
 ) -> None:
-    """Score INPUTS (folders or files) against a model; flag and gate."""
-    if output is not None and fmt == "table":
-        fmt = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}.get(output.suffix.lower(), "")
-        if not fmt:
-            raise UsageFailure(f"--output {output}: say which format with --format json|jsonl|csv")
-    specs = list(gate_specs)
-    if max_anomalies is not None:
-        specs.append(f"max-count={max_anomalies}")
-    if max_anomaly_rate is not None:
-        specs.append(f"max-rate={max_anomaly_rate!r}")
-    try:
-        gate = parse_gate(specs)
-    except GateSpecError as exc:
-        raise click.BadParameter(str(exc), param_hint="'--gate'") from None
-    if any(r.name == "drift-p" for r in gate) and baseline is None:
-        raise UsageFailure("gate rule drift-p compares with a previous batch: pass --baseline previous.json")
+    """Score INPUTS (folders or files) against a model; flag and gate.
+
+    With --shard I/N, score only one part of the listing and write a JSON report that
+    `vae-anomaly merge` joins with the other parts' (the gate is decided there, over all of them).
+    """
+    fmt = _output_format(output, fmt)
+    gate = _gate_from_options(gate_specs, max_anomalies, max_anomaly_rate, baseline)
     if fdr is not None and threshold != "auto":
         raise UsageFailure("--fdr chooses the flags itself; drop --threshold NUMBER, or drop --fdr")
+    if shard is not None and gate:
+        raise UsageFailure(
+            "--shard scores part of the batch, and the gate is decided over all of it: drop --gate, --max-anomalies "
+            "and --max-anomaly-rate here and pass them to `vae-anomaly merge shard-*.json --gate ...`"
+        )
+    if shard is not None and fmt != "json":
+        raise UsageFailure(
+            "--shard writes a JSON report for `vae-anomaly merge`: add --format json and "
+            f"--output shard-{shard[0]}.json"
+        )
     opts = ScoreOptions(
         inputs,
         model,
@@ -620,6 +675,7 @@ def score(
         junit,
         baseline,
         guard,
+        shard,
         decode,
     )
     report = run_score(opts)
@@ -635,8 +691,9 @@ def run_score(opts: ScoreOptions) -> Report:
         raise UsageFailure(str(exc)) from None
     t0 = time.perf_counter()
     try:
+        shard = None if opts.shard is None else select_shard(list(opts.inputs), *opts.shard)
         result = detector.score(
-            list(opts.inputs),
+            list(opts.inputs) if shard is None else shard.listing,
             score=opts.score,
             samples=opts.samples,
             batch_size=opts.batch_size,
@@ -682,29 +739,149 @@ def run_score(opts: ScoreOptions) -> Report:
         ),
         baseline=None if opts.baseline is None else str(opts.baseline),
     )
+    of_listing = ""
+    if shard is not None:
+        report = shard_report(
+            report,
+            shard,
+            options=scoring_options(
+                score=opts.score,
+                samples=result.samples,
+                tail=opts.tail,
+                threshold=opts.threshold,
+                fpr=opts.fpr,
+                fdr=opts.fdr,
+                guard=opts.guard,
+            ),
+            calibration=detector.calibration_[opts.score],
+            paths=result.paths,
+            model_scores=result.model_scores,
+            unlike=result.unlike,
+            decision_warnings=decision.warnings,
+        )
+        of_listing = f" (shard {shard.index}/{shard.count} of a listing of {shard.total})"
     for e in result.errors:
         err.print(f"[red]unreadable:[/] {escape(e.path)}: {escape(e.reason)}", highlight=False)
     n = len(result.paths) + len(result.errors)
     err.print(
-        f"scored {len(result.paths)} of {n} images in {seconds:.2f} s "
+        f"scored {len(result.paths)} of {n} images{of_listing} in {seconds:.2f} s "
         f"({len(result.paths) / max(seconds, 1e-9):,.0f} images/s)",
         highlight=False,
     )
-    if opts.format == "table":
-        _render_table(report, opts.top)
-    else:
-        text = WRITERS[opts.format](report)
-        if opts.output is not None:
-            opts.output.write_text(text, encoding="utf-8")
-            err.print(f"wrote {escape(str(opts.output))}")
-        else:
-            click.echo(text, nl=False)
+    _emit(report, opts.format, opts.output, opts.top)
     _write_visuals(detector, opts, report, decision.threshold)
-    if opts.junit is not None:
-        _write(opts.junit, to_junit(report), "JUnit XML")
-    if os.environ.get("GITHUB_ACTIONS"):
-        _github(report)
+    # A shard's flags and verdict are about part of the batch: the merge job annotates and summarises.
+    _emit_ci(report, opts.junit, github=shard is None)
     return report
+
+
+def _emit(report: Report, fmt: str, output: Path | None, top: int) -> None:
+    """The report on stdout (a table, or JSON / JSONL / CSV), or in --output."""
+    if fmt == "table":
+        _render_table(report, top)
+        return
+    text = WRITERS[fmt](report)
+    if output is not None:
+        try:
+            output.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise UsageFailure(f"cannot write the report to {output}: {exc.strerror or exc}") from None
+        err.print(f"wrote {escape(str(output))}")
+    else:
+        click.echo(text, nl=False)
+
+
+def _emit_ci(report: Report, junit: Path | None, github: bool = True) -> None:
+    """JUnit XML when asked; annotations and the job summary on GitHub Actions."""
+    if junit is not None:
+        _write(junit, to_junit(report), "JUnit XML")
+    if github and os.environ.get("GITHUB_ACTIONS"):
+        _github(report)
+
+
+# ----------------------------------------------------------------- merge
+@main.command()
+@click.argument("reports", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "-m",
+    "--model",
+    type=click.Path(path_type=Path),
+    help="Also check that the shards were scored by this model file (by fingerprint).",
+)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write results here instead of stdout (format from --format, or the file's extension).",
+)
+@click.option(
+    "--gate",
+    "gate_specs",
+    multiple=True,
+    metavar="RULE=LIMIT[,...]",
+    help="Gate rules over the whole batch, as for `score`: " + ", ".join(GATE_RULES) + ".",
+)
+@click.option("--max-anomalies", type=click.IntRange(0), help="Same as --gate max-count=N.")
+@click.option("--max-anomaly-rate", type=click.FloatRange(0, 1), help="Same as --gate max-rate=R.")
+@click.option(
+    "--baseline",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A previous accepted JSON report of this model: test the whole batch against it (gate rule drift-p).",
+)
+@click.option(
+    "--junit",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write JUnit XML here: one test case per image, flagged and unreadable ones fail.",
+)
+@click.option("--skip-unreadable", is_flag=True, help="Unreadable inputs are reported but do not exit 3.")
+@click.option(
+    "--top", type=click.IntRange(0), default=30, show_default=True, help="Rows in the terminal table (0: all)."
+)
+def merge(
+    reports: tuple[Path, ...],
+    model: Path | None,
+    fmt: str,
+    output: Path | None,
+    gate_specs: tuple[str, ...],
+    max_anomalies: int | None,
+    max_anomaly_rate: float | None,
+    baseline: Path | None,
+    junit: Path | None,
+    skip_unreadable: bool,
+    top: int,
+) -> None:
+    """Join the JSON reports of `score --shard I/N` (all N of them) into one, and gate it.
+
+    The result is the report one unsharded `score` run over the whole listing gives: the same
+    records in the same order, with --fdr flags, ranks, batch tests and the gate computed over
+    the union. Exit codes as for `score`: 0 pass, 1 gate failed, 2 usage, 3 unreadable inputs.
+    """
+    fmt = _output_format(output, fmt)
+    gate = _gate_from_options(gate_specs, max_anomalies, max_anomaly_rate, baseline)
+    fingerprint = None
+    if model is not None:
+        try:
+            fingerprint = Detector.load(model, device="cpu").fingerprint
+        except (ModelFileError, ValueError) as exc:
+            raise UsageFailure(str(exc)) from None
+    try:
+        shards = [load_shard_report(path) for path in reports]
+        report = merge_reports(
+            shards, gate=gate, skip_unreadable=skip_unreadable, baseline=baseline, model_fingerprint=fingerprint
+        )
+    except (MergeError, BaselineError) as exc:
+        raise UsageFailure(str(exc)) from None
+    for w in report.warnings:
+        _warn(w)
+    for r in report.records:
+        if r.error is not None:
+            err.print(f"[red]unreadable:[/] {escape(r.path)}: {escape(r.error)}", highlight=False)
+    s = report.summary
+    err.print(f"merged {len(shards)} shard reports: {s.scored} of {s.total} images scored", highlight=False)
+    _emit(report, fmt, output, top)
+    _emit_ci(report, junit)
+    sys.exit(report.return_code)
 
 
 def _need_matplotlib() -> None:

@@ -31,12 +31,12 @@ from .calibration import (
     auto_threshold,
     calibration_needed,
     cross_conformal_p_values,
-    exceedance_test,
     fdr_threshold,
     flag,
     p_values,
+    run_batch_tests,
     score_threshold,
-    shift_test,
+    shift_sample,
     smallest_p_value,
 )
 from .images import (
@@ -51,6 +51,7 @@ from .images import (
     iter_batches,
     read_images,
     require_images,
+    unlike_warnings,
 )
 from .model import ConvVAE, VAEConfig
 from .scores import SCORE_NAMES, SCORE_SPECS, kl_to_standard_normal, latent_noise, pixel_nll_map, score_batch
@@ -143,6 +144,9 @@ class ScoreResult:
     warnings: list[str] = field(default_factory=list)  # inputs unlike the training images
     # The guard statistic's scores of the same images (see Detector.score), or None.
     guard: ScoreResult | None = None
+    # Inputs unlike the training images, converted anyway: kind -> (count, first example path).
+    # `warnings` says the same in words; `vae-anomaly merge` adds up the shards' counts.
+    unlike: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -503,7 +507,7 @@ class Detector:
 
     def _batches(
         self,
-        data: ImageInput,
+        data: ImageInput | FileListing,
         batch_size: int,
         bits: bool = False,
         on_warning: Callable[[str], None] | None = None,
@@ -523,9 +527,15 @@ class Detector:
                 for chunk in [pixels[i : i + batch_size]]
             )
             return it, 0
-        listing: FileListing = find_images(_as_paths(data))
+        if isinstance(data, FileListing):
+            # Already listed by the caller, e.g. one shard of a listing (`score --shard`): scored as
+            # given, even when empty, since a small folder can leave a shard without files.
+            listing, files = data, data.files
+        else:
+            listing = find_images(_as_paths(data))
+            files = require_images(listing)
         batches = iter_batches(
-            require_images(listing),
+            files,
             prep,
             batch_size,
             options=self.decode,
@@ -538,7 +548,7 @@ class Detector:
 
     def score(
         self,
-        data: ImageInput,
+        data: ImageInput | FileListing,
         *,
         score: str = DEFAULT_SCORE,
         samples: int | None = None,
@@ -569,7 +579,7 @@ class Detector:
 
     def score_many(
         self,
-        data: ImageInput,
+        data: ImageInput | FileListing,
         *,
         scores: Sequence[str] = SCORE_NAMES,
         samples: int | Mapping[str, int] | None = None,
@@ -607,10 +617,7 @@ class Detector:
                 errors += batch.errors
                 if on_batch is not None:
                     on_batch(len(batch.paths), len(batch.errors))
-        warnings = [
-            f"{count} {kind} (e.g. {example}); scores of such images are less reliable"
-            for kind, (count, example) in unlike.items()
-        ]
+        warnings = unlike_warnings(unlike)
         out: dict[str, ScoreResult] = {}
         for name in scores:
             per_model = np.concatenate(parts[name], axis=1) if parts[name] else np.zeros((self.n_models, 0))
@@ -623,6 +630,7 @@ class Detector:
                 ignored,
                 model_scores=per_model if self.n_models > 1 else None,
                 warnings=list(warnings),
+                unlike=dict(unlike),
             )
         return out
 
@@ -708,9 +716,8 @@ class Detector:
                 # Score bounds of the main test at its Bonferroni share of the level.
                 rule = replace(auto_threshold(cal, fpr / tests, tail), alpha=fpr, p_cutoff=fpr)
             else:
-                rule = fdr_threshold(cal, p, fdr, tail)
-                if tests > 1:
-                    rule = replace(rule, low=None, high=None)
+                guard = None if result.guard is None else result.guard.score
+                rule = fdr_threshold(cal, p, fdr, tail, models=self.n_models, guard=guard)
             if self.n_models > 1:
                 rule = replace(rule, low=None, high=None, models=self.n_models)
             if result.guard is not None:
@@ -757,11 +764,8 @@ class Detector:
         fold, so batch image j is scored by model j mod K; both samples then
         mix the K models' out-of-sample scores in (nearly) equal shares.
         """
-        cal = self.calibration_[result.score]
-        if self.n_models == 1 or result.model_scores is None:
-            return result.scores, cal
-        m = result.model_scores.shape[1]
-        return result.model_scores[np.arange(m) % self.n_models, np.arange(m)], cal
+        model_scores = result.model_scores if self.n_models > 1 else None
+        return shift_sample(result.scores, model_scores), self.calibration_[result.score]
 
     def batch_tests(
         self,
@@ -778,15 +782,15 @@ class Detector:
         binomial: more images at p <= fpr than a normal batch gives?
         drift:    Mann-Whitney U, batch scores above `baseline` (a previous batch's scores)?
         """
-        batch, reference = self.shift_inputs(result)
-        count = int(np.sum(decision.p_values <= fpr + 1e-12))
-        tests = {
-            "shift": shift_test(batch, reference, "shift"),
-            "binomial": exceedance_test(count, len(result.scores), decision.n_calibration, fpr, tail),
-        }
-        if baseline is not None:
-            tests["drift"] = shift_test(result.scores, np.asarray(baseline, dtype=np.float64), "drift")
-        return tests
+        return run_batch_tests(
+            result.scores,
+            decision.p_values,
+            self.calibration_[result.score],
+            fpr=fpr,
+            tail=tail,
+            model_scores=result.model_scores if self.n_models > 1 else None,
+            baseline=baseline,
+        )
 
     def smallest_p_value(self, score: str, tail: str = "two-sided", guard: str | None = None) -> float:
         """The smallest p-value this model can give: 1/(n+1), 2/(n+1) two-sided, n calibration scores;

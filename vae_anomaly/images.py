@@ -698,6 +698,14 @@ def _usable(cache: PixelCache | None, on_warning: Callable[[str], None] | None) 
     return cache
 
 
+def unlike_warnings(unlike: dict[str, tuple[int, str]]) -> list[str]:
+    """One warning per kind of input unlike the training images: kind -> (count, first example)."""
+    return [
+        f"{count} {kind} (e.g. {example}); scores of such images are less reliable"
+        for kind, (count, example) in unlike.items()
+    ]
+
+
 def _unlike(source: dict[str, Any], prep: Preprocessing) -> list[str]:
     """How an input differs from what the model was trained on, beyond a plain resize."""
     kinds = []

@@ -10,6 +10,10 @@ Schema file `schemas/score-report.schema.json` shipped in this package:
 Records come most anomalous first (by the decision's own statistic), then
 the unreadable files. CI writers: JUnit XML (one test case per image), a
 GitHub step summary in Markdown, and GitHub `::warning` annotations.
+
+A shard's report (`score --shard I/N`) adds optional fields for `merge`: a
+top-level "shard" block and each record's "index" (and "model_scores"); see
+shard.py. Other reports do not carry them.
 """
 
 from __future__ import annotations
@@ -42,6 +46,21 @@ class ImageRecord:
     p_value: float | None
     flagged: bool | None
     error: str | None = None
+    # Shard reports only (`score --shard`), for `merge`; left out of the JSON when None:
+    index: int | None = None  # position in the whole sorted listing, 0-based
+    model_scores: tuple[float, ...] | None = None  # the score under each of K cross-fitted models
+
+
+OPTIONAL_RECORD_FIELDS = ("index", "model_scores")
+
+
+def record_dict(r: ImageRecord) -> dict[str, Any]:
+    """A record as JSON data; the shard-only fields appear only in shard reports."""
+    d = asdict(r)
+    for key in OPTIONAL_RECORD_FIELDS:
+        if d[key] is None:
+            del d[key]
+    return d
 
 
 # Gate rules: name -> (what is measured, how it fails). Counts and rates fail
@@ -144,6 +163,8 @@ class Report:
     records: list[ImageRecord]
     summary: Summary
     warnings: list[str] = field(default_factory=list)
+    # Shard reports only: what `merge` needs to rebuild the whole run (see shard.py); JSON data.
+    shard: dict[str, Any] | None = None
 
     @property
     def return_code(self) -> int:
@@ -256,14 +277,16 @@ def to_json(report: Report) -> str:
         "schema_version": SCHEMA_VERSION,
         "summary": report.summary.to_dict(),
         "warnings": report.warnings,
-        "records": [asdict(r) for r in report.records],
+        "records": [record_dict(r) for r in report.records],
     }
+    if report.shard is not None:
+        doc["shard"] = report.shard
     return json.dumps(_clean(doc), indent=2) + "\n"
 
 
 def to_jsonl(report: Report) -> str:
     """One image record a line (`"type": "image"`), then one `"type": "summary"` line."""
-    lines = [json.dumps(_clean({"type": "image", **asdict(r)})) for r in report.records]
+    lines = [json.dumps(_clean({"type": "image", **record_dict(r)})) for r in report.records]
     lines.append(
         json.dumps(
             _clean(
