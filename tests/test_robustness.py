@@ -328,7 +328,9 @@ def test_nan_loss_stops_with_the_step_and_what_to_try(monkeypatch: pytest.Monkey
     from vae_anomaly import train as train_mod
     from vae_anomaly.train import TrainingError
 
-    monkeypatch.setattr(train_mod, "elbo_loss", lambda model, x: (torch.tensor(float("nan")), torch.tensor(0.0)))
+    monkeypatch.setattr(
+        train_mod, "elbo_loss", lambda model, x, eps=None: (torch.tensor(float("nan")), torch.tensor(0.0))
+    )
     with pytest.raises(TrainingError, match=r"epoch 1, step 1.*--learning-rate"):
         Detector(FitConfig(epochs=1, **SMALL)).fit(disks(50, seed=1))
 

@@ -25,7 +25,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import __version__, html_report, visualize
+from . import __version__, distributed, html_report, visualize
 from .artifact import ModelFileError
 from .calibration import TAILS, Threshold, guarantee
 from .detector import (
@@ -254,6 +254,11 @@ def fit(
 
     Ctrl-C or SIGTERM stops after the current step and writes the best model so
     far (exit code 128 + signal number); a second Ctrl-C aborts without writing.
+
+    Under torchrun (`torchrun --nproc-per-node N -m vae_anomaly fit ...`) the N
+    processes train together with DistributedDataParallel (gloo on CPU, one
+    GPU each with NCCL), each on its slice of every batch; rank 0 alone shows
+    progress and writes the checkpoint and the model file.
     """
     try:
         config = FitConfig(
@@ -274,15 +279,35 @@ def fit(
         )
     except ValueError as exc:
         raise UsageFailure(str(exc)) from None
-    detector = Detector(config)
+    try:
+        world = distributed.init(device) if distributed.launched() else distributed.World()
+    except distributed.DistributedError as exc:
+        raise UsageFailure(str(exc)) from None
+    try:
+        _fit(Detector(config), inputs, output, resume, checkpoint_every, quiet, world)
+    finally:
+        distributed.destroy()
+
+
+def _fit(
+    detector: Detector,
+    inputs: tuple[Path, ...],
+    output: Path,
+    resume: bool,
+    checkpoint_every: float,
+    quiet: bool,
+    world: distributed.World,
+) -> None:
+    """`fit` after its options are checked: train, save on rank 0, report on rank 0."""
+    main_rank = world.is_main
     checkpoint = output.with_name(output.name + ".ckpt")
     t0 = time.perf_counter()
-    with _StopOnSignal() as stop, _FitProgress(quiet) as progress:
+    with _StopOnSignal(announce=main_rank) as stop, _FitProgress(quiet or not main_rank) as progress:
         try:
             detector.fit(
                 list(inputs),
                 on_epoch=progress.update,
-                on_warning=_warn,
+                on_warning=_warn if main_rank else None,
                 should_stop=stop.requested,
                 checkpoint=checkpoint,
                 resume=resume,
@@ -290,18 +315,25 @@ def fit(
                 on_model=progress.new_model,
             )
             seconds = time.perf_counter() - t0
-            checksum = detector.save(output)
+            checksum = detector.save(output) if main_rank else ""
         except (InputPathError, FitError, ValueError, ModelFileError) as exc:
             raise UsageFailure(str(exc)) from None
         except TrainingError as exc:
             raise click.ClickException(str(exc)) from None
         except FitInterrupted as exc:
-            err.print(f"[yellow]interrupted[/]: {escape(str(exc))}")
+            if main_rank:
+                err.print(f"[yellow]interrupted[/]: {escape(str(exc))}")
             sys.exit(128 + (stop.signum or signal.SIGINT))
         except KeyboardInterrupt:
             err.print("[red]aborted[/]: no model file written; `fit --resume` continues from the last checkpoint")
             sys.exit(130)
+    # The others wait for rank 0's file, so that every process of the job ends after it is written.
+    world.barrier()
     tr = detector.metadata_["training"]
+    if not main_rank:
+        if stop.signum is not None:
+            sys.exit(128 + stop.signum)
+        return
     if stop.signum is not None:
         err.print(
             f"[yellow]interrupted[/] at epoch {tr['epochs_run']}: wrote the best model so far to "
@@ -322,6 +354,8 @@ def fit(
             f"{tr['train_images']} training, {tr['validation_images']} validation, {tr['calibration_images']} "
             f"calibration images; {tr['epochs_run']} epochs ({tr['stopped']}, best epoch {tr['best_epoch']})"
         )
+    if world.size > 1:
+        how += f"; trained by {world.size} processes"
     smallest = detector.smallest_p_value(DEFAULT_SCORE, "upper")
     err.print(
         f"[green]wrote[/] {escape(str(output))}: {how}; smallest reachable p-value {smallest:.4g} "
@@ -331,10 +365,15 @@ def fit(
 
 
 class _StopOnSignal:
-    """First Ctrl-C or SIGTERM: ask training to stop after this step. Second: abort at once."""
+    """First Ctrl-C or SIGTERM: ask training to stop after this step. Second: abort at once.
 
-    def __init__(self) -> None:
+    torchrun passes a Ctrl-C on to every process once; `announce` is False on
+    all but rank 0, so that the message is printed once.
+    """
+
+    def __init__(self, announce: bool = True) -> None:
         self.signum: int | None = None
+        self.announce = announce
         self._old: dict[int, Any] = {}
 
     def requested(self) -> bool:
@@ -344,10 +383,11 @@ class _StopOnSignal:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        err.print(
-            f"\n[yellow]{signal.Signals(signum).name}[/]: stopping after this step and writing the best model so "
-            "far (Ctrl-C again aborts without writing)"
-        )
+        if self.announce:
+            err.print(
+                f"\n[yellow]{signal.Signals(signum).name}[/]: stopping after this step and writing the best model so "
+                "far (Ctrl-C again aborts without writing)"
+            )
 
     def __enter__(self) -> _StopOnSignal:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1208,7 +1248,8 @@ def info(model: Path, fmt: str) -> None:
         (
             "training",
             f"{tr['epochs_run']} epochs ({tr['stopped']}), best epoch {tr['best_epoch']}, "
-            f"{tr['seconds']:.1f} s, seed {tr['seed']}, {tr['device']}",
+            f"{tr['seconds']:.1f} s, seed {tr['seed']}, {tr['device']}"
+            + (f", {tr['processes']} processes" if tr.get("processes", 1) > 1 else ""),
         ),
         (
             "final losses",

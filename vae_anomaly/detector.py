@@ -39,6 +39,7 @@ from .calibration import (
     shift_sample,
     smallest_p_value,
 )
+from .distributed import World, current
 from .images import (
     DecodeOptions,
     FileListing,
@@ -214,6 +215,35 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _training_device(device: str, world: World) -> torch.device:
+    """The fit option's device; in a process group, the group's: one GPU per process under NCCL."""
+    if world.size == 1:
+        return resolve_device(device)
+    if world.device.type == "cuda":
+        if device == "cpu":
+            raise ValueError("device cpu was asked for, but the process group uses NCCL (GPUs); use gloo for CPU")
+        return world.device
+    if device.startswith("cuda"):
+        raise ValueError("device cuda was asked for, but the process group uses gloo (CPU); start it with NCCL")
+    return torch.device("cpu")
+
+
+def _load_checkpoint(path: str | os.PathLike[str], identity: str, world: World) -> dict[str, Any]:
+    """Rank 0 reads the checkpoint (only it writes them) and hands it on: other machines may not have the file."""
+    if world.size == 1:
+        return artifact.load_checkpoint(path, identity)
+    state, error = None, None
+    if world.is_main:
+        try:
+            state = artifact.load_checkpoint(path, identity)
+        except artifact.ModelFileError as exc:
+            error = str(exc)
+    state, error = world.broadcast_object((state, error))
+    if error is not None:
+        raise artifact.ModelFileError(error)
+    return state
+
+
 def _as_uint8_images(arr: np.ndarray) -> np.ndarray:
     """Accept (N, H, W) grey or (N, C, H, W) with C in {1, 3}; uint8 only."""
     a = np.asarray(arr)
@@ -280,8 +310,16 @@ class Detector:
         that was never interrupted. `should_stop` (asked after every step)
         ends training early: a single model keeps its best state so far; an
         unfinished cross-fit raises `FitInterrupted` (its checkpoint remains).
+
+        In a process group (torchrun; see `distributed.py`) every process calls
+        `fit` with the same data and options: each model is trained with
+        DistributedDataParallel, each process on its slice of every batch;
+        rank 0 alone writes and reads checkpoints; the calibration images are
+        shared out and their scores summed, so every process ends with the
+        same fitted detector, and the caller saves it on rank 0 only.
         """
         cfg = self.config
+        world = current()
         warn = on_warning or (lambda _msg: None)
         unreadable: list[ReadError] = []
         if isinstance(data, np.ndarray):
@@ -344,13 +382,13 @@ class Detector:
                 f"nothing can be flagged at that rate. {fix}"
             )
 
-        device = resolve_device(cfg.device)
+        device = _training_device(cfg.device, world)
         vae_cfg = VAEConfig(prep.channels, prep.size, cfg.latent_dim, cfg.hidden_channels, cfg.likelihood)
         t = torch.from_numpy(np.require(pixels, requirements=["W"]))
         data_fp = _fingerprint(pixels)
         settings = {k: v for k, v in asdict(cfg).items() if k not in ("device", "decode")}
         identity = hashlib.sha256(json.dumps([data_fp, settings], sort_keys=True).encode()).hexdigest()
-        saved = artifact.load_checkpoint(checkpoint, identity) if resume and checkpoint is not None else None
+        saved = _load_checkpoint(checkpoint, identity, world) if resume and checkpoint is not None else None
         done: list[dict[str, Any]] = list(saved["done"]) if saved else []
         models: list[ConvVAE] = []
         results: list[TrainResult] = []
@@ -391,9 +429,10 @@ class Detector:
                 tcfg,
                 on_epoch,
                 should_stop=should_stop,
-                on_checkpoint=save_state if checkpoint is not None else None,
+                on_checkpoint=save_state if checkpoint is not None and world.is_main else None,
                 checkpoint_every=checkpoint_every,
                 resume=saved["train"] if saved and saved["fold"] == k and k == len(done) else None,
+                world=world,
             )
             results.append(result)
             models.append(model)
@@ -432,6 +471,7 @@ class Detector:
                 "data_fingerprint": data_fp,
                 "seed": cfg.seed,
                 "device": str(device),
+                "processes": world.size,
                 "folds": folds,
                 "cross_fit": folds > 1,
                 "fit_config": {k: v for k, v in settings.items() if k != "samples"},
@@ -447,14 +487,42 @@ class Detector:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         self.calibration_folds_ = np.concatenate([np.full(len(c), k, np.int64) for k, (_, c) in enumerate(plans)])
-        noise = {name: self._noise(cfg.samples[name]) for name in SCORE_NAMES}
-        parts = [
-            self._score_array(pixels[c], noise, models[k], None if bits is None else bits[c])
-            for k, (_, c) in enumerate(plans)
-        ]
-        self.calibration_ = {name: np.concatenate([part[name] for part in parts]) for name in SCORE_NAMES}
+        self.calibration_ = self._calibrate(pixels, [c for _, c in plans], cfg.samples, world, bits)
         self.checksum_ = None
         return self
+
+    def _calibrate(
+        self,
+        pixels: np.ndarray,
+        folds: list[np.ndarray],
+        samples: Mapping[str, int],
+        world: World,
+        bits: np.ndarray | None = None,
+        batch_size: int = 512,
+    ) -> dict[str, np.ndarray]:
+        """Every score type of every calibration image, by the model that did not train on it.
+
+        All score types of a batch come from one encoder pass (`score_batch`).
+        Several processes take every W-th batch, leave zeros elsewhere, and sum:
+        exact (x + 0 = x), and each batch is the one a single process scores.
+        """
+        offsets = np.cumsum([0] + [len(c) for c in folds])
+        out = {name: np.zeros(offsets[-1]) for name in SCORE_NAMES}
+        noise = {name: self._noise(samples[name]) for name in SCORE_NAMES}
+        task = 0
+        for k, idx in enumerate(folds):
+            for i in range(0, len(idx), batch_size):
+                if task % world.size == world.rank:
+                    rows = idx[i : i + batch_size]
+                    x = self._to_device(pixels[rows])
+                    scores = self._score_pixels(x, noise, self.models_[k], None if bits is None else bits[rows])
+                    for name in SCORE_NAMES:
+                        out[name][offsets[k] + i : offsets[k] + i + len(rows)] = scores[name]
+                task += 1
+        if world.size > 1:
+            summed = world.all_reduce_sum(torch.from_numpy(np.concatenate([out[n] for n in SCORE_NAMES]))).numpy()
+            out = dict(zip(SCORE_NAMES, np.split(summed, len(SCORE_NAMES)), strict=True))
+        return out
 
     # ---------------------------------------------------------------- score
     def _check_fitted(self) -> tuple[ConvVAE, Preprocessing]:
@@ -485,25 +553,6 @@ class Detector:
     ) -> dict[str, np.ndarray]:
         b = None if bits is None else torch.from_numpy(np.asarray(bits, dtype=np.float64))
         return {k: v.double().cpu().numpy() for k, v in score_batch(model, x, noise, b).items()}
-
-    def _score_array(
-        self,
-        pixels: np.ndarray,
-        noise: Mapping[str, torch.Tensor],
-        model: ConvVAE,
-        bits: np.ndarray | None = None,
-        batch_size: int = 512,
-    ) -> dict[str, np.ndarray]:
-        parts = [
-            self._score_pixels(
-                self._to_device(pixels[i : i + batch_size]),
-                noise,
-                model,
-                None if bits is None else bits[i : i + batch_size],
-            )
-            for i in range(0, len(pixels), batch_size)
-        ]
-        return {name: np.concatenate([p[name] for p in parts]) if parts else np.zeros(0) for name in noise}
 
     def _batches(
         self,

@@ -126,6 +126,10 @@ class ConvVAE(nn.Module):
         # One learned log standard deviation per channel (the "sigma-VAE" of
         # Rybkin et al. 2021): a per-pixel scale overfits the empty border.
         self.log_scale = nn.Parameter(torch.full((config.in_channels,), math.log(0.2)))
+        # A Bernoulli decoder has no scale. Freezing the unused parameter changes nothing in one
+        # process (Adam skips a parameter without a gradient) and lets DistributedDataParallel,
+        # which waits for a gradient of every trainable parameter, train a Bernoulli model.
+        self.log_scale.requires_grad_(config.likelihood == "gaussian")
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, C, H, W) in [0, 1] -> mu, logvar, each (B, D)."""
@@ -153,10 +157,16 @@ class ConvVAE(nn.Module):
         out = self.decoder(h)
         return out.view(*lead, *out.shape[1:])
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One-sample pass: (decoder output, mu, logvar), in training and eval alike."""
+    def forward(
+        self, x: torch.Tensor, eps: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One-sample pass: (decoder output, mu, logvar), in training and eval alike.
+
+        `eps` (B, D), when given, is the draw of `reparameterize`: training
+        passes it so that several processes can share one batch's draws.
+        """
         mu, logvar = self.encode(x)
-        z = self.reparameterize(mu, logvar)
+        z = self.reparameterize(mu, logvar, eps)
         return self.decode(z), mu, logvar
 
     def mean_image(self, out: torch.Tensor) -> torch.Tensor:

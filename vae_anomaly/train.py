@@ -1,5 +1,15 @@
 """The training loop. It knows the model only through `forward` and
-`pixel_log_likelihood`, and reports progress through a callback."""
+`pixel_log_likelihood`, and reports progress through a callback.
+
+Given a `World` of several processes (torchrun), it trains with
+DistributedDataParallel and the same arithmetic as one process: every
+process shuffles with the same seeded generator, draws the reparameterisation
+noise of the whole batch, and trains on its contiguous slice of the batch;
+the losses are weighted so that DDP's averaged gradient is the gradient of
+the whole batch's mean. One small all-reduce per step (loss, KL, stop votes)
+keeps the NaN check, the time budget and Ctrl-C in lock-step, and the
+held-out loss is summed over the processes, so early stopping agrees too.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +21,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from .distributed import World
 from .model import ConvVAE
 from .scores import kl_to_standard_normal, latent_noise, negative_elbo
 
@@ -80,15 +93,64 @@ class TrainResult:
         return asdict(self)
 
 
-def elbo_loss(model: ConvVAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean -ELBO over the batch with one reparameterised sample (Kingma & Welling 2014, Eq. 10).
-
-    Returns (loss, mean KL) so progress can show how much the latent code costs.
-    """
-    out, mu, logvar = model(x)
+def elbo_terms(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-ELBO and its KL term per image (B,), one reparameterised sample (Kingma & Welling 2014, Eq. 10)."""
+    out, mu, logvar = model(x, eps)
     nll = -model.pixel_log_likelihood(x, out).flatten(1).sum(-1)
     kl = kl_to_standard_normal(mu, logvar)
-    return (nll + kl).mean(), kl.mean()
+    return nll + kl, kl
+
+
+def elbo_loss(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean -ELBO over the batch, and the mean KL so progress can show how much the latent code costs."""
+    neg_elbo, kl = elbo_terms(model, x, eps)
+    return neg_elbo.mean(), kl.mean()
+
+
+class _Objective(nn.Module):
+    """The per-image loss as one module call. DDP reduces the gradients of what its module's
+    forward computes; the decoder scale enters the loss outside `ConvVAE.forward`."""
+
+    def __init__(self, model: ConvVAE) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return elbo_terms(self.model, x, eps)
+
+
+def _wrap(model: ConvVAE, device: torch.device) -> DistributedDataParallel:
+    """DDP around the objective: one process per GPU (device_ids), or CPU tensors with gloo."""
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    return DistributedDataParallel(_Objective(model), device_ids=ids)
+
+
+def _shard_step(
+    net: DistributedDataParallel,
+    pixels: torch.Tensor,
+    idx: torch.Tensor,
+    eps: torch.Tensor,
+    device: torch.device,
+    world: World,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's part of one step: (loss to backpropagate, its [loss, KL sum] share).
+
+    With B images in the batch, b on this process and W processes, the loss is
+    the slice's mean times b * W / B: DDP averages gradients over W, which
+    then gives the gradient of the mean over all B images, also when the last
+    batch does not split evenly (the factor is exactly 1 when it does). A
+    process whose slice is empty (a last batch smaller than W) still runs one
+    image at weight 0, because DDP needs every process's gradients.
+    """
+    lo, hi = world.shard(len(idx))
+    weight = (hi - lo) * world.size / len(idx)
+    if hi == lo:
+        lo, hi = 0, 1
+    neg_elbo, kl = net(_to_float(pixels[idx[lo:hi]], device), eps[lo:hi])
+    loss = neg_elbo.mean() * weight
+    # Summed over the processes: the batch's mean loss times W, and the batch's KL sum.
+    share = torch.stack([loss.detach(), kl.detach().sum() * (weight > 0)])
+    return loss, share
 
 
 def _to_float(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -96,14 +158,24 @@ def _to_float(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def held_out_loss(model: ConvVAE, pixels: torch.Tensor, device: torch.device, batch_size: int = 512) -> float:
-    """Mean -ELBO on held-out images with fixed draws, so epochs compare fairly."""
+def held_out_loss(
+    model: ConvVAE, pixels: torch.Tensor, device: torch.device, batch_size: int = 512, world: World | None = None
+) -> float:
+    """Mean -ELBO on held-out images with fixed draws, so epochs compare fairly.
+
+    Several processes take every W-th batch and sum: each gets the same value
+    (early stopping must decide alike everywhere), from the same batches as one process.
+    """
+    world = world or World()
     was_training = model.training
     model.eval()
     eps = latent_noise(model.config.latent_dim, 1, seed=12345)
     total = 0.0
-    for i in range(0, len(pixels), batch_size):
-        total += float(negative_elbo(model, _to_float(pixels[i : i + batch_size], device), eps).sum())
+    for j, i in enumerate(range(0, len(pixels), batch_size)):
+        if j % world.size == world.rank:
+            total += float(negative_elbo(model, _to_float(pixels[i : i + batch_size], device), eps).sum())
+    if world.size > 1:
+        total = float(world.all_reduce_sum(torch.tensor(total, dtype=torch.float64)))
     model.train(was_training)
     return total / max(len(pixels), 1)
 
@@ -119,6 +191,7 @@ def train(
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
     checkpoint_every: float = 30.0,
     resume: dict[str, Any] | None = None,
+    world: World | None = None,
 ) -> TrainResult:
     """Adam on -ELBO, batches sliced from one uint8 tensor; keeps the best held-out state.
 
@@ -131,7 +204,12 @@ def train(
     and plain values from which `resume` continues exactly where it was:
     same weights, optimiser moments and random streams, so a resumed run
     ends identical to an uninterrupted one.
+
+    With a `world` of several processes (see the module's docstring), every
+    process passes the same images and config; `on_checkpoint` should then
+    be given on rank 0 only, whose state is every process's state.
     """
+    world = world or World()
     device = torch.device(config.device)
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
@@ -156,6 +234,7 @@ def train(
         history = list(resume["history"])
         first_epoch, before = resume["epoch"] + 1, resume["elapsed"]
         train_loss = history[-1]["train_loss"] if history else math.nan
+    net = _wrap(model, device) if world.size > 1 else None
     start = time.perf_counter() - before
     last_checkpoint = time.perf_counter()
     snapshot: dict[str, Any] | None = None
@@ -170,9 +249,25 @@ def train(
         out_of_time = interrupted = False
         for step in range(steps_per_epoch):
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            x = _to_float(train_pixels[idx], device)
-            loss, kl = elbo_loss(model, x)
-            value = float(loss.detach())  # the step's one device sync: the NaN check and the running mean
+            # The whole batch's draws, from the CPU generator (which checkpoints hold), on every
+            # process alike: each trains on its slice, so W processes use the numbers one would.
+            eps = torch.randn(len(idx), model.config.latent_dim).to(device)
+            if net is None:
+                loss, kl = elbo_loss(model, _to_float(train_pixels[idx], device), eps)
+                value = float(loss.detach())  # the step's one device sync: the NaN check and the running mean
+                kl_batch = kl.detach() * len(idx)
+            else:
+                loss, share = _shard_step(net, train_pixels, idx, eps, device, world)
+                # Ask before the gradients are reduced whether any process must stop (time budget,
+                # Ctrl-C): all then stop after this same step. One all-reduce, one device sync.
+                votes = [
+                    config.time_budget is not None and time.perf_counter() - start >= config.time_budget,
+                    should_stop is not None and should_stop(),
+                ]
+                local = torch.cat([share.double(), torch.tensor(votes, dtype=torch.float64, device=device)])
+                loss_total, kl_batch, late, stop = world.all_reduce_sum(local).tolist()
+                value = loss_total / world.size
+                out_of_time, interrupted = late > 0, stop > 0
             if not math.isfinite(value):
                 raise TrainingError(
                     f"the loss became {value} at epoch {epoch}, step {step + 1}: the optimiser diverged "
@@ -183,8 +278,13 @@ def train(
             loss.backward()
             opt.step()
             loss_sum += value * len(idx)
-            kl_sum += kl.detach() * len(idx)  # stays on the device until the epoch ends
+            kl_sum += kl_batch  # stays on the device until the epoch ends
             count += len(idx)
+            if net is not None:
+                if out_of_time or interrupted:
+                    interrupted = interrupted and not out_of_time
+                    break
+                continue
             if config.time_budget is not None and time.perf_counter() - start >= config.time_budget:
                 out_of_time = True
                 break
@@ -193,7 +293,9 @@ def train(
                 break
         seen += count
         train_loss = loss_sum / count
-        val = held_out_loss(model, val_pixels, device) if val_pixels is not None and len(val_pixels) else None
+        val = None
+        if val_pixels is not None and len(val_pixels):
+            val = held_out_loss(model, val_pixels, device, world=world)
         elapsed = time.perf_counter() - start
         if config.time_budget is not None:
             remaining = max(0.0, config.time_budget - elapsed)
