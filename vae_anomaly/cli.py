@@ -204,6 +204,14 @@ def main() -> None:
     show_default=True,
     help="Same seed, data and options: same model on CPU.",
 )
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default=FIT_DEFAULTS.precision,
+    show_default=True,
+    help="Training arithmetic. auto: bf16 autocast on a GPU that supports it, float32 on the CPU. "
+    "Scores are always float32.",
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option(
     "--max-unreadable-fraction",
@@ -242,6 +250,7 @@ def fit(
     patience: int,
     calibration_fraction: float,
     seed: int,
+    precision: str,
     device: str,
     max_unreadable_fraction: float,
     resume: bool,
@@ -273,6 +282,7 @@ def fit(
             calibration_fraction=calibration_fraction,
             seed=seed,
             device=device,
+            precision=precision,
             max_unreadable_fraction=max_unreadable_fraction,
             folds=folds,
             decode=decode,

@@ -56,7 +56,7 @@ from .images import (
 )
 from .model import ConvVAE, VAEConfig
 from .scores import SCORE_NAMES, SCORE_SPECS, kl_to_standard_normal, latent_noise, pixel_nll_map, score_batch
-from .train import EpochStats, TrainConfig, TrainResult, train
+from .train import PRECISIONS, EpochStats, TrainConfig, TrainResult, train
 
 MIN_TRAINING_IMAGES = 10
 MIN_VALIDATION_IMAGES = 20  # below this, early stopping would chase noise
@@ -104,6 +104,9 @@ class FitConfig:
     validation_fraction: float = 0.1  # of the rest, for early stopping only
     seed: int = 0
     device: str = "auto"
+    # Training arithmetic: "auto" is bf16 autocast on a GPU that supports it, float32 elsewhere
+    # (bf16 on a CPU is slower than float32). Scoring is always float32.
+    precision: str = "auto"
     samples: dict[str, int] = field(default_factory=lambda: {k: s.default_samples for k, s in SCORE_SPECS.items()})
     max_unreadable_fraction: float = 0.1
     # Cross-fitting: K models, each trained on K-1 folds and scoring the fold it
@@ -124,6 +127,8 @@ class FitConfig:
             raise ValueError(f"max_unreadable_fraction must be in [0, 1], got {self.max_unreadable_fraction}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.precision not in ("auto", *PRECISIONS):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         for name, n in self.samples.items():
             if name not in SCORE_SPECS or n < 1:
                 raise ValueError(f"samples: unknown score {name!r} or count {n} < 1")
@@ -205,6 +210,12 @@ class _ThreadShare:
         if self._before is not None:
             torch.set_num_threads(self._before)
             self._before = None
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -417,6 +428,7 @@ class Detector:
                 patience=cfg.patience,
                 seed=cfg.seed + k,
                 device=str(device),
+                precision=resolve_precision(cfg.precision, device),
             )
 
             def save_state(st: dict[str, Any], k: int = k) -> None:
@@ -471,6 +483,7 @@ class Detector:
                 "data_fingerprint": data_fp,
                 "seed": cfg.seed,
                 "device": str(device),
+                "precision": resolve_precision(cfg.precision, device),
                 "processes": world.size,
                 "folds": folds,
                 "cross_fit": folds > 1,

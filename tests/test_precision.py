@@ -1,0 +1,71 @@
+"""Training precision and the GPU paths: bf16 autocast trains, scores stay float32, and a model
+fitted on a GPU scores the same on the CPU. The GPU tests run where torch sees CUDA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import disks
+from vae_anomaly import Detector, FitConfig
+from vae_anomaly.detector import resolve_precision
+from vae_anomaly.images import DecodeOptions
+from vae_anomaly.train import TrainConfig
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TINY = dict(epochs=4, latent_dim=4, seed=0, folds=1, decode=DecodeOptions(cache=False))
+
+
+def test_precision_auto_is_float32_on_the_cpu_and_bad_values_are_refused() -> None:
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        FitConfig(precision="fp8")
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="half")
+
+
+def test_bf16_training_on_the_cpu_learns_and_records_its_precision() -> None:
+    det = Detector(FitConfig(device="cpu", precision="bf16", **TINY)).fit(disks(300, seed=1))
+    history = det.metadata_["training"]["history"] if "history" in det.metadata_["training"] else None
+    assert det.metadata_["training"]["precision"] == "bf16"
+    assert np.isfinite(det.metadata_["training"]["final_train_loss"])
+    assert history is None or history[-1]["train_loss"] < history[0]["train_loss"]
+    for scores in det.calibration_.values():
+        assert scores.dtype == np.float64 and np.all(np.isfinite(scores))
+
+
+@cuda
+def test_a_gpu_fit_in_bf16_scores_the_same_on_the_gpu_and_the_cpu(tmp_path: Path) -> None:
+    det = Detector(FitConfig(device="cuda", **TINY)).fit(disks(600, seed=1))
+    assert det.metadata_["training"]["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+    det.save(tmp_path / "m.vae")
+    images = disks(50, seed=2)
+    on_gpu = Detector.load(tmp_path / "m.vae", "cuda").score(images)
+    on_cpu = Detector.load(tmp_path / "m.vae", "cpu").score(images)
+    np.testing.assert_allclose(on_gpu.scores, on_cpu.scores, rtol=1e-4)
+
+
+@cuda
+def test_a_set_too_large_for_gpu_memory_is_fed_from_pinned_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (1024, 1 << 40))  # "almost full"
+    det = Detector(FitConfig(device="cuda", precision="fp32", **TINY)).fit(disks(300, seed=1))
+    assert np.isfinite(det.metadata_["training"]["final_train_loss"])
+
+
+@cuda
+def test_the_gpu_nan_check_still_stops_a_diverging_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the loss is read back every few steps, not every step; a NaN still stops training."""
+    from vae_anomaly import train as train_mod
+    from vae_anomaly.train import TrainingError
+
+    def nan_loss(model: torch.nn.Module, x: torch.Tensor, eps: torch.Tensor | None = None) -> tuple:
+        out, mu, _ = model(x, eps)
+        return out.sum() * float("nan"), mu.sum() * 0
+
+    monkeypatch.setattr(train_mod, "elbo_loss", nan_loss)
+    with pytest.raises(TrainingError, match=r"epoch 1, steps? .*--learning-rate"):
+        Detector(FitConfig(device="cuda", **TINY)).fit(disks(300, seed=1))
