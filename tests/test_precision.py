@@ -11,7 +11,6 @@ import torch
 
 from conftest import disks
 from vae_anomaly import Detector, FitConfig
-from vae_anomaly.detector import resolve_precision
 from vae_anomaly.images import DecodeOptions
 from vae_anomaly.train import TrainConfig
 
@@ -19,9 +18,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 TINY = dict(epochs=4, latent_dim=4, seed=0, folds=1, decode=DecodeOptions(cache=False))
 
 
-def test_precision_auto_is_float32_on_the_cpu_and_bad_values_are_refused() -> None:
-    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
-    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+def test_precision_is_float32_by_default_and_bad_values_are_refused() -> None:
+    assert FitConfig().precision == "fp32"
     with pytest.raises(ValueError, match="precision"):
         FitConfig(precision="fp8")
     with pytest.raises(ValueError, match="precision"):
@@ -40,8 +38,8 @@ def test_bf16_training_on_the_cpu_learns_and_records_its_precision() -> None:
 
 @cuda
 def test_a_gpu_fit_in_bf16_scores_the_same_on_the_gpu_and_the_cpu(tmp_path: Path) -> None:
-    det = Detector(FitConfig(device="cuda", **TINY)).fit(disks(600, seed=1))
-    assert det.metadata_["training"]["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+    det = Detector(FitConfig(device="cuda", precision="bf16", **TINY)).fit(disks(600, seed=1))
+    assert det.metadata_["training"]["precision"] == "bf16"
     det.save(tmp_path / "m.vae")
     images = disks(50, seed=2)
     on_gpu = Detector.load(tmp_path / "m.vae", "cuda").score(images)
