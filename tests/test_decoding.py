@@ -193,3 +193,22 @@ def test_scores_from_workers_and_cache_equal_scores_from_plain_decoding(
         assert got.guard is not None and expected.guard is not None
         np.testing.assert_array_equal(got.guard.scores, expected.guard.scores)
     assert torch.get_num_threads() == threads  # the CPUs lent to the workers are given back
+
+
+def test_workers_start_only_if_the_caller_says_decoding_is_worth_moving(tmp_path: Path) -> None:
+    """The first two batches are decoded here and timed; `worth_it` then decides about workers."""
+    files = write_pngs(tmp_path / "imgs", disks(24, seed=1))
+    plain = list(iter_batches(files, GREY16, 4, options=INLINE))
+    for answer in (False, True):
+        asked: list[float] = []
+        started: list[int] = []
+
+        def worth_it(cost: float, answer: bool = answer, asked: list[float] = asked) -> bool:
+            asked.append(cost)
+            return answer
+
+        options = DecodeOptions(workers=2, cache=False)
+        got = list(iter_batches(files, GREY16, 4, options=options, on_workers=started.append, worth_it=worth_it))
+        _same(plain, got)
+        assert len(asked) == 1 and asked[0] > 0
+        assert started == ([2] if answer else [])

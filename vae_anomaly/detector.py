@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -187,18 +189,39 @@ class Decision:
 
 
 class _ThreadShare:
-    """While decoding workers run beside scoring on the CPU, torch gets the CPUs they leave.
+    """Decoding workers beside scoring on the CPU: only where they pay, and with torch on the CPUs they leave.
 
     Two torch threads competing with a worker process for two cores run
     slower than one thread beside it (measured: 4,745 against 6,025 images/s
-    for the default decision from PNG files on 2 cores).
+    for the default decision from 28x28 PNG files on 2 cores). And where
+    scoring an image costs far more than decoding it (64x64 colour: 874
+    images/s with no workers, 642 with one), workers only take CPUs from
+    torch. So the first batch is decoded and scored in this process, timed,
+    and workers start only if decoding costs at least WORTH_IT times scoring,
+    each the least over the first two batches.
     """
+
+    # One torch thread scores about half as fast as two, so on 2 cores a worker pays once
+    # decoding costs more than scoring; measured ratios: 28x28 grey 1.6 (workers win),
+    # 64x64 colour 1.0 (they lose). The margin keeps near-ties in this process.
+    WORTH_IT = 1.2
 
     def __init__(self, device: torch.device) -> None:
         self.cpu = device.type == "cpu"
         # Scoring on the CPU keeps half the CPUs; on a GPU it needs one to feed it.
         self.reserve = max(1, available_cpus() // 2) if self.cpu else 1
         self._before: int | None = None
+        self.score_seconds: float | None = None  # per image, first batch, all threads
+
+    def observe(self, seconds: float, images: int) -> None:
+        """The least scoring time per image seen (the first batch also pays one-time costs)."""
+        if images:
+            self.score_seconds = min(self.score_seconds or math.inf, seconds / images)
+
+    def worth_it(self, decode_seconds: float) -> bool:
+        if not self.cpu or self.score_seconds is None:
+            return True
+        return decode_seconds >= self.WORTH_IT * self.score_seconds
 
     def share(self, workers: int) -> None:
         if self.cpu:
@@ -601,6 +624,7 @@ class Detector:
             on_warning=on_warning,
             reserve=threads.reserve if threads is not None else 0,
             on_workers=threads.share if threads is not None else None,
+            worth_it=threads.worth_it if threads is not None else None,
         )
         return batches, listing.ignored
 
@@ -667,10 +691,12 @@ class Detector:
                 for kind, (count, example) in batch.unlike.items():
                     unlike[kind] = (unlike.get(kind, (0, example))[0] + count, unlike.get(kind, (0, example))[1])
                 if len(batch.pixels):
+                    t0 = time.perf_counter()
                     x = self._to_device(batch.pixels)
                     per_model = [self._score_pixels(x, noise, m, batch.bits) for m in self.models_]
                     for name in scores:
                         parts[name].append(np.stack([s[name] for s in per_model]))
+                    threads.observe(time.perf_counter() - t0, len(batch.pixels))
                 paths += batch.paths
                 errors += batch.errors
                 if on_batch is not None:

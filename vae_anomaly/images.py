@@ -14,6 +14,7 @@ import os
 import signal
 import sqlite3
 import sys
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -294,6 +295,9 @@ class ImageBatch:
 
 # ---------------------------------------------------------------- decoding in worker processes
 
+# Batches decoded in this process, timed, before `worth_it` is asked (the least time counts:
+# the first batch also pays one-time costs).
+PROBE_BATCHES = 2
 # Below this many files, starting worker processes costs more than it saves.
 PARALLEL_FROM = 1024
 MAX_WORKERS = 8
@@ -638,6 +642,7 @@ def iter_batches(
     on_warning: Callable[[str], None] | None = None,
     reserve: int = 0,
     on_workers: Callable[[int], None] | None = None,
+    worth_it: Callable[[float], bool] | None = None,
 ) -> Iterator[ImageBatch]:
     """Decode files in batches, in input order, so memory stays bounded whatever the folder's size.
 
@@ -647,7 +652,11 @@ def iter_batches(
     image's `png_bits`, computed where it is decoded. The workers start with
     the first batch that needs decoding (never, when the cache holds every
     file), and `on_workers(n)` is called then, so that the caller can fit
-    its own threads into the CPUs the workers leave (`reserve`).
+    its own threads into the CPUs the workers leave (`reserve`). With
+    `worth_it`, the first batches to decode are decoded here and timed, and
+    `worth_it(seconds per file)` decides whether workers start at all: where
+    the caller's own work per image dwarfs decoding, the CPUs are better
+    left to it.
     """
     options = options or DecodeOptions(cache=False)
     files = list(files)
@@ -657,6 +666,7 @@ def iter_batches(
     pool: ProcessPoolExecutor | None = None
     pending: deque[_Pending] = deque()
     depth = 2 * workers
+    probes: list[float] = []  # seconds per file of decoding here, when `worth_it` asks
     try:
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
@@ -665,9 +675,22 @@ def iter_batches(
             todo = [chunk[i] for i in misses]
             decoded: Future[_Decoded] | _Decoded | None = None
             if todo and workers > 0 and pool is None:
-                pool = _pool(workers)
-                if on_workers is not None:
-                    on_workers(workers)
+                if worth_it is not None and len(probes) < PROBE_BATCHES:
+                    # Decode this batch here, timed, and hand it over at once, so that the caller
+                    # has worked on it before being asked whether workers would pay.
+                    t0 = time.perf_counter()
+                    decoded = _decode_chunk(todo, prep, bits)
+                    probes.append((time.perf_counter() - t0) / len(todo))
+                    pending.append(_Pending(chunk, hits, keys, misses, decoded))
+                    while pending:
+                        yield _assemble(pending.popleft(), prep, bits, _usable(cache, on_warning))
+                    continue
+                if worth_it is None or worth_it(min(probes, default=0.0)):
+                    pool = _pool(workers)
+                    if on_workers is not None:
+                        on_workers(workers)
+                else:
+                    workers = depth = 0
             if todo:
                 if pool is None:
                     decoded = _decode_chunk(todo, prep, bits)
