@@ -272,16 +272,23 @@ def _clean(value: Any) -> Any:
 
 
 def to_json(report: Report) -> str:
-    doc = {
+    """The document indented for people, one record per line.
+
+    Indenting every record would go through json's pure-Python encoder, about
+    50 us a record (10 s for 200,000 images); one compact line each keeps the
+    C encoder and stays easy to read and diff.
+    """
+    head: dict[str, Any] = {
         "schema": SCHEMA_NAME,
         "schema_version": SCHEMA_VERSION,
         "summary": report.summary.to_dict(),
         "warnings": report.warnings,
-        "records": [record_dict(r) for r in report.records],
     }
     if report.shard is not None:
-        doc["shard"] = report.shard
-    return json.dumps(_clean(doc), indent=2) + "\n"
+        head["shard"] = report.shard
+    text = json.dumps(_clean(head), indent=2)
+    records = ",\n".join("    " + json.dumps(_clean(record_dict(r))) for r in report.records)
+    return f'{text[:-2]},\n  "records": [\n{records}\n  ]\n}}\n'
 
 
 def to_jsonl(report: Report) -> str:
