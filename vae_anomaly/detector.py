@@ -194,16 +194,17 @@ class _ThreadShare:
     Two torch threads competing with a worker process for two cores run
     slower than one thread beside it (measured: 4,745 against 6,025 images/s
     for the default decision from 28x28 PNG files on 2 cores). And where
-    scoring an image costs far more than decoding it (64x64 colour: 874
-    images/s with no workers, 642 with one), workers only take CPUs from
-    torch. So the first batch is decoded and scored in this process, timed,
-    and workers start only if decoding costs at least WORTH_IT times scoring,
-    each the least over the first two batches.
+    scoring an image costs far more than decoding it, workers only take CPUs
+    from torch. So the first batches are decoded and scored in this process,
+    timed, and workers start only if decoding costs at least WORTH_IT times
+    scoring (each the least over PROBE_BATCHES batches: the first ones also
+    pay one-time costs).
     """
 
-    # One torch thread scores about half as fast as two, so on 2 cores a worker pays once
-    # decoding costs more than scoring; measured ratios: 28x28 grey 1.6 (workers win),
-    # 64x64 colour 1.0 (they lose). The margin keeps near-ties in this process.
+    # Measured on 2 cores: 28x28 grey PNGs, decoding 1.3-1.9x scoring, workers win
+    # (6,755 against 4,200 images/s over 200,000 files); 64x64 colour, 1.0-1.4x, workers
+    # lose a little (700-790 against 786-874). A heuristic: `--workers 0` or `--workers N`
+    # overrides it.
     WORTH_IT = 1.2
 
     def __init__(self, device: torch.device) -> None:
@@ -624,7 +625,8 @@ class Detector:
             on_warning=on_warning,
             reserve=threads.reserve if threads is not None else 0,
             on_workers=threads.share if threads is not None else None,
-            worth_it=threads.worth_it if threads is not None else None,
+            # An explicit --workers N is obeyed; only the default asks whether workers pay.
+            worth_it=threads.worth_it if threads is not None and self.decode.workers is None else None,
         )
         return batches, listing.ignored
 

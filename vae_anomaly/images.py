@@ -297,7 +297,7 @@ class ImageBatch:
 
 # Batches decoded in this process, timed, before `worth_it` is asked (the least time counts:
 # the first batch also pays one-time costs).
-PROBE_BATCHES = 2
+PROBE_BATCHES = 4
 # Below this many files, starting worker processes costs more than it saves.
 PARALLEL_FROM = 1024
 MAX_WORKERS = 8
