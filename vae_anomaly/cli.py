@@ -138,6 +138,45 @@ def decode_options(fn: Any) -> Any:
     return command
 
 
+def report_options(fn: Any) -> Any:
+    """Shared by `score` and `merge`: the output format and file, the gate, and the CI reports."""
+    options = [
+        click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True),
+        click.option(
+            "-o",
+            "--output",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Write results here instead of stdout (format from --format, or the file's extension).",
+        ),
+        click.option(
+            "--gate",
+            "gate_specs",
+            multiple=True,
+            metavar="RULE=LIMIT[,...]",
+            help="Gate rules over the batch, exit 1 when any fails: "
+            + ", ".join(f"{k} ({v[0]}; fails when {v[1]})" for k, v in GATE_RULES.items())
+            + ". Repeatable or comma separated.",
+        ),
+        click.option("--max-anomalies", type=click.IntRange(0), help="Same as --gate max-count=N."),
+        click.option("--max-anomaly-rate", type=click.FloatRange(0, 1), help="Same as --gate max-rate=R."),
+        click.option(
+            "--baseline",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="A previous accepted JSON report of this model: test the batch's scores against it "
+            "(gate rule drift-p).",
+        ),
+        click.option(
+            "--junit",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Also write JUnit XML here: one test case per image, flagged and unreadable ones fail.",
+        ),
+        click.option("--skip-unreadable", is_flag=True, help="Unreadable inputs are reported but do not exit 3."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vae-anomaly")
 def main() -> None:
@@ -593,35 +632,7 @@ def _output_format(output: Path | None, fmt: str) -> str:
     show_default=True,
     help="two-sided also flags images too simple to be normal (blank, tiny, cropped).",
 )
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write results here instead of stdout (format from --format, or the file's extension).",
-)
-@click.option(
-    "--gate",
-    "gate_specs",
-    multiple=True,
-    metavar="RULE=LIMIT[,...]",
-    help="Gate rules, exit 1 when any fails: "
-    + ", ".join(f"{k} ({v[0]}; fails when {v[1]})" for k, v in GATE_RULES.items())
-    + ". Repeatable or comma separated.",
-)
-@click.option("--max-anomalies", type=click.IntRange(0), help="Same as --gate max-count=N.")
-@click.option("--max-anomaly-rate", type=click.FloatRange(0, 1), help="Same as --gate max-rate=R.")
-@click.option(
-    "--baseline",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="A previous accepted JSON report of this model: test this batch's scores against it (gate rule drift-p).",
-)
-@click.option(
-    "--junit",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also write JUnit XML here: one test case per image, flagged and unreadable ones fail.",
-)
-@click.option("--skip-unreadable", is_flag=True, help="Unreadable inputs are reported but do not exit 3.")
+@report_options
 @click.option(
     "--shard",
     metavar="I/N",
@@ -858,33 +869,7 @@ def _emit_ci(report: Report, junit: Path | None, github: bool = True) -> None:
     type=click.Path(path_type=Path),
     help="Also check that the shards were scored by this model file (by fingerprint).",
 )
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write results here instead of stdout (format from --format, or the file's extension).",
-)
-@click.option(
-    "--gate",
-    "gate_specs",
-    multiple=True,
-    metavar="RULE=LIMIT[,...]",
-    help="Gate rules over the whole batch, as for `score`: " + ", ".join(GATE_RULES) + ".",
-)
-@click.option("--max-anomalies", type=click.IntRange(0), help="Same as --gate max-count=N.")
-@click.option("--max-anomaly-rate", type=click.FloatRange(0, 1), help="Same as --gate max-rate=R.")
-@click.option(
-    "--baseline",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="A previous accepted JSON report of this model: test the whole batch against it (gate rule drift-p).",
-)
-@click.option(
-    "--junit",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also write JUnit XML here: one test case per image, flagged and unreadable ones fail.",
-)
-@click.option("--skip-unreadable", is_flag=True, help="Unreadable inputs are reported but do not exit 3.")
+@report_options
 @click.option(
     "--top", type=click.IntRange(0), default=30, show_default=True, help="Rows in the terminal table (0: all)."
 )
