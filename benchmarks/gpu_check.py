@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mnist import load_mnist
 
 from vae_anomaly import Detector, FitConfig
-from vae_anomaly.images import DecodeOptions
+from vae_anomaly.batching import DecodeOptions
+from vae_anomaly.config import SCORE_NAMES
 from vae_anomaly.model import ConvVAE, VAEConfig
-from vae_anomaly.scores import SCORE_NAMES
 from vae_anomaly.train import elbo_loss
 
 

@@ -37,7 +37,7 @@ from provenance import provenance, write_results
 
 from vae_anomaly import Detector, FitConfig
 from vae_anomaly.calibration import decision_statistic
-from vae_anomaly.scores import SCORE_NAMES
+from vae_anomaly.config import SCORE_NAMES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -46,9 +46,11 @@ from mnist import load_mnist
 from provenance import provenance, write_results
 
 from vae_anomaly import Detector, FitConfig
-from vae_anomaly.images import DecodeOptions, Preprocessing, available_cpus, find_images, read_images
+from vae_anomaly.batching import DecodeOptions, available_cpus, read_images
+from vae_anomaly.config import SCORE_NAMES
+from vae_anomaly.decoding import Preprocessing
+from vae_anomaly.listing import find_images
 from vae_anomaly.model import ConvVAE, VAEConfig
-from vae_anomaly.scores import SCORE_NAMES
 from vae_anomaly.train import elbo_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"

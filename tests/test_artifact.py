@@ -14,7 +14,7 @@ import torch
 
 from conftest import disks
 from vae_anomaly import Detector, artifact
-from vae_anomaly.artifact import ModelFileError
+from vae_anomaly.errors import ModelFileError
 
 
 def test_saved_and_reloaded_model_gives_identical_scores(fitted: Detector, model_file: Path) -> None:

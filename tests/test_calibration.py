@@ -11,13 +11,8 @@ from hypothesis import strategies as st
 
 from conftest import BACKGROUND, SIZE, crosses, disks
 from vae_anomaly import Detector
-from vae_anomaly.calibration import (
-    auto_threshold,
-    calibration_needed,
-    flag,
-    p_values,
-    smallest_p_value,
-)
+from vae_anomaly.calibration import calibration_needed, p_values, smallest_p_value
+from vae_anomaly.decision import auto_threshold, flag
 
 
 def test_p_values_follow_the_conformal_formulas() -> None:
@@ -114,7 +109,7 @@ def test_unknown_tail_is_refused() -> None:
 def test_missing_guard_calibration_is_a_clear_error(fitted: Detector) -> None:
     import copy
 
-    from vae_anomaly.detector import CalibrationError
+    from vae_anomaly.errors import CalibrationError
 
     old = copy.copy(fitted)
     old.calibration_ = {k: v for k, v in fitted.calibration_.items() if k not in ("elbo-ic", "kl")}

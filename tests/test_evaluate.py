@@ -14,7 +14,8 @@ from sklearn import metrics as skm
 from vae_anomaly import Detector
 from vae_anomaly.calibration import p_values
 from vae_anomaly.cli import main
-from vae_anomaly.evaluation import LabelsError, evaluate_detector, labelled_folders, labels_csv
+from vae_anomaly.errors import LabelsError
+from vae_anomaly.evaluation import evaluate_detector, labelled_folders, labels_csv
 
 
 def run(*args: str | Path) -> tuple[int, str, str]:
@@ -58,7 +59,11 @@ def test_figures_equal_sklearn_on_the_same_scores(fitted: Detector, labelled: Pa
         f, t, _ = skm.roc_curve(y, s)
         assert m.tpr_at_fpr_1pct == pytest.approx(t[f <= 0.01].max())
         assert m.tpr_at_fpr_5pct == pytest.approx(t[f <= 0.05].max())
-        flags = p_values(fitted.calibration_[name], s, "two-sided") <= 0.05
+        p = p_values(fitted.calibration_[name], s, "two-sided")
+        if name != "kl":  # the default rule: Bonferroni with the kl guard, as `score` applies it
+            kl = fitted.score([Path(q) for q in ev.paths], score="kl", guard=None).scores
+            p = np.minimum(1, 2 * np.minimum(p, p_values(fitted.calibration_["kl"], kl, "two-sided")))
+        flags = p <= 0.05
         tn, fp, fn, tp = skm.confusion_matrix(y, flags).ravel()
         assert r.confusion.to_dict() == {"tn": tn, "fp": fp, "fn": fn, "tp": tp}
         if name != "kl":  # the latent term alone does not rank crosses above disks; it is a component
@@ -140,3 +145,18 @@ def test_one_class_only_is_refused(fitted: Detector, labelled: Path, tmp_path: P
     (tmp_path / "only.csv").write_text(f"path,label\n{next((labelled / 'lab' / 'normal').glob('*.png'))},0\n")
     with pytest.raises(LabelsError, match="at least one of each"):
         evaluate_detector(fitted, labels_csv(tmp_path / "only.csv"), scores=["elbo"])
+
+
+def test_evaluate_counts_exactly_the_images_score_threshold_auto_flags(model_file: Path, labelled: Path) -> None:
+    """README: evaluate's confusion matrix shows what `score --threshold auto` flags (guard included)."""
+    _, out, _ = run("score", labelled / "lab", "--model", model_file, "--format", "json", "--fpr", "0.05")
+    flagged = [r["path"] for r in json.loads(out)["records"] if r["flagged"]]
+    tp = sum("/anomaly/" in p for p in flagged)
+    code, out, _ = run("evaluate", labelled / "lab", "--model", model_file, "--format", "json", "--fpr", "0.05")
+    by_score = {r["score"]: r for r in json.loads(out)["results"]}
+    assert code == 0 and len(flagged) > 0
+    assert by_score["elbo-ic"]["confusion"]["tp"] == tp
+    assert by_score["elbo-ic"]["confusion"]["fp"] == len(flagged) - tp
+    _, out, _ = run("evaluate", labelled / "lab", "-m", model_file, "--format", "json", "--fpr", "0.05", "--guard=none")
+    unguarded = {r["score"]: r for r in json.loads(out)["results"]}["elbo-ic"]["confusion"]
+    assert unguarded != by_score["elbo-ic"]["confusion"], "the guard changes what is flagged on these images"

@@ -8,14 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vae_anomaly.images import (
-    InputPathError,
-    Preprocessing,
-    decode_image,
-    find_images,
-    infer_preprocessing,
-    iter_batches,
-)
+from vae_anomaly.batching import iter_batches
+from vae_anomaly.decoding import Preprocessing, decode_image, infer_preprocessing
+from vae_anomaly.errors import InputPathError
+from vae_anomaly.listing import find_images
 
 GREY8 = Preprocessing(1, 8)
 

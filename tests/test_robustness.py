@@ -24,9 +24,11 @@ from PIL import Image
 
 from conftest import disks, write_pngs
 from vae_anomaly import Detector, FitConfig
-from vae_anomaly.artifact import ModelFileError
+from vae_anomaly.batching import iter_batches
 from vae_anomaly.cli import main
-from vae_anomaly.images import ImageReadError, Preprocessing, decode_image, find_images, iter_batches
+from vae_anomaly.decoding import Preprocessing, decode_image
+from vae_anomaly.errors import ImageReadError, ModelFileError
+from vae_anomaly.listing import find_images
 
 GREY16 = Preprocessing(1, 16)
 
@@ -138,7 +140,7 @@ def test_animated_gif_gives_its_first_frame(bad_corpus: Path) -> None:
 
 
 def test_bomb_limit_can_be_raised(bad_corpus: Path) -> None:
-    from vae_anomaly.images import set_max_image_pixels
+    from vae_anomaly.decoding import set_max_image_pixels
 
     set_max_image_pixels(10)
     try:
@@ -153,7 +155,7 @@ def test_permission_denied_is_a_record_even_where_root_could_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """CI runs as root, who reads any file: the reader's handling is checked by making open() refuse."""
-    import vae_anomaly.images as images_mod
+    import vae_anomaly.decoding as images_mod
 
     p = tmp_path / "locked.png"
     Image.new("L", (4, 4)).save(p)
@@ -297,7 +299,7 @@ def test_resume_reaches_the_same_model_as_an_uninterrupted_run(tmp_path: Path) -
 
 
 def test_cross_fit_interrupted_then_resumed_matches_an_uninterrupted_cross_fit(tmp_path: Path) -> None:
-    from vae_anomaly.detector import FitInterrupted
+    from vae_anomaly.errors import FitInterrupted
 
     x = disks(120, seed=6)
     cfg = {**SMALL, "folds": 2}
@@ -326,7 +328,7 @@ def test_resume_refuses_a_checkpoint_of_other_data(tmp_path: Path) -> None:
 
 def test_nan_loss_stops_with_the_step_and_what_to_try(monkeypatch: pytest.MonkeyPatch) -> None:
     from vae_anomaly import train as train_mod
-    from vae_anomaly.train import TrainingError
+    from vae_anomaly.errors import TrainingError
 
     monkeypatch.setattr(
         train_mod, "elbo_loss", lambda model, x, eps=None: (torch.tensor(float("nan")), torch.tensor(0.0))

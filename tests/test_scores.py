@@ -120,7 +120,8 @@ def test_latent_noise_is_repeatable_and_rejects_zero_samples() -> None:
 
 
 def test_complexity_corrected_elbo_is_elbo_in_bits_minus_png_bits() -> None:
-    from vae_anomaly.scores import complexity_corrected_elbo, png_bits
+    from vae_anomaly.decoding import png_bits
+    from vae_anomaly.scores import complexity_corrected_elbo
 
     model, x = _model(), _x(5)
     x = (x * 255).round() / 255  # exact 8-bit pixels, as the model always sees them
@@ -134,7 +135,7 @@ def test_complexity_corrected_elbo_is_elbo_in_bits_minus_png_bits() -> None:
 def test_png_bits_grow_with_image_complexity() -> None:
     import numpy as np
 
-    from vae_anomaly.scores import png_bits
+    from vae_anomaly.decoding import png_bits
 
     flat = np.zeros((1, 1, 28, 28), np.uint8)
     noise = np.random.default_rng(0).integers(0, 255, (1, 1, 28, 28), dtype=np.uint8)

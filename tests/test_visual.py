@@ -18,8 +18,9 @@ from PIL import Image
 
 from conftest import crosses, disks
 from vae_anomaly import Detector
-from vae_anomaly.calibration import auto_threshold, flag, p_values
+from vae_anomaly.calibration import p_values
 from vae_anomaly.cli import main
+from vae_anomaly.decision import DecisionRule, auto_threshold
 from vae_anomaly.html_report import RowImages, render_html
 from vae_anomaly.report import build_report
 from vae_anomaly.visualize import heatmap_panel, png_bytes, score_histogram
@@ -148,16 +149,15 @@ def test_report_stays_small_and_fast_for_100000_images() -> None:
     rng = np.random.default_rng(0)
     cal = rng.normal(size=400)
     scores = rng.normal(size=100_000)
-    rule = auto_threshold(cal, 0.01)
-    p = p_values(cal, scores)
+    decision = DecisionRule("elbo", guard=None).decision(scores, p_values(cal, scores), cal)
     paths = [f"batch/img_{i:06d}.png" for i in range(len(scores))]
     errors = [(f"batch/bad_{i}.png", "empty file (0 bytes)") for i in range(5000)]
     t0 = time.perf_counter()
     report = build_report(
-        paths, scores, p, flag(scores, p, rule), errors, threshold=rule, calibration=cal, score="elbo",
+        paths, scores, errors, decision, calibration=cal, score="elbo",
         samples=1, ignored=0, fingerprint="f" * 16, gate=[], skip_unreadable=False,
     )  # fmt: skip
-    hist = score_histogram({"calibration": cal, "scored": scores}, rule)
+    hist = score_histogram({"calibration": cal, "scored": scores}, decision.threshold)
     tiny = png_bytes(np.zeros((16, 16, 3), np.uint8))
     pics = {r.path: RowImages(tiny, tiny, tiny) for r in report.records[:50]}
     page = render_html(report, histogram=hist, images=pics, top=50)

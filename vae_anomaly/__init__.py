@@ -12,17 +12,40 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Decision", "Detector", "FitConfig", "HeatMaps", "ScoreResult", "__version__"]
+# The public names and the module each lives in.
+_PUBLIC = {
+    "Decision": "decision",
+    "DecisionRule": "decision",
+    "Detector": "detector",
+    "FitConfig": "config",
+    "HeatMaps": "inference",
+    "ScoreResult": "inference",
+    "VaeAnomalyError": "errors",
+}
+__all__ = [
+    "Decision",
+    "DecisionRule",
+    "Detector",
+    "FitConfig",
+    "HeatMaps",
+    "ScoreResult",
+    "VaeAnomalyError",
+    "__version__",
+]
 
 if TYPE_CHECKING:
-    from .detector import Decision, Detector, FitConfig, HeatMaps, ScoreResult
+    from .config import FitConfig
+    from .decision import Decision, DecisionRule
+    from .detector import Detector
+    from .errors import VaeAnomalyError
+    from .inference import HeatMaps, ScoreResult
 
 
 def __getattr__(name: str) -> Any:
-    # Imported on first use (PEP 562), so that `vae_anomaly.images` alone, what the
+    # Imported on first use (PEP 562), so that `vae_anomaly.batching` alone, what the
     # decoding worker processes load, does not pull in torch.
-    if name in __all__:
-        from . import detector
+    if name in _PUBLIC:
+        import importlib
 
-        return getattr(detector, name)
+        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
     raise AttributeError(f"module 'vae_anomaly' has no attribute {name!r}")

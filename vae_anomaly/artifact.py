@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from .errors import ModelFileError
+
 FORMAT_NAME = "vae-anomaly-model"
 FORMAT_VERSION = 2
 FOLD_KEY = "fold"  # in `calibration`: the fold (= model) of each calibration score
@@ -42,10 +44,6 @@ FOLD_KEY = "fold"  # in `calibration`: the fold (= model) of each calibration sc
 def model_prefix(k: int) -> str:
     """Weight names of model k in a format-2 file start with this."""
     return f"model{k}."
-
-
-class ModelFileError(Exception):
-    """A model file is missing, damaged, foreign or from a newer version; says which and why."""
 
 
 @dataclass
@@ -227,4 +225,5 @@ def load_checkpoint(path: str | os.PathLike[str], identity: str) -> dict[str, An
             f"{name}: the checkpoint belongs to other images or other fit options; run fit with the same "
             "inputs and options to resume, or delete it to start afresh."
         )
-    return payload["state"]
+    state: dict[str, Any] = payload["state"]
+    return state

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 
+from .errors import DistributedError
+
 T = TypeVar("T")
-
-
-class DistributedError(Exception):
-    """The torchrun job cannot be joined as asked; the message says what to change."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +58,7 @@ class World:
             return obj
         box: list[Any] = [obj if self.is_main else None]
         dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return cast(T, box[0])
 
     def barrier(self) -> None:
         """Wait until every process gets here."""

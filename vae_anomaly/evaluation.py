@@ -4,7 +4,8 @@ Labelled data comes as a folder with `normal/` and `anomaly/` subfolders, or
 as a CSV file with columns `path,label` (1 = anomaly, 0 = normal; paths
 relative to the CSV's folder, or absolute). The figures come from
 `metrics.py` (all `sklearn.metrics`); the confusion matrix is taken at the
-model's own `auto` rule, so it shows what `score --threshold auto` would do.
+model's own `auto` rule, guard included, so it shows what `score
+--threshold auto` would flag.
 
     data = labelled_folders("labelled/")        # or labels_csv("labels.csv")
     ev = evaluate_detector(Detector.load("model.vae"), data, fpr=0.01)
@@ -18,25 +19,23 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .calibration import Threshold
+from .config import DEFAULT_GUARD, SCORE_NAMES
+from .decision import Threshold
+from .decoding import ReadError
 from .detector import Detector
-from .images import ReadError, display_path, find_images
+from .errors import LabelsError
+from .listing import display_path, find_images
 from .metrics import Confusion, DetectionMetrics, confusion, evaluate
-from .scores import SCORE_NAMES
 
 SCHEMA_NAME = "vae-anomaly/evaluate"
 SCHEMA_VERSION = 1
 LABEL_WORDS = {"0": 0, "1": 1, "normal": 0, "anomaly": 1}
-
-
-class LabelsError(Exception):
-    """The labelled data cannot be used as given; the message says where and what to fix."""
 
 
 @dataclass
@@ -167,16 +166,21 @@ def evaluate_detector(
     scores: Sequence[str] = SCORE_NAMES,
     fpr: float = 0.01,
     tail: str = "two-sided",
+    guard: str | None = DEFAULT_GUARD,
     batch_size: int = 256,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> Evaluation:
     """Score the labelled images once per score type (decoding each file once) and compare with the labels.
 
-    Unreadable files are left out of the figures and listed. Raises
-    `LabelsError` when what is left lacks normal or anomalous images.
+    Each score's confusion matrix is taken at the rule `score` applies by
+    default: the score's conformal p-value combined with the `guard`
+    statistic's (None: no guard). Unreadable files are left out of the
+    figures and listed. Raises `LabelsError` when what is left lacks normal
+    or anomalous images.
     """
     label_of = {display_path(f): int(y) for f, y in zip(data.files, data.labels, strict=True)}
-    scored = detector.score_many(data.files, scores=list(scores), batch_size=batch_size, on_batch=on_batch)
+    names = list(dict.fromkeys([*scores, *([guard] if guard is not None else [])]))
+    scored = detector.score_many(data.files, scores=names, batch_size=batch_size, on_batch=on_batch)
     first = scored[next(iter(scored))]
     labels = np.array([label_of[p] for p in first.paths], dtype=int)
     if (labels == 0).sum() == 0 or (labels == 1).sum() == 0:
@@ -186,7 +190,10 @@ def evaluate_detector(
         )
     warnings: list[str] = []
     results: dict[str, ScoreEvaluation] = {}
-    for name, result in scored.items():
+    for name in scores:
+        result = scored[name]
+        if guard is not None and guard != name:
+            result = replace(result, guard=scored[guard])
         decision = detector.decide(result, threshold="auto", fpr=fpr, tail=tail)
         warnings += [w for w in decision.warnings if w not in warnings]
         results[name] = ScoreEvaluation(
@@ -205,7 +212,7 @@ def evaluate_detector(
         results,
         fpr,
         tail,
-        {name: detector.calibration_[name] for name in scored},
+        {name: detector.calibration_[name] for name in scores},
         first.errors,
         data.ignored,
         warnings,

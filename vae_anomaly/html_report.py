@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from . import __version__
-from .calibration import smallest_p_value
 from .report import Report
 
 MAX_UNREADABLE_ROWS = 1000  # beyond this the table says how many more; the JSON output has them all
@@ -86,13 +85,17 @@ def _verdict(report: Report) -> str:
 
 
 def _p_floor(report: Report) -> str:
-    """Why many rows share one p-value: n calibration scores cannot give a smaller one."""
+    """Why many rows share one p-value: the decision rule cannot give a smaller one (the summary says which)."""
     s = report.summary
-    n, tail = s.calibration_images, s.threshold.get("tail", "upper")
-    floor = smallest_p_value(n, tail)
+    if s.smallest_p_value is None:
+        return "-"
+    n, floor = s.calibration_images, s.smallest_p_value
+    # k/(n+1): 1 one-sided, 2 two-sided, twice that with a guard (Bonferroni).
+    k = round(floor * (n + 1))
+    formula = f"{k}/(n+1), n = {n:,}" if floor < 1 and k >= 1 else f"n = {n:,}"
     return (
-        f"{floor:.4g} ({'2' if tail == 'two-sided' else '1'}/(n+1), n = {n:,}): every score beyond the calibration "
-        "range gets it; such ties are ranked by distance from the calibration median"
+        f"{floor:.4g} ({formula}): every score beyond the calibration range gets it; such ties are ranked by "
+        "distance from the calibration median"
     )
 
 
@@ -178,7 +181,7 @@ def render_html(
         )
         flag = (
             f'<span class="flag yes">ANOMALY</span><br><span class="meta">{_side(r.score, report)}</span>'
-            if r.flagged
+            if r.flagged and r.score is not None
             else '<span class="flag no">ok</span>'
         )
         parts.append(

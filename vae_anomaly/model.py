@@ -14,8 +14,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .config import LIKELIHOODS
+from .errors import ConfigError
+
 Likelihood = Literal["bernoulli", "gaussian"]
-LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian")
 
 # A Gaussian decoder's scale is learned, but must not collapse to zero on
 # pixels that are constant in the training set (MNIST's black border): that
@@ -54,18 +56,18 @@ class VAEConfig:
 
     def __post_init__(self) -> None:
         if self.in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
+            raise ConfigError(f"in_channels must be 1 or 3, got {self.in_channels}")
         if not 4 <= self.image_size <= 1024:
-            raise ValueError(f"image_size must be in [4, 1024], got {self.image_size}")
+            raise ConfigError(f"image_size must be in [4, 1024], got {self.image_size}")
         if not 1 <= self.latent_dim <= 4096:
-            raise ValueError(f"latent_dim must be in [1, 4096], got {self.latent_dim}")
+            raise ConfigError(f"latent_dim must be in [1, 4096], got {self.latent_dim}")
         if self.likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got {self.likelihood!r}")
+            raise ConfigError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got {self.likelihood!r}")
         self.hidden_channels = tuple(int(c) for c in self.hidden_channels) or (default_hidden_channels(self.image_size))
         if not 1 <= self.dense_dim <= 65536:
-            raise ValueError(f"dense_dim must be in [1, 65536], got {self.dense_dim}")
+            raise ConfigError(f"dense_dim must be in [1, 65536], got {self.dense_dim}")
         if any(c < 1 for c in self.hidden_channels):
-            raise ValueError(f"hidden_channels must be positive, got {self.hidden_channels}")
+            raise ConfigError(f"hidden_channels must be positive, got {self.hidden_channels}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -155,7 +157,8 @@ class ConvVAE(nn.Module):
         h = self.from_latent(z.reshape(-1, z.shape[-1]))
         h = h.view(-1, self.config.hidden_channels[-1], s, s)
         out = self.decoder(h)
-        return out.view(*lead, *out.shape[1:])
+        image: torch.Tensor = out.view(*lead, *out.shape[1:])
+        return image
 
     def forward(
         self, x: torch.Tensor, eps: torch.Tensor | None = None

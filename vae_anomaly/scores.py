@@ -15,29 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .images import png_bits
+from .config import SCORE_NAMES
+from .decoding import png_bits
+from .errors import ConfigError
 from .model import ConvVAE
 
 LOG_2PI = math.log(2 * math.pi)
-
-
-@dataclass(frozen=True)
-class ScoreSpec:
-    """What a score is called, what it estimates, and its default sample count."""
-
-    name: str
-    default_samples: int
-    summary: str
-
-
-SCORE_SPECS: dict[str, ScoreSpec] = {
-    "elbo": ScoreSpec("elbo", 1, "-ELBO: reconstruction cost + KL(q(z|x) || N(0, I))"),
-    "elbo-ic": ScoreSpec("elbo-ic", 1, "-ELBO in bits minus the PNG-compressed length in bits (Serra et al. 2020)"),
-    "kl": ScoreSpec("kl", 1, "KL(q(z|x) || N(0, I)): how far the image's latent code is from the prior"),
-    "iwae": ScoreSpec("iwae", 16, "-log p(x) by the importance-weighted bound (Burda et al. 2016)"),
-    "recon-prob": ScoreSpec("recon-prob", 16, "-log of the mean decoder likelihood over z ~ q(z|x) (An & Cho 2015)"),
-}
-SCORE_NAMES: tuple[str, ...] = tuple(SCORE_SPECS)
 
 
 def latent_noise(latent_dim: int, samples: int, seed: int) -> torch.Tensor:
@@ -183,13 +166,18 @@ def latent_kl(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tenso
     return _terms(model, x, eps, decode=False).kl
 
 
-SCORE_FUNCTIONS: dict[str, Callable[[ConvVAE, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "elbo": negative_elbo,
-    "elbo-ic": complexity_corrected_elbo,
-    "kl": latent_kl,
-    "iwae": iwae_bound,
-    "recon-prob": reconstruction_probability,
+# The one dispatch table: each score from the terms of one encoder pass (and the decoder passes
+# its draws need); `score_batch` and every public function above go through it.
+_FROM_TERMS: dict[str, Callable[[ConvVAE, torch.Tensor, _Terms, torch.Tensor | None], torch.Tensor]] = {
+    "elbo": lambda model, x, t, bits: _negative_elbo(t),
+    "elbo-ic": _complexity_corrected,
+    "kl": lambda model, x, t, bits: t.kl,
+    "iwae": lambda model, x, t, bits: _iwae_bound(t),
+    "recon-prob": lambda model, x, t, bits: _reconstruction_probability(t),
 }
+if tuple(_FROM_TERMS) != SCORE_NAMES:  # pragma: no cover - a new score must be added to both tables
+    raise ImportError(f"scores.py computes {tuple(_FROM_TERMS)}, config.SCORE_SPECS lists {SCORE_NAMES}")
+NEEDS_DECODER = frozenset(SCORE_NAMES) - {"kl"}
 
 
 def score_batch(
@@ -203,29 +191,21 @@ def score_batch(
     and two.
     """
     for name in noise:
-        if name not in SCORE_FUNCTIONS:
-            raise ValueError(f"unknown score {name!r}; choose one of {', '.join(SCORE_NAMES)}")
+        if name not in _FROM_TERMS:
+            raise ConfigError(f"unknown score {name!r}; choose one of {', '.join(SCORE_NAMES)}")
     with torch.no_grad():
         mu, logvar = model.encode(x)
         kl = kl_to_standard_normal(mu, logvar)
         decoded: dict[tuple[tuple[int, ...], bytes], tuple[torch.Tensor, torch.Tensor]] = {}
         out: dict[str, torch.Tensor] = {}
         for name, eps in noise.items():
-            if name == "kl":
-                out[name] = kl
-                continue
-            key = (tuple(eps.shape), eps.cpu().numpy().tobytes())
-            if key not in decoded:
-                decoded[key] = _log_likelihoods(model, x, mu, logvar, eps)
-            t = _Terms(logvar, kl, *decoded[key], eps)
-            if name == "elbo":
-                out[name] = _negative_elbo(t)
-            elif name == "elbo-ic":
-                out[name] = _complexity_corrected(model, x, t, bits)
-            elif name == "iwae":
-                out[name] = _iwae_bound(t)
-            else:
-                out[name] = _reconstruction_probability(t)
+            ll = z = None
+            if name in NEEDS_DECODER:
+                key = (tuple(eps.shape), eps.cpu().numpy().tobytes())
+                if key not in decoded:
+                    decoded[key] = _log_likelihoods(model, x, mu, logvar, eps)
+                ll, z = decoded[key]
+            out[name] = _FROM_TERMS[name](model, x, _Terms(logvar, kl, ll, z, eps), bits)
         return out
 
 
@@ -246,10 +226,5 @@ def pixel_nll_map(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor) -> tuple[t
 
 
 def score_images(model: ConvVAE, x: torch.Tensor, score: str, eps: torch.Tensor) -> torch.Tensor:
-    """Dispatch by name; `x` is float (B, C, H, W) in [0, 1] on the model's device."""
-    try:
-        fn = SCORE_FUNCTIONS[score]
-    except KeyError:
-        raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORE_NAMES)}") from None
-    with torch.no_grad():
-        return fn(model, x, eps)
+    """One score by name; `x` is float (B, C, H, W) in [0, 1] on the model's device."""
+    return score_batch(model, x, {score: eps})[score]

@@ -20,20 +20,23 @@ Per-image scores and p-values do not depend on the batch and are kept.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .calibration import Threshold, fdr_threshold, flag, guarantee, run_batch_tests
-from .images import FileListing, display_path, find_images, require_images, unlike_warnings
-from .report import SCHEMA_NAME, SCHEMA_VERSION, GateRule, Report, build_report, load_baseline
+from .batch_tests import run_batch_tests
+from .decision import DecisionRule
+from .decoding import Unlike, merge_unlike, unlike_warnings
+from .documents import load_baseline, read_report
+from .errors import ConfigError, MergeError
+from .gate import GateRule
+from .listing import FileListing, display_path, find_images, require_images
+from .report import Report, build_report
 
 SPLIT = "round-robin"  # the only split rule; recorded so that a future one cannot be merged by mistake
 
@@ -49,20 +52,16 @@ OPTION_FLAGS: dict[str, str] = {
 }
 
 
-class MergeError(ValueError):
-    """Reports that cannot be merged into one; the message names the file and what to do."""
-
-
 def parse_shard(text: str) -> tuple[int, int]:
-    """`I/N` -> (I, N), with 1 <= I <= N; ValueError says what is wrong and what to type."""
+    """`I/N` -> (I, N), with 1 <= I <= N; ConfigError says what is wrong and what to type."""
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
     if m is None:
-        raise ValueError(f"expected I/N, e.g. 2/3 for the second of three shards, got {text!r}")
+        raise ConfigError(f"expected I/N, e.g. 2/3 for the second of three shards, got {text!r}")
     index, count = int(m[1]), int(m[2])
     if count < 1:
-        raise ValueError(f"{text}: N, the number of shards, must be at least 1")
+        raise ConfigError(f"{text}: N, the number of shards, must be at least 1")
     if not 1 <= index <= count:
-        raise ValueError(f"{text}: I must be between 1 and N = {count} (shards are numbered from 1)")
+        raise ConfigError(f"{text}: I must be between 1 and N = {count} (shards are numbered from 1)")
     return index, count
 
 
@@ -109,19 +108,9 @@ def select_shard(inputs: Sequence[str | os.PathLike[str]], index: int, count: in
     return Shard(index, count, FileListing([files[p] for p in positions], listing.ignored), positions, len(files))
 
 
-def scoring_options(
-    *, score: str, samples: int, tail: str, threshold: str | float, fpr: float, fdr: float | None, guard: str
-) -> dict[str, Any]:
+def scoring_options(rule: DecisionRule, samples: int) -> dict[str, Any]:
     """The options that shape scores, p-values and flags; shards must agree on all of them."""
-    return {
-        "score": score,
-        "samples": samples,
-        "tail": tail,
-        "threshold": threshold,
-        "fpr": fpr,
-        "fdr": fdr,
-        "guard": guard,
-    }
+    return {**rule.options(), "samples": samples}
 
 
 def shard_report(
@@ -132,7 +121,7 @@ def shard_report(
     calibration: np.ndarray,
     paths: Sequence[str],
     model_scores: np.ndarray | None,
-    unlike: dict[str, tuple[int, str]],
+    unlike: Unlike,
     decision_warnings: Sequence[str],
 ) -> Report:
     """`report` (of this shard's files) with what `merge_reports` needs added.
@@ -172,96 +161,50 @@ class ShardReport:
     calibration: np.ndarray
     unlike: list[tuple[str, int, str]]
     decision_warnings: list[str]
-    threshold: Threshold  # the shard's rule; under --fdr its cut-off is the shard's own, not the union's
     summary: dict[str, Any]
     records: list[dict[str, Any]]
 
 
 def _number(value: Any) -> float:
     """A JSON number; null (NaN or infinity written as null) becomes NaN."""
-    if value is None:
-        return math.nan
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"expected a number, got {value!r}")
-    return float(value)
-
-
-def _int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} is {value!r}, not a whole number")
-    return value
+    return math.nan if value is None else float(value)
 
 
 def load_shard_report(path: str | os.PathLike[str]) -> ShardReport:
-    """Read one shard report; MergeError names the file and says how to get a good one."""
-    name = os.fsdecode(path)
+    """Read one shard report, valid against the schema; MergeError names the file and says how to get a good one."""
     how = "shard reports are written by `vae-anomaly score ... --shard I/N --format json --output FILE`"
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MergeError(f"{name}: no such file; {how}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MergeError(f"{name}: cannot be read ({exc}); {how}") from None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise MergeError(f"{name}: not a JSON file ({exc}); {how}") from None
-    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA_NAME:
-        raise MergeError(f'{name}: not a vae-anomaly score report (no "schema": "{SCHEMA_NAME}"); {how}')
-    if doc.get("schema_version") != SCHEMA_VERSION:
-        raise MergeError(
-            f"{name}: report schema version {doc.get('schema_version')}, this vae-anomaly reads {SCHEMA_VERSION}; "
-            "score the shard again with this version"
-        )
+    doc = read_report(path, "", MergeError, how)
+    name = os.fsdecode(path)
     block = doc.get("shard")
     if block is None:
         raise MergeError(
             f'{name}: the report of a whole run, not of one shard (no "shard" block), so there is nothing to '
             "merge it with; score each part with --shard I/N"
         )
-    try:
-        summary = doc["summary"]
-        records = doc["records"]
-        if not isinstance(summary, dict) or not isinstance(records, list) or not isinstance(block, dict):
-            raise TypeError("summary, records or shard has the wrong type")
-        needed = ("score", "samples", "models", "ignored", "model_fingerprint", "smallest_p_value")
-        missing = [key for key in needed if key not in summary]
-        if missing:
-            raise KeyError(f"summary without {', '.join(missing)}")
-        threshold = Threshold(**summary["threshold"])
-        for r in records:
-            _int(r["index"], "a record's index")
-            if not isinstance(r["path"], str):
-                raise TypeError(f"a record's path is {r['path']!r}")
-            if r["error"] is None:
-                _number(r["score"])
-                _number(r["p_value"])
-            elif not isinstance(r["error"], str):
-                raise TypeError(f"a record's error is {r['error']!r}")
-        options = block["options"]
-        if not isinstance(options, dict):
-            raise TypeError("options is not an object")
-        index, count = _int(block["index"], "the shard's index"), _int(block["count"], "the shard count")
-        if not 1 <= index <= count:
-            raise ValueError(f"shard {index}/{count}")
-        return ShardReport(
-            path=name,
-            index=index,
-            count=count,
-            split=str(block["split"]),
-            listing=_int(block["listing"], "the listing size"),
-            options=options,
-            calibration=np.array([_number(v) for v in block["calibration"]], dtype=np.float64),
-            unlike=[(str(u["kind"]), _int(u["count"], "an unlike count"), str(u["example"])) for u in block["unlike"]],
-            decision_warnings=[str(w) for w in block["decision_warnings"]],
-            threshold=threshold,
-            summary=summary,
-            records=records,
-        )
-    except (KeyError, TypeError, ValueError) as exc:
+    summary, records = doc["summary"], doc["records"]
+    if any("index" not in r for r in records) or not 1 <= block["index"] <= block["count"]:
         raise MergeError(
-            f"{name}: the shard report is incomplete or damaged ({type(exc).__name__}: {exc}); score this shard again"
+            f"{name}: the shard report is incomplete or damaged (records without an index); score it again"
+        )
+    try:
+        DecisionRule.from_options(block["options"])
+    except ConfigError as exc:
+        raise MergeError(
+            f"{name}: the shard's scoring options cannot be used ({exc}); score this shard again"
         ) from None
+    return ShardReport(
+        path=name,
+        index=block["index"],
+        count=block["count"],
+        split=block["split"],
+        listing=block["listing"],
+        options=block["options"],
+        calibration=np.array([_number(v) for v in block["calibration"]], dtype=np.float64),
+        unlike=[(u["kind"], u["count"], u["example"]) for u in block["unlike"]],
+        decision_warnings=list(block["decision_warnings"]),
+        summary=summary,
+        records=records,
+    )
 
 
 def _option_text(key: str, value: Any) -> str:
@@ -317,21 +260,12 @@ def _check_compatible(shards: Sequence[ShardReport]) -> list[ShardReport]:
     return [by_index[i] for i in range(1, n + 1)]
 
 
-def _merge_unlike(shards: Sequence[ShardReport]) -> dict[str, tuple[int, str]]:
+def _merge_unlike(shards: Sequence[ShardReport]) -> Unlike:
     """Counts add up; the example is the kind's first image in the whole listing, as one run reports it."""
-    best: dict[str, list[Any]] = {}  # kind -> [count, example, its position, its order in its shard's list]
-    for sh in shards:
-        where = {r["path"]: r["index"] for r in sh.records}
-        for order, (kind, count, example) in enumerate(sh.unlike):
-            pos = where.get(example, sh.listing)
-            if kind not in best:
-                best[kind] = [count, example, pos, order]
-            else:
-                best[kind][0] += count
-                if pos < best[kind][2]:
-                    best[kind][1:] = [example, pos, order]
-    ranked = sorted(best.items(), key=lambda kv: (kv[1][2], kv[1][3]))
-    return {kind: (v[0], v[1]) for kind, v in ranked}
+    where = {r["path"]: r["index"] for sh in shards for r in sh.records}
+    parts = [{kind: (count, example) for kind, count, example in sh.unlike} for sh in shards]
+    listing = shards[0].listing if shards else 0
+    return merge_unlike(parts, position=lambda path: where.get(path, listing))
 
 
 def merge_reports(
@@ -345,7 +279,7 @@ def merge_reports(
     """The report one unsharded `score` run over the whole listing would have written, gate included.
 
     Raises MergeError for a missing, duplicated or foreign shard, and
-    report.BaselineError for a `baseline` of another model or score.
+    BaselineError for a `baseline` of another model or score.
     """
     if not shards:
         raise MergeError("no shard reports given")
@@ -385,11 +319,9 @@ def merge_reports(
                 "older vae-anomaly, or edited); score the shards again"
             ) from None
     calibration = first.calibration
-    threshold = first.threshold
-    if threshold.rule == "fdr":  # Benjamini-Hochberg over the union's p-values, not the shards'
-        threshold = fdr_threshold(
-            calibration, p, threshold.alpha, threshold.tail, models=threshold.models, guard=threshold.guard
-        )
+    # The rule is applied again over the union: Benjamini-Hochberg needs every p-value of the batch.
+    rule = DecisionRule.from_options(opts)
+    decision = rule.decision(scores, p, calibration, models, first.decision_warnings)
     baseline_scores = None
     if baseline is not None:
         baseline_scores = load_baseline(baseline, s0["model_fingerprint"], s0["score"])
@@ -397,18 +329,16 @@ def merge_reports(
         scores,
         p,
         calibration,
-        fpr=float(opts["fpr"]),
-        tail=str(opts["tail"]),
+        fpr=rule.fpr,
+        tail=rule.tail,
         model_scores=model_scores,
         baseline=baseline_scores,
     )
     return build_report(
         [r["path"] for r in readable],
         scores,
-        p,
-        flag(scores, p, threshold),
         [(r["path"], r["error"]) for r in unreadable],
-        threshold=threshold,
+        decision,
         calibration=calibration,
         score=s0["score"],
         samples=int(s0["samples"]),
@@ -418,8 +348,6 @@ def merge_reports(
         skip_unreadable=skip_unreadable,
         warnings=[*unlike_warnings(_merge_unlike(ordered)), *first.decision_warnings],
         tests=tests,
-        guarantee=guarantee(threshold),
         models=models,
-        smallest_p_value=s0["smallest_p_value"],
         baseline=None if baseline is None else os.fsdecode(baseline),
     )

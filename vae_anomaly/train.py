@@ -24,54 +24,15 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .config import TrainConfig
 from .distributed import World
+from .errors import TrainingError
 from .model import ConvVAE
 from .scores import kl_to_standard_normal, latent_noise, negative_elbo
 
-PRECISIONS = ("fp32", "bf16")
 # On a GPU the loss is read back (NaN check, running mean) every this many steps, not every
 # step: each read waits for the GPU to finish, which would leave it idle while Python queues more.
 GPU_SYNC_EVERY = 20
-
-
-class TrainingError(Exception):
-    """Training cannot go on (a NaN loss, say); the message says what to try."""
-
-
-@dataclass
-class TrainConfig:
-    """How long and how to train. Defaults reach a good model on a laptop CPU in a minute."""
-
-    # Upper bound; early stopping usually ends sooner. None: 50 epochs, or more for
-    # small data sets so that training takes at least `min_steps` optimiser steps
-    # (30 epochs of 100 images would be only 30 steps).
-    epochs: int | None = None
-    min_steps: int = 600
-    time_budget: float | None = None  # seconds; stops mid-epoch when reached
-    batch_size: int = 128  # fast on 2 CPU cores, still many steps per epoch
-    learning_rate: float = 1e-3  # Adam's usual default works for this small network
-    patience: int = 5  # epochs without held-out improvement before stopping
-    seed: int = 0
-    device: str = "cpu"
-    # "bf16": the forward pass under bf16 autocast (weights, optimiser and the loss's sums
-    # stay float32). Twice the matrix throughput on GPUs; scores are always float32.
-    precision: str = "fp32"
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.epochs is not None and self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.min_steps < 0:
-            raise ValueError(f"min_steps must be >= 0, got {self.min_steps}")
-        if self.time_budget is not None and self.time_budget <= 0:
-            raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not 0 < self.learning_rate < 1:
-            raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate}")
-        if self.patience < 1:
-            raise ValueError(f"patience must be >= 1, got {self.patience}")
 
 
 @dataclass
@@ -321,7 +282,7 @@ def train(
                 first = step + 1 if not cuda or net is not None else step + 2 - GPU_SYNC_EVERY
                 _diverged(value, epoch, first, step + 1)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             kl_sum += kl_batch  # stays on the device until the epoch ends
             count += len(idx)

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .calibration import Threshold
+from .decision import Threshold
+from .errors import MissingExtraError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -25,10 +26,6 @@ if TYPE_CHECKING:
 CMAP = "inferno"  # perceptually uniform, and readable in greyscale print
 PANEL = 192  # px per panel side in heat-map PNGs
 INSTALL_HINT = "pip install 'vae-anomaly[report]' (or: pip install 'matplotlib>=3.7')"
-
-
-class MissingExtraError(ImportError):
-    """matplotlib is not installed; the message says how to install it."""
 
 
 def _pyplot() -> Any:
@@ -53,7 +50,8 @@ def colour_table() -> np.ndarray:
     _pyplot()
     from matplotlib import colormaps
 
-    return (colormaps[CMAP](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
+    table: np.ndarray = (colormaps[CMAP](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
+    return table
 
 
 # ----------------------------------------------------------------- images
@@ -98,7 +96,8 @@ def heat_overlay(
     colour = lut[(t * 255).round().astype(int)].astype(np.float64)
     grey = to_rgb(image).astype(np.float64).mean(axis=2, keepdims=True) * 0.6
     alpha = (0.35 + 0.65 * t)[..., None]
-    return (grey * (1 - alpha) + colour * alpha).round().clip(0, 255).astype(np.uint8)
+    blended: np.ndarray = (grey * (1 - alpha) + colour * alpha).round().clip(0, 255).astype(np.uint8)
+    return blended
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

@@ -1,0 +1,325 @@
+"""Files to batches of pixels: worker processes, the pixel cache, input order, bounded memory.
+
+Every command that reads images goes through `iter_batches`; training
+reads all of them at once through `read_images`. No torch: the worker
+processes this module starts import nothing heavier than Pillow.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .decoding import Preprocessing, ReadError, Unlike, decode_image, merge_unlike, png_bits, unlike_kinds
+from .errors import ConfigError, ImageReadError
+from .listing import display_path
+from .pixel_cache import CacheHit, FileKey, PixelCache, default_cache_dir
+
+
+@dataclass
+class ImageBatch:
+    """Decoded pixels of the readable files of one batch, and the unreadable ones."""
+
+    paths: list[str]
+    pixels: np.ndarray  # uint8 (B, C, H, W)
+    errors: list[ReadError]
+    # Images unlike what the model expects, converted anyway: kind -> (count, an example path).
+    unlike: Unlike = field(default_factory=dict)
+    bits: np.ndarray | None = None  # png_bits of each image's pixels, when asked for
+
+
+# ---------------------------------------------------------------- decoding in worker processes
+
+# Batches decoded in this process, timed, before `worth_it` is asked (the least time counts:
+# the first batch also pays one-time costs).
+PROBE_BATCHES = 4
+# Below this many files, starting worker processes costs more than it saves.
+PARALLEL_FROM = 1024
+MAX_WORKERS = 8
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (a container's quota, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How files become pixels: worker processes, and the on-disk cache of decoded pixels."""
+
+    # None: one per CPU left after `reserve` (up to 8), for >= PARALLEL_FROM files; 0: decode in this process
+    workers: int | None = None
+    cache: bool = True
+    cache_dir: str | None = None  # None: default_cache_dir()
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and (isinstance(self.workers, bool) or not 0 <= self.workers <= 256):
+            raise ConfigError(
+                f"workers must be a whole number from 0 to 256, or None (automatic); got {self.workers!r}"
+            )
+        if not isinstance(self.cache, bool):
+            raise ConfigError(f"cache must be True or False, got {self.cache!r}")
+        if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir):
+            raise ConfigError(f"cache_dir must be a folder path or None (the default), got {self.cache_dir!r}")
+
+    def workers_for(self, n_files: int, reserve: int = 0) -> int:
+        """Worker processes for `n_files`, leaving `reserve` CPUs to the caller's own work (scoring)."""
+        if self.workers is not None:
+            return self.workers
+        if n_files < PARALLEL_FROM:
+            return 0
+        return max(1, min(available_cpus() - reserve, MAX_WORKERS))
+
+
+@dataclass
+class _Decoded:
+    """One chunk's results, as a worker sends them back (plain arrays pickle cheaply)."""
+
+    index: list[int]  # positions in the chunk of the readable files
+    pixels: np.ndarray  # uint8 (len(index), C, H, W)
+    sources: list[tuple[int, int, bool]]  # each readable file's own width, height, colour
+    bits: np.ndarray | None
+    errors: list[tuple[int, str]]  # (position, reason)
+
+
+def _decode_chunk(files: Sequence[Path], prep: Preprocessing, bits: bool) -> _Decoded:
+    index: list[int] = []
+    arrays: list[np.ndarray] = []
+    sources: list[tuple[int, int, bool]] = []
+    errors: list[tuple[int, str]] = []
+    for i, path in enumerate(files):
+        source: dict[str, Any] = {}
+        try:
+            arrays.append(decode_image(path, prep, source))
+        except ImageReadError as exc:
+            errors.append((i, str(exc)))
+            continue
+        index.append(i)
+        w, h = source.get("size", (prep.size, prep.size))
+        sources.append((int(w), int(h), bool(source.get("colour", False))))
+    pixels = np.stack(arrays) if arrays else np.zeros((0, prep.channels, prep.size, prep.size), np.uint8)
+    return _Decoded(index, pixels, sources, png_bits(pixels) if bits else None, errors)
+
+
+def _worker_init(max_image_pixels: int | None) -> None:
+    # Ctrl-C reaches the whole process group; the parent decides what it means.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    Image.MAX_IMAGE_PIXELS = max_image_pixels
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """Forked workers on Linux (they start in milliseconds and import nothing); spawned elsewhere."""
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(Image.MAX_IMAGE_PIXELS,))
+
+
+def open_cache(options: DecodeOptions, prep: Preprocessing) -> PixelCache | None:
+    if not options.cache:
+        return None
+    return PixelCache(options.cache_dir or default_cache_dir(), prep)
+
+
+# ------------------------------------------------------------------------------- batching
+
+
+@dataclass
+class _Pending:
+    chunk: list[Path]
+    hits: dict[int, CacheHit]
+    keys: dict[int, FileKey]
+    misses: list[int]  # positions in the chunk sent to be decoded
+    decoded: Future[_Decoded] | _Decoded | None
+
+
+def _assemble(p: _Pending, prep: Preprocessing, bits: bool, cache: PixelCache | None) -> ImageBatch:
+    """One batch in input order, from cached rows and freshly decoded files; new ones go into the cache."""
+    n = len(p.chunk)
+    pixels = np.empty((n, prep.channels, prep.size, prep.size), np.uint8)
+    ok = np.zeros(n, bool)
+    out_bits = np.full(n, np.nan)
+    sources: dict[int, tuple[int, int, bool]] = {}
+    reasons: dict[int, str] = {}
+    hits = p.hits
+    if hits:
+        rows = cache.read([h.row for h in hits.values()]) if cache is not None else None
+        if rows is None:  # the cache broke between lookup and read: decode these here
+            redo = _decode_chunk([p.chunk[i] for i in hits], prep, bits)
+            rows, hit_pos = redo.pixels, [list(hits)[j] for j in redo.index]
+            for j, reason in redo.errors:
+                reasons[list(hits)[j]] = reason
+            for j, i in enumerate(hit_pos):
+                sources[i] = redo.sources[j]
+                if redo.bits is not None:
+                    out_bits[i] = redo.bits[j]
+        else:
+            hit_pos = list(hits)
+            for i in hit_pos:
+                sources[i] = hits[i].source
+                if hits[i].bits is not None:
+                    out_bits[i] = hits[i].bits
+        pixels[hit_pos] = rows
+        ok[hit_pos] = True
+    if p.decoded is not None:
+        d = p.decoded.result() if isinstance(p.decoded, Future) else p.decoded
+        pos = [p.misses[j] for j in d.index]
+        pixels[pos] = d.pixels
+        ok[pos] = True
+        for j, i in enumerate(pos):
+            sources[i] = d.sources[j]
+            if d.bits is not None:
+                out_bits[i] = d.bits[j]
+        for j, reason in d.errors:
+            reasons[p.misses[j]] = reason
+        if cache is not None:
+            fresh = [j for j, i in enumerate(pos) if i in p.keys]
+            cache.add(
+                [p.keys[pos[j]] for j in fresh],
+                d.pixels[fresh],
+                None if d.bits is None else d.bits[fresh],
+                [d.sources[j] for j in fresh],
+            )
+    if bits:
+        missing = np.nonzero(ok & np.isnan(out_bits))[0]
+        if len(missing):  # cached without them
+            out_bits[missing] = png_bits(pixels[missing])
+            if cache is not None:
+                keyed = [int(i) for i in missing if int(i) in p.keys]
+                cache.set_bits([p.keys[i] for i in keyed], out_bits[keyed])
+    paths: list[str] = []
+    errors: list[ReadError] = []
+    unlike: Unlike = {}
+    for i, path in enumerate(p.chunk):
+        if not ok[i]:
+            errors.append(ReadError(display_path(path), reasons.get(i, "cannot decode image")))
+            continue
+        paths.append(display_path(path))
+        for kind in unlike_kinds(*sources[i], prep):
+            count, example = unlike.get(kind, (0, paths[-1]))
+            unlike[kind] = (count + 1, example)
+    return ImageBatch(paths, pixels[ok], errors, unlike, out_bits[ok] if bits else None)
+
+
+def iter_batches(
+    files: Sequence[Path],
+    prep: Preprocessing,
+    batch_size: int = 256,
+    *,
+    options: DecodeOptions | None = None,
+    bits: bool = False,
+    on_warning: Callable[[str], None] | None = None,
+    reserve: int = 0,
+    on_workers: Callable[[int], None] | None = None,
+    worth_it: Callable[[float], bool] | None = None,
+) -> Iterator[ImageBatch]:
+    """Decode files in batches, in input order, so memory stays bounded whatever the folder's size.
+
+    With workers, the next batches are decoded in other processes while the
+    caller works on this one (at most 2 per worker in flight). Files found
+    unchanged in the pixel cache are read from it instead. `bits` adds each
+    image's `png_bits`, computed where it is decoded. The workers start with
+    the first batch that needs decoding (never, when the cache holds every
+    file), and `on_workers(n)` is called then, so that the caller can fit
+    its own threads into the CPUs the workers leave (`reserve`). With
+    `worth_it`, the first batches to decode are decoded here and timed, and
+    `worth_it(seconds per file)` decides whether workers start at all: where
+    the caller's own work per image dwarfs decoding, the CPUs are better
+    left to it.
+    """
+    options = options or DecodeOptions(cache=False)
+    files = list(files)
+    workers = options.workers_for(len(files), reserve)
+    cache = open_cache(options, prep)
+    _usable(cache, on_warning)
+    pool: ProcessPoolExecutor | None = None
+    pending: deque[_Pending] = deque()
+    depth = 2 * workers
+    probes: list[float] = []  # seconds per file of decoding here, when `worth_it` asks
+    try:
+        for start in range(0, len(files), batch_size):
+            chunk = files[start : start + batch_size]
+            hits, keys = cache.lookup(chunk) if cache is not None and cache.usable else ({}, {})
+            misses = [i for i in range(len(chunk)) if i not in hits]
+            todo = [chunk[i] for i in misses]
+            decoded: Future[_Decoded] | _Decoded | None = None
+            if todo and workers > 0 and pool is None:
+                if worth_it is not None and len(probes) < PROBE_BATCHES:
+                    # Decode this batch here, timed, and hand it over at once, so that the caller
+                    # has worked on it before being asked whether workers would pay.
+                    t0 = time.perf_counter()
+                    decoded = _decode_chunk(todo, prep, bits)
+                    probes.append((time.perf_counter() - t0) / len(todo))
+                    pending.append(_Pending(chunk, hits, keys, misses, decoded))
+                    while pending:
+                        yield _assemble(pending.popleft(), prep, bits, _usable(cache, on_warning))
+                    continue
+                if worth_it is None or worth_it(min(probes, default=0.0)):
+                    pool = _pool(workers)
+                    if on_workers is not None:
+                        on_workers(workers)
+                else:
+                    workers = depth = 0
+            if todo:
+                if pool is None:
+                    decoded = _decode_chunk(todo, prep, bits)
+                else:
+                    with warnings.catch_warnings():  # Python >= 3.12 warns about forking a threaded process
+                        warnings.simplefilter("ignore", DeprecationWarning)
+                        decoded = pool.submit(_decode_chunk, todo, prep, bits)
+            pending.append(_Pending(chunk, hits, keys, misses, decoded))
+            if len(pending) > depth:
+                yield _assemble(pending.popleft(), prep, bits, _usable(cache, on_warning))
+        while pending:
+            yield _assemble(pending.popleft(), prep, bits, _usable(cache, on_warning))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if cache is not None:
+            cache.close()
+
+
+def _usable(cache: PixelCache | None, on_warning: Callable[[str], None] | None) -> PixelCache | None:
+    if cache is None:
+        return None
+    if not cache.usable:
+        if on_warning is not None and cache.broken:
+            on_warning(cache.broken)
+            cache.broken = ""  # said once
+        return None
+    return cache
+
+
+def read_images(
+    files: Sequence[Path],
+    prep: Preprocessing,
+    *,
+    options: DecodeOptions | None = None,
+    bits: bool = False,
+    on_warning: Callable[[str], None] | None = None,
+) -> ImageBatch:
+    """All files at once into one contiguous uint8 array (for training)."""
+    batches = list(iter_batches(files, prep, 1024, options=options, bits=bits, on_warning=on_warning))
+    return ImageBatch(
+        [p for b in batches for p in b.paths],
+        np.concatenate([b.pixels for b in batches])
+        if batches
+        else np.zeros((0, prep.channels, prep.size, prep.size), np.uint8),
+        [e for b in batches for e in b.errors],
+        merge_unlike(b.unlike for b in batches),
+        (np.concatenate([b.bits for b in batches if b.bits is not None]) if batches else np.zeros(0)) if bits else None,
+    )

@@ -1,0 +1,46 @@
+"""The `vae-anomaly` command: a thin click layer over the library.
+
+Each command parses its options into one config object, calls one library
+function, renders the result (rich tables on stdout; progress, warnings and
+errors on stderr) and exits with the outcome's code. Every deliberate error
+of the library is a `VaeAnomalyError`; this group maps it, in one place, to
+an `Error:` line and its `exit_code` (see errors.py). Anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .. import __version__
+from ..errors import VaeAnomalyError
+from .evaluate import evaluate
+from .fit import fit
+from .info import info
+from .score import merge, score
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except VaeAnomalyError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vae-anomaly")
+def main() -> None:
+    """Flag images that do not look like a folder of known-normal ones.
+
+    \b
+      vae-anomaly fit ./normal_imgs -o model.vae
+      vae-anomaly score ./incoming --model model.vae --threshold auto
+    """
+
+
+for command in (fit, score, merge, evaluate, info):
+    main.add_command(command)

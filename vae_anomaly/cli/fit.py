@@ -1,0 +1,319 @@
+"""`vae-anomaly fit`: options into a `FitConfig`, training with progress and signals, the model file."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .. import distributed
+from ..batching import DecodeOptions
+from ..config import CROSS_FIT_BELOW, DEFAULT_FOLDS, LIKELIHOODS, FitConfig
+from ..detector import Detector
+from ..errors import FitInterrupted
+from ..pipeline import fit_summary
+from ..train import EpochStats
+from .options import decode_options, max_pixels_option
+from .render import err, warn
+
+FIT_DEFAULTS = FitConfig()  # the CLI shows and uses the library's defaults; one place to change them
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("model.vae"),
+    show_default=True,
+    help="Model file to write.",
+)
+@click.option("--image-size", type=click.IntRange(4, 1024), help="Square input side; default: from the data.")
+@click.option("--latent-dim", type=click.IntRange(1, 4096), default=FIT_DEFAULTS.latent_dim, show_default=True)
+@click.option(
+    "--likelihood",
+    type=click.Choice(LIKELIHOODS),
+    default=FIT_DEFAULTS.likelihood,
+    show_default=True,
+    help="Decoder p(x|z). Gaussian has a learned scale; Bernoulli favours simple images.",
+)
+@click.option(
+    "--epochs",
+    type=click.IntRange(1),
+    help="Upper bound; early stopping on held-out images usually ends sooner. "
+    "Default: 50, or enough for 600 steps on small data sets.",
+)
+@click.option("--time-budget", type=click.FloatRange(0, min_open=True), help="Stop training after this many seconds.")
+@click.option("--batch-size", type=click.IntRange(1), default=FIT_DEFAULTS.batch_size, show_default=True)
+@click.option(
+    "--learning-rate",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=FIT_DEFAULTS.learning_rate,
+    show_default=True,
+)
+@click.option(
+    "--patience",
+    type=click.IntRange(1),
+    default=FIT_DEFAULTS.patience,
+    show_default=True,
+    help="Epochs without held-out improvement before stopping.",
+)
+@click.option(
+    "--calibration-fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=FIT_DEFAULTS.calibration_fraction,
+    show_default=True,
+    help="Share of the normal images held out to calibrate p-values.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=FIT_DEFAULTS.seed,
+    show_default=True,
+    help="Same seed, data and options: same model on CPU.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16"]),
+    default=FIT_DEFAULTS.precision,
+    show_default=True,
+    help="Training arithmetic: bf16 runs the forward pass under bf16 autocast (for larger images on "
+    "GPUs; slower for small ones, see README). Scores are always float32.",
+)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option(
+    "--max-unreadable-fraction",
+    type=click.FloatRange(0, 1),
+    default=FIT_DEFAULTS.max_unreadable_fraction,
+    show_default=True,
+    help="Fail when more of the training files than this cannot be read.",
+)
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint OUTPUT.ckpt of an interrupted run.")
+@click.option(
+    "--checkpoint-every",
+    type=click.FloatRange(0),
+    default=30.0,
+    show_default=True,
+    help="Seconds between checkpoints (written at epoch ends to OUTPUT.ckpt).",
+)
+@click.option(
+    "--folds",
+    type=click.IntRange(1, 20),
+    help=f"Cross-fit K models on K folds, every image then calibrates. Default: {DEFAULT_FOLDS} below "
+    f"{CROSS_FIT_BELOW} readable images, else 1 (one model, --calibration-fraction held out).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@max_pixels_option
+@decode_options
+def fit(
+    inputs: tuple[Path, ...],
+    output: Path,
+    image_size: int | None,
+    latent_dim: int,
+    likelihood: str,
+    epochs: int,
+    time_budget: float | None,
+    batch_size: int,
+    learning_rate: float,
+    patience: int,
+    calibration_fraction: float,
+    seed: int,
+    precision: str,
+    device: str,
+    max_unreadable_fraction: float,
+    resume: bool,
+    checkpoint_every: float,
+    folds: int | None,
+    quiet: bool,
+    decode: DecodeOptions,
+) -> None:
+    """Train on INPUTS (folders or files of normal images) and write a model file.
+
+    Ctrl-C or SIGTERM stops after the current step and writes the best model so
+    far (exit code 128 + signal number); a second Ctrl-C aborts without writing.
+
+    Under torchrun (`torchrun --nproc-per-node N -m vae_anomaly fit ...`) the N
+    processes train together with DistributedDataParallel (gloo on CPU, one
+    GPU each with NCCL), each on its slice of every batch; rank 0 alone shows
+    progress and writes the checkpoint and the model file.
+    """
+    config = FitConfig(
+        image_size=image_size,
+        latent_dim=latent_dim,
+        likelihood=likelihood,
+        epochs=epochs,
+        time_budget=time_budget,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        patience=patience,
+        calibration_fraction=calibration_fraction,
+        seed=seed,
+        device=device,
+        precision=precision,
+        max_unreadable_fraction=max_unreadable_fraction,
+        folds=folds,
+        decode=decode,
+    )
+    world = distributed.init(device) if distributed.launched() else distributed.World()
+    try:
+        _fit(Detector(config), inputs, output, resume, checkpoint_every, quiet, world)
+    finally:
+        distributed.destroy()
+
+
+def _fit(
+    detector: Detector,
+    inputs: tuple[Path, ...],
+    output: Path,
+    resume: bool,
+    checkpoint_every: float,
+    quiet: bool,
+    world: distributed.World,
+) -> None:
+    """`fit` after its options are checked: train, save on rank 0, report on rank 0."""
+    main_rank = world.is_main
+    checkpoint = output.with_name(output.name + ".ckpt")
+    t0 = time.perf_counter()
+    with _StopOnSignal(announce=main_rank) as stop, _FitProgress(quiet or not main_rank) as progress:
+        try:
+            detector.fit(
+                list(inputs),
+                on_epoch=progress.update,
+                on_warning=warn if main_rank else None,
+                should_stop=stop.requested,
+                checkpoint=checkpoint,
+                resume=resume,
+                checkpoint_every=checkpoint_every,
+                on_model=progress.new_model,
+            )
+            seconds = time.perf_counter() - t0
+            if main_rank:
+                detector.save(output)
+        except FitInterrupted as exc:
+            if main_rank:
+                err.print(f"[yellow]interrupted[/]: {escape(str(exc))}")
+            sys.exit(128 + (stop.signum or signal.SIGINT))
+        except KeyboardInterrupt:
+            err.print("[red]aborted[/]: no model file written; `fit --resume` continues from the last checkpoint")
+            sys.exit(130)
+    # The others wait for rank 0's file, so that every process of the job ends after it is written.
+    world.barrier()
+    tr = detector.metadata_["training"]
+    if not main_rank:
+        if stop.signum is not None:
+            sys.exit(128 + stop.signum)
+        return
+    if stop.signum is not None:
+        err.print(
+            f"[yellow]interrupted[/] at epoch {tr['epochs_run']}: wrote the best model so far to "
+            f"{escape(str(output))} (best epoch {tr['best_epoch']}); `fit --resume` with the same options "
+            "continues training from the last checkpoint."
+        )
+        sys.exit(128 + stop.signum)
+    checkpoint.unlink(missing_ok=True)
+    err.print(
+        f"[green]wrote[/]{escape(fit_summary(detector, output, seconds, world)[len('wrote') :])}", highlight=False
+    )
+
+
+class _StopOnSignal:
+    """First Ctrl-C or SIGTERM: ask training to stop after this step. Second: abort at once.
+
+    torchrun passes a Ctrl-C on to every process once; `announce` is False on
+    all but rank 0, so that the message is printed once.
+    """
+
+    def __init__(self, announce: bool = True) -> None:
+        self.signum: int | None = None
+        self.announce = announce
+        self._old: dict[int, Any] = {}
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if self.announce:
+            err.print(
+                f"\n[yellow]{signal.Signals(signum).name}[/]: stopping after this step and writing the best model so "
+                "far (Ctrl-C again aborts without writing)"
+            )
+
+    def __enter__(self) -> _StopOnSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (an embedding application): no handlers
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class _FitProgress:
+    """A rich progress bar on a terminal, one line per epoch elsewhere (CI logs)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.last_line = -1e9
+        self.bar: Progress | None = None
+        self.task: Any = None
+
+    def __enter__(self) -> _FitProgress:
+        if not self.quiet and err.is_terminal:
+            self.bar = Progress(
+                TextColumn("epoch {task.fields[epoch]}"),
+                BarColumn(),
+                TextColumn("loss {task.fields[loss]} KL {task.fields[kl]} val {task.fields[val]}"),
+                TextColumn("{task.fields[rate]} img/s"),
+                TimeRemainingColumn(),
+                console=err,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("fit", total=None, epoch="-", loss="-", kl="-", val="-", rate="-")
+        return self
+
+    def new_model(self, k: int, folds: int) -> None:
+        self.last_line = -1e9  # each model's clock starts at zero
+        if folds > 1 and not self.quiet:
+            if self.bar is not None:
+                self.bar.update(self.task, description=f"model {k + 1}/{folds}")
+            err.print(f"cross-fitting: model {k + 1} of {folds} (fold {k + 1} held out)", highlight=False)
+
+    def update(self, s: EpochStats) -> None:
+        val = "-" if s.val_loss is None else f"{s.val_loss:.2f}"
+        if self.bar is not None:
+            total = s.elapsed + (s.remaining or 0.0)
+            self.bar.update(
+                self.task,
+                total=total,
+                completed=s.elapsed,
+                epoch=f"{s.epoch}/{s.epochs}",
+                loss=f"{s.train_loss:.2f}",
+                kl=f"{s.train_kl:.2f}",
+                val=val,
+                rate=f"{s.images_per_s:,.0f}",
+            )
+        elif not self.quiet and (s.epoch <= 3 or s.epoch == s.epochs or s.elapsed - self.last_line >= 2.0):
+            # CI logs: the first epochs, then at most one line every two seconds.
+            self.last_line = s.elapsed
+            err.print(
+                f"epoch {s.epoch}/{s.epochs}  loss {s.train_loss:.3f}  KL {s.train_kl:.3f}  val {val}  "
+                f"{s.images_per_s:,.0f} img/s  {s.elapsed:.1f} s",
+                highlight=False,
+            )
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -1,0 +1,135 @@
+"""Option groups several commands share, as decorators, and the parsers of option values."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..batching import DecodeOptions
+from ..decoding import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
+from ..errors import ConfigError
+from ..gate import GATE_RULES, GateRule, gate_from_options
+from ..pixel_cache import default_cache_dir
+from ..report import FORMATS
+from ..shard import parse_shard
+
+
+def max_pixels_option(fn: Any) -> Any:
+    """Shared by every command that reads images: the decompression-bomb limit."""
+
+    def apply(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+        set_max_image_pixels(value)
+        return value
+
+    return click.option(
+        "--max-image-pixels",
+        type=click.IntRange(1),
+        callback=apply,
+        expose_value=False,
+        help=f"Refuse images whose header declares more pixels (default {DEFAULT_MAX_IMAGE_PIXELS:,}).",
+    )(fn)
+
+
+def decode_options(fn: Any) -> Any:
+    """Shared by every command that reads image files: worker processes and the pixel cache.
+
+    The three options reach the command as one `decode: DecodeOptions`.
+    """
+
+    @functools.wraps(fn)
+    def command(*args: Any, workers: int | None, no_cache: bool, cache_dir: Path | None, **kwargs: Any) -> Any:
+        decode = DecodeOptions(workers, not no_cache, None if cache_dir is None else str(cache_dir))
+        return fn(*args, decode=decode, **kwargs)
+
+    options = [
+        click.option(
+            "--workers",
+            type=click.IntRange(0),
+            help="Processes that decode images (0: in this process). Default: one per CPU left free, "
+            "for 1024 files or more.",
+        ),
+        click.option(
+            "--no-cache",
+            is_flag=True,
+            help="Neither read nor write the cache of decoded pixels (files are found again by path, size "
+            "and modification time).",
+        ),
+        click.option(
+            "--cache-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            help=f"Where decoded pixels are cached (default $VAE_ANOMALY_CACHE_DIR or {default_cache_dir()}).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def report_options(fn: Any) -> Any:
+    """Shared by `score` and `merge`: the output format and file, the gate, and the CI reports."""
+    options = [
+        click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True),
+        click.option(
+            "-o",
+            "--output",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Write results here instead of stdout (format from --format, or the file's extension).",
+        ),
+        click.option(
+            "--gate",
+            "gate_specs",
+            multiple=True,
+            metavar="RULE=LIMIT[,...]",
+            help="Gate rules over the batch, exit 1 when any fails: "
+            + ", ".join(f"{k} ({v[0]}; fails when {v[1]})" for k, v in GATE_RULES.items())
+            + ". Repeatable or comma separated.",
+        ),
+        click.option("--max-anomalies", type=click.IntRange(0), help="Same as --gate max-count=N."),
+        click.option("--max-anomaly-rate", type=click.FloatRange(0, 1), help="Same as --gate max-rate=R."),
+        click.option(
+            "--baseline",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="A previous accepted JSON report of this model: test the batch's scores against it "
+            "(gate rule drift-p).",
+        ),
+        click.option(
+            "--junit",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Also write JUnit XML here: one test case per image, flagged and unreadable ones fail.",
+        ),
+        click.option("--skip-unreadable", is_flag=True, help="Unreadable inputs are reported but do not exit 3."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def parse_threshold(ctx: click.Context, param: click.Parameter, value: str) -> str | float:
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"expected 'auto' or a number, got {value!r}", ctx, param) from None
+
+
+def parse_shard_option(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        return parse_shard(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def gate_rules(
+    gate_specs: tuple[str, ...], max_anomalies: int | None, max_anomaly_rate: float | None
+) -> tuple[GateRule, ...]:
+    """--gate, --max-anomalies and --max-anomaly-rate as one list of rules (score and merge share them)."""
+    try:
+        return tuple(gate_from_options(gate_specs, max_anomalies, max_anomaly_rate))
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--gate'") from None

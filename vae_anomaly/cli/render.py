@@ -1,0 +1,137 @@
+"""What people see: rich tables on stdout, and messages on stderr. The only module that imports rich."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..ci import verdict_lines
+from ..evaluation import Evaluation
+from ..report import Report
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def warn(msg: str) -> None:
+    err.print(f"[yellow]warning:[/] {escape(msg)}")
+
+
+def say(msg: str) -> None:
+    """A progress or file-written line on stderr; an unreadable file's line in red."""
+    if msg.startswith("unreadable: "):
+        err.print(f"[red]unreadable:[/] {escape(msg[len('unreadable: ') :])}", highlight=False)
+    else:
+        err.print(escape(msg), highlight=False)
+
+
+def report_table(report: Report, top: int) -> None:
+    """The most anomalous images first, then the verdict lines."""
+    s = report.summary
+    scored = [r for r in report.records if r.error is None]
+    shown = scored if top == 0 else scored[:top]
+    table = Table(title=f"most anomalous first ({s.score}, {s.threshold['tail']})", title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("path", overflow="fold")
+    table.add_column("score", justify="right")
+    table.add_column("p-value", justify="right")
+    table.add_column("flag")
+    for r in shown:
+        table.add_row(
+            str(r.rank),
+            escape(r.path),
+            f"{r.score:.4g}",
+            f"{r.p_value:.4f}",
+            "[bold red]ANOMALY[/]" if r.flagged else "ok",
+        )
+    if shown:
+        out.print(table)
+    if len(scored) > len(shown):
+        out.print(f"... {len(scored) - len(shown)} more (use --top 0 or --format json for all)")
+    for line in verdict_lines(report):
+        out.print(escape(line), highlight=False)
+
+
+def evaluation_table(ev: Evaluation) -> None:
+    table = Table(
+        title=f"{escape(ev.source)}: {int((ev.labels == 0).sum())} normal, {int((ev.labels == 1).sum())} anomalous",
+        title_justify="left",
+    )
+    table.add_column("metric")
+    for name, r in ev.results.items():
+        table.add_column(f"{name} ({r.samples})", justify="right")
+    res = list(ev.results.values())
+    rows = [
+        ("ROC-AUC", [f"{r.metrics.roc_auc:.4f}" for r in res]),
+        ("average precision", [f"{r.metrics.average_precision:.4f}" for r in res]),
+        ("best F1", [f"{r.metrics.best_f1:.4f}" for r in res]),
+        ("  at score >=", [f"{r.metrics.best_f1_threshold:.5g}" for r in res]),
+        ("  precision / recall", [f"{r.metrics.best_f1_precision:.3f} / {r.metrics.best_f1_recall:.3f}" for r in res]),
+        ("TPR at FPR 1%", [f"{r.metrics.tpr_at_fpr_1pct:.4f}" for r in res]),
+        ("TPR at FPR 5%", [f"{r.metrics.tpr_at_fpr_5pct:.4f}" for r in res]),
+        ("auto rule: TN / FP", [f"{r.confusion.tn} / {r.confusion.fp}" for r in res]),
+        ("auto rule: FN / TP", [f"{r.confusion.fn} / {r.confusion.tp}" for r in res]),
+        ("auto rule: FPR / TPR", [f"{r.confusion.fpr:.3f} / {r.confusion.tpr:.3f}" for r in res]),
+    ]
+    for label, cells in rows:
+        table.add_row(label, *cells)
+    out.print(table)
+    out.print(
+        "ROC-AUC, AP, best F1 and TPR at FPR rank by the raw score (higher = more anomalous). "
+        f"The auto rule is the model's own (--fpr {ev.fpr:g}, --tail {ev.tail}): "
+        + "; ".join(f"{n}: {escape(r.threshold.describe())}" for n, r in ev.results.items()),
+        highlight=False,
+    )
+
+
+def info_table(model: str, data: dict[str, Any]) -> None:
+    """`vae-anomaly info` for people: one row per fact about the model."""
+    table = Table(show_header=False, title=f"model {escape(model)}", title_justify="left")
+    table.add_column("key", style="bold")
+    table.add_column("value", overflow="fold")
+    tr = data["training"]
+    cfg = data["config"]
+    prep = data["preprocessing"]
+    rows = [
+        ("fingerprint", data["fingerprint"]),
+        ("created", data["created"]),
+        (
+            "input",
+            f"{prep['channels']} channel(s), {prep['size']}x{prep['size']} ({prep['resize']}, {prep['scaling']})",
+        ),
+        ("network", f"latent {cfg['latent_dim']}, channels {cfg['hidden_channels']}, {cfg['likelihood']} decoder"),
+        (
+            "images",
+            f"{tr['images']} read ({tr['train_images']} train, {tr['validation_images']} validation, "
+            f"{tr['calibration_images']} calibration), {tr['unreadable_images']} unreadable",
+        ),
+        ("data fingerprint", tr["data_fingerprint"]),
+        (
+            "models",
+            f"{data['models']} cross-fitted (each scores the fold it did not see; cross-conformal p-values)"
+            if data["models"] > 1
+            else "1 (calibration split held out)",
+        ),
+        (
+            "training",
+            f"{tr['epochs_run']} epochs ({tr['stopped']}), best epoch {tr['best_epoch']}, "
+            f"{tr['seconds']:.1f} s, seed {tr['seed']}, {tr['device']}"
+            + (f", {tr['processes']} processes" if tr.get("processes", 1) > 1 else ""),
+        ),
+        (
+            "final losses",
+            f"train {tr['final_train_loss']:.4g}, held-out "
+            + ("-" if tr["best_val_loss"] is None else f"{tr['best_val_loss']:.4g}"),
+        ),
+        *[
+            (f"calibration {k}", f"{v['n']} scores, {v['samples']} sample(s), median {v['median']:.4g}")
+            for k, v in data["calibration"].items()
+        ],
+        ("versions", ", ".join(f"{k} {v}" for k, v in data["versions"].items())),
+    ]
+    for k, v in rows:
+        table.add_row(k, escape(str(v)))
+    out.print(table)

@@ -1,0 +1,275 @@
+"""What `fit` does between its options and the trained models.
+
+The training images and the unreadable-file policy; the plan of splits or
+folds (which images train each model, which calibrate it); and training
+the K models in turn, with checkpoints a `--resume` continues exactly.
+
+    one split:   model 0 trains on 80%, the other 20% calibrate
+    K folds:     model k trains on every fold but k, and scores fold k,
+                 so every image becomes a calibration score
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__, artifact
+from .batching import read_images
+from .calibration import calibration_needed
+from .config import CROSS_FIT_BELOW, DEFAULT_FOLDS, MIN_TRAINING_IMAGES, MIN_VALIDATION_IMAGES, FitConfig
+from .decoding import Preprocessing, ReadError, infer_preprocessing
+from .distributed import World
+from .errors import FitError, FitInterrupted, ModelFileError
+from .inference import ImageInput, as_paths, as_uint8_images
+from .listing import find_images, require_images
+from .model import ConvVAE, VAEConfig
+from .train import EpochStats, TrainResult, train
+
+
+@dataclass
+class TrainingImages:
+    """The decoded training set, and what was left out of it."""
+
+    pixels: np.ndarray  # uint8 (N, C, H, W)
+    prep: Preprocessing
+    bits: np.ndarray | None  # PNG lengths, for the complexity-corrected score
+    unreadable: list[ReadError]
+    ignored: int
+
+
+def read_training_images(data: ImageInput, cfg: FitConfig, warn: Callable[[str], None]) -> TrainingImages:
+    """Decode the normal images, skipping unreadable ones up to `max_unreadable_fraction`."""
+    if isinstance(data, np.ndarray):
+        pixels = as_uint8_images(data)
+        prep = Preprocessing(pixels.shape[1], pixels.shape[2])
+        if cfg.image_size is not None and cfg.image_size != prep.size:
+            raise FitError(f"image_size {cfg.image_size} given, but the array's images are {prep.size} px")
+        return TrainingImages(pixels, prep, None, [], 0)
+    listing = find_images(as_paths(data))
+    prep, _ = infer_preprocessing(require_images(listing), cfg.image_size)
+    batch = read_images(listing.files, prep, options=cfg.decode, bits=True, on_warning=warn)
+    unreadable, total = batch.errors, len(listing.files)
+    if unreadable:
+        shown = "; ".join(f"{e.path}: {e.reason}" for e in unreadable[:10])
+        more = f" (and {len(unreadable) - 10} more)" if len(unreadable) > 10 else ""
+        warn(f"skipped {len(unreadable)} unreadable training image(s): {shown}{more}")
+    if len(batch.pixels) == 0:
+        raise FitError(f"none of the {total} training image files could be read; see the reasons above")
+    if len(unreadable) / total > cfg.max_unreadable_fraction:
+        raise FitError(
+            f"{len(unreadable)} of {total} training images are unreadable, more than "
+            f"--max-unreadable-fraction {cfg.max_unreadable_fraction:g}; fix or remove them, or raise the limit"
+        )
+    return TrainingImages(batch.pixels, prep, batch.bits, unreadable, listing.ignored)
+
+
+def split(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A random (larger, smaller) split of range(n), the smaller part `fraction` of it (at least 1)."""
+    order = rng.permutation(n)
+    k = min(n - 1, max(1, round(n * fraction)))
+    return np.sort(order[k:]), np.sort(order[:k])
+
+
+def plan(n: int, cfg: FitConfig, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(training, calibration) indices of each model: one split, or K folds below CROSS_FIT_BELOW images."""
+    if n < MIN_TRAINING_IMAGES:
+        raise FitError(
+            f"only {n} readable training image(s); at least {MIN_TRAINING_IMAGES} are needed to train "
+            "and hold some out for calibration (a few hundred give useful p-values)"
+        )
+    folds = cfg.folds if cfg.folds is not None else (DEFAULT_FOLDS if n < CROSS_FIT_BELOW else 1)
+    if folds > 1 and n < 2 * folds:
+        raise FitError(f"{folds} folds need at least {2 * folds} readable images, got {n}; lower --folds")
+    if folds == 1:
+        return [split(n, cfg.calibration_fraction, rng)]
+    # Every image lands in exactly one fold; model k trains on the others.
+    fold_of = np.empty(n, np.int64)
+    fold_of[rng.permutation(n)] = np.arange(n) % folds
+    return [(np.nonzero(fold_of != k)[0], np.nonzero(fold_of == k)[0]) for k in range(folds)]
+
+
+def calibration_warning(n_calibration: int, folds: int) -> str | None:
+    """Why these calibration images cannot flag anything at --fpr 0.01, if they cannot.
+
+    The same arithmetic as the decision rule, for the default decision
+    (two-sided, guarded) and for a plain one-sided test: the warning names
+    the strictest one these images cannot run.
+    """
+    checks = [("the default decision (two-sided, with the kl guard)", calibration_needed(0.01 / 2, "two-sided"))]
+    checks.append(("even a one-sided test", calibration_needed(0.01, "upper")))
+    failing = [(what, need) for what, need in checks if n_calibration < need]
+    if not failing:
+        return None
+    what, need = failing[-1]
+    fix = (
+        "Add normal images."
+        if folds > 1
+        else "Add normal images, raise --calibration-fraction, or cross-fit with --folds 5."
+    )
+    return (
+        f"only {n_calibration} calibration images: {what} at --fpr 0.01 needs at least {need}; with fewer, "
+        f"nothing can be flagged at that rate. {fix}"
+    )
+
+
+def identity(pixels: np.ndarray, cfg: FitConfig) -> tuple[str, str, dict[str, Any]]:
+    """The data's fingerprint, the run's identity (data and options: what a checkpoint belongs to), the settings."""
+    data_fp = hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()[:16]
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("device", "decode")}
+    ident = hashlib.sha256(json.dumps([data_fp, settings], sort_keys=True).encode()).hexdigest()
+    return data_fp, ident, settings
+
+
+def load_checkpoint(path: str | os.PathLike[str], ident: str, world: World) -> dict[str, Any]:
+    """Rank 0 reads the checkpoint (only it writes them) and hands it on: other machines may not have the file."""
+    if world.size == 1:
+        return artifact.load_checkpoint(path, ident)
+    state, error = None, None
+    if world.is_main:
+        try:
+            state = artifact.load_checkpoint(path, ident)
+        except ModelFileError as exc:
+            error = str(exc)
+    state, error = world.broadcast_object((state, error))
+    if error is not None or state is None:
+        raise ModelFileError(error or f"{os.fsdecode(path)}: rank 0 sent no checkpoint")
+    return state
+
+
+@dataclass
+class Hooks:
+    """How a caller watches and steers training: progress, stop requests, checkpoints."""
+
+    on_epoch: Callable[[EpochStats], None] | None = None
+    on_model: Callable[[int, int], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    checkpoint: str | os.PathLike[str] | None = None
+    resume: bool = False
+    checkpoint_every: float = 30.0
+
+
+def train_models(
+    pixels: np.ndarray,
+    plans: Sequence[tuple[np.ndarray, np.ndarray]],
+    cfg: FitConfig,
+    vae_cfg: VAEConfig,
+    device: torch.device,
+    world: World,
+    ident: str,
+    hooks: Hooks,
+    rng: np.random.Generator,
+) -> tuple[list[ConvVAE], list[TrainResult], list[tuple[int, int]]]:
+    """Train one model per plan; returns the models, their results and (train, validation) sizes."""
+    t = torch.from_numpy(np.require(pixels, requirements=["W"]))
+    ckpt = hooks.checkpoint
+    saved = load_checkpoint(ckpt, ident, world) if hooks.resume and ckpt is not None else None
+    done: list[dict[str, Any]] = list(saved["done"]) if saved else []
+    models: list[ConvVAE] = []
+    results: list[TrainResult] = []
+    sizes: list[tuple[int, int]] = []
+    for k, (fit_idx, _) in enumerate(plans):
+        if hooks.on_model is not None:
+            hooks.on_model(k, len(plans))
+        val_idx = np.array([], dtype=np.int64)
+        if round(len(fit_idx) * cfg.validation_fraction) >= MIN_VALIDATION_IMAGES:
+            rel_train, rel_val = split(len(fit_idx), cfg.validation_fraction, rng)
+            fit_idx, val_idx = fit_idx[rel_train], fit_idx[rel_val]
+        torch.manual_seed(cfg.seed + k)
+        model = ConvVAE(vae_cfg)
+        sizes.append((len(fit_idx), len(val_idx)))
+        if k < len(done):  # finished before the interruption
+            model.load_state_dict(done[k]["weights"])
+            models.append(model.to(device).eval())
+            results.append(TrainResult(**done[k]["result"]))
+            continue
+
+        def save_state(st: dict[str, Any], k: int = k) -> None:
+            assert ckpt is not None
+            artifact.save_checkpoint(ckpt, ident, {"done": done, "fold": k, "train": st})
+
+        result = train(
+            model,
+            t[fit_idx],
+            t[val_idx] if len(val_idx) else None,
+            cfg.train_config(fold=k, folds=len(plans), device=str(device)),
+            hooks.on_epoch,
+            should_stop=hooks.should_stop,
+            on_checkpoint=save_state if ckpt is not None and world.is_main else None,
+            checkpoint_every=hooks.checkpoint_every,
+            resume=saved["train"] if saved and saved["fold"] == k and k == len(done) else None,
+            world=world,
+        )
+        results.append(result)
+        models.append(model)
+        if result.stopped == "interrupted" and len(plans) > 1:
+            raise FitInterrupted(
+                f"interrupted while training model {k + 1} of {len(plans)} (cross-fitting): no model file can be "
+                "written until all are trained"
+                + ("; `fit --resume` continues from the last checkpoint." if ckpt is not None else ".")
+            )
+        weights = {n: v.detach().cpu().clone() for n, v in model.state_dict().items()}
+        done.append({"weights": weights, "result": result.to_dict()})
+    return models, results, sizes
+
+
+def training_metadata(
+    vae_cfg: VAEConfig,
+    images: TrainingImages,
+    cfg: FitConfig,
+    trained: tuple[Sequence[tuple[np.ndarray, np.ndarray]], Sequence[TrainResult], Sequence[tuple[int, int]]],
+    settings: dict[str, Any],
+    data_fp: str,
+    device: torch.device,
+    world: World,
+) -> dict[str, Any]:
+    """What the model file says about how it was made (`vae-anomaly info` shows it).
+
+    `trained` is the plans, the training results and the (train, validation) sizes of the K models.
+    """
+    plans, results, sizes = trained
+    folds = len(plans)
+    summaries = [{k: v for k, v in r.to_dict().items() if k != "history"} for r in results]
+    overall = dict(summaries[0])
+    overall["seconds"] = sum(r.seconds for r in results)
+    return {
+        "config": vae_cfg.to_dict(),
+        "preprocessing": images.prep.to_dict(),
+        "noise_seed": cfg.seed + 1_000_003,
+        "samples": dict(cfg.samples),
+        "models": folds,
+        "training": {
+            "images": len(images.pixels),
+            "train_images": sizes[0][0],
+            "validation_images": sizes[0][1],
+            "calibration_images": sum(len(c) for _, c in plans),
+            "unreadable_images": len(images.unreadable),
+            "ignored_files": images.ignored,
+            "data_fingerprint": data_fp,
+            "seed": cfg.seed,
+            "device": str(device),
+            "precision": cfg.precision,
+            "processes": world.size,
+            "folds": folds,
+            "cross_fit": folds > 1,
+            "fit_config": {k: v for k, v in settings.items() if k != "samples"},
+            **overall,
+            "per_model": summaries if folds > 1 else [],
+        },
+        "versions": {
+            "vae_anomaly": __version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,253 @@
+"""Decoding one image file safely into a uint8 array, and what it says about the file.
+
+A file that cannot be decoded raises `ImageReadError` with a reason a person
+can act on; batching turns it into a `ReadError` record, so nothing here
+stops a run on a bad image. No torch: decoding workers import this module.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageReadError
+from .listing import display_path
+
+GREY_MODES: frozenset[str] = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "La"})
+DEFAULT_MAX_IMAGE_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
+RESIZE_RULE = "stretch-bilinear"  # resize to size x size, aspect not kept; Pillow antialiases
+
+
+@dataclass(frozen=True)
+class ReadError:
+    """One file that could not be used, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How files become model inputs; stored in the model file and replayed at score time."""
+
+    channels: int  # 1 = grey, 3 = RGB
+    size: int  # square side in pixels
+    resize: str = RESIZE_RULE
+    scaling: str = "x/255"  # uint8 -> [0, 1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        return cls(int(d["channels"]), int(d["size"]), str(d["resize"]), str(d["scaling"]))
+
+
+def _open(path: Path) -> Image.Image:
+    """Open lazily, refusing decompression bombs from the header alone.
+
+    Pillow's other warnings (corrupt EXIF and the like) are silenced: the
+    image either decodes or becomes an error record.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def _explain(path: Path, exc: BaseException) -> str:
+    """Turn a decoding failure into a reason a person can act on."""
+    try:
+        if path.is_file() and path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+    except OSError:
+        pass
+    if isinstance(exc, FileNotFoundError):
+        return "file not found (a dangling symbolic link?)"
+    if isinstance(exc, PermissionError):
+        return "permission denied: make the file readable"
+    if isinstance(exc, IsADirectoryError):
+        return "is a folder, not an image file"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a readable image: unknown format or corrupt header"
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return (
+            f"refused before decoding: the header declares more pixels than the limit of "
+            f"{Image.MAX_IMAGE_PIXELS:,} (a decompression bomb?); --max-image-pixels raises the limit ({exc})"
+        )
+    msg = str(exc).strip() or type(exc).__name__
+    if "truncated" in msg.lower() or isinstance(exc, EOFError):
+        return f"truncated or corrupt image data ({msg})"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"cannot read file: {os.strerror(exc.errno)}"
+    return f"cannot decode image: {msg}"
+
+
+def _to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Grey or RGB, with 16-bit and float grey rescaled rather than clipped."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            top = 1.0 if arr.max(initial=0.0) <= 1.0 else 255.0
+        else:
+            top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if channels == 1:
+        return img.convert("L")
+    return img.convert("RGB")
+
+
+def set_max_image_pixels(limit: int | None) -> None:
+    """Raise or lower the decompression-bomb limit (Pillow's, default 89,478,485 pixels).
+
+    Files whose header declares more pixels are refused before any pixel is
+    decoded. None restores Pillow's default.
+    """
+    Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS if limit is None else int(limit)
+
+
+def decode_image(path: Path, prep: Preprocessing, source: dict[str, Any] | None = None) -> np.ndarray:
+    """One file -> uint8 (C, size, size). EXIF orientation applied, first frame only.
+
+    Raises `ImageReadError` with a human reason on any failure. If `source`
+    is given, it receives the file's own size and whether it was colour, so
+    callers can warn about images unlike the training ones.
+    """
+    try:
+        with _open(path) as img, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img.seek(0)
+            if source is not None:
+                source["size"] = img.size
+                source["colour"] = img.mode not in GREY_MODES
+            if img.format == "JPEG":
+                # Decode a huge JPEG at a reduced scale straight away (still >= the target size).
+                img.draft("L" if prep.channels == 1 else "RGB", (prep.size, prep.size))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = _to_mode(img, prep.channels)
+            if img.size != (prep.size, prep.size):
+                img = img.resize((prep.size, prep.size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+            arr = np.asarray(img, dtype=np.uint8)
+    except Exception as exc:
+        raise ImageReadError(_explain(path, exc)) from exc
+    if arr.ndim == 2:
+        arr = arr[None]
+    else:
+        arr = arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr)
+
+
+def _is_colour(img: Image.Image) -> bool:
+    if img.mode in GREY_MODES:
+        return False
+    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    return bool(np.any(rgb[..., 0] != rgb[..., 1]) or np.any(rgb[..., 1] != rgb[..., 2]))
+
+
+def infer_preprocessing(
+    files: Sequence[Path], image_size: int | None = None, channels: int | None = None
+) -> tuple[Preprocessing, list[ReadError]]:
+    """Decide grey or colour and the input size from the training images.
+
+    Colour if any image really holds colour (an RGB file of grey pixels is
+    grey). Size: the images' common size when they share one, else the
+    median shorter side, kept within [8, 128] so training stays affordable.
+    """
+    sizes: list[int] = []
+    colour = False
+    errors: list[ReadError] = []
+    for path in files:
+        try:
+            with _open(path) as img:
+                w, h = img.size
+                if channels is None and not colour:
+                    colour = _is_colour(img)
+        except Exception as exc:
+            errors.append(ReadError(display_path(path), _explain(path, exc)))
+            continue
+        sizes.append(min(w, h) if w != h else w)
+    if not sizes:
+        return Preprocessing(channels or 1, image_size or 28), errors
+    if image_size is None:
+        if len(set(sizes)) == 1 and 4 <= sizes[0] <= 256:
+            image_size = sizes[0]
+        else:
+            image_size = int(np.clip(np.median(sizes), 8, 128))
+    return Preprocessing(channels or (3 if colour else 1), int(image_size)), errors
+
+
+def png_bits(pixels: np.ndarray) -> np.ndarray:
+    """Lossless PNG length of each uint8 (C, H, W) image, in bits (deflate level 9).
+
+    The generic compressor of Serra et al. (2020): its code length L(x) is
+    an estimate of the image's complexity that knows nothing of the data set.
+    It lives here, not in scores.py, so that decoding workers compute it
+    without importing torch.
+    """
+    out = np.empty(len(pixels))
+    for i, img in enumerate(pixels):
+        arr = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=9)
+        out[i] = 8 * buf.getbuffer().nbytes
+    return out
+
+
+# Inputs unlike the training images, converted anyway: kind -> (count, an example path).
+Unlike = dict[str, tuple[int, str]]
+
+
+def unlike_kinds(width: int, height: int, colour: bool, prep: Preprocessing) -> list[str]:
+    """How an input differs from what the model was trained on, beyond a plain resize."""
+    kinds = []
+    if colour and prep.channels == 1:
+        kinds.append("colour images converted to grey")
+    if not colour and prep.channels == 3:
+        kinds.append("grey images converted to colour")
+    if max(width, height) > 4 * prep.size or min(width, height) < prep.size / 2:
+        kinds.append(f"images far from the trained size {prep.size}x{prep.size}, resized")
+    return kinds
+
+
+def merge_unlike(
+    parts: Iterable[Mapping[str, tuple[int, str]]], position: Callable[[str], int] | None = None
+) -> Unlike:
+    """Counts of several parts (batches, shards) added up; each kind's example is its first image.
+
+    Without `position` the parts come in listing order, so the first example
+    seen wins. Shards come in shard order: `position(path)` gives an
+    example's place in the whole listing, and the earliest one wins. Kinds
+    are listed in the order of their examples, as one pass over the listing
+    reports them.
+    """
+    best: dict[str, list[Any]] = {}  # kind -> [count, example, sort key]
+    seq = 0
+    for part in parts:
+        for kind, (count, example) in part.items():
+            key = (position(example) if position is not None else 0, seq)
+            seq += 1
+            if kind not in best:
+                best[kind] = [count, example, key]
+                continue
+            best[kind][0] += count
+            if key < best[kind][2]:
+                best[kind][1:] = [example, key]
+    ranked = sorted(best.items(), key=lambda kv: kv[1][2])
+    return {kind: (v[0], v[1]) for kind, v in ranked}
+
+
+def unlike_warnings(unlike: Mapping[str, tuple[int, str]]) -> list[str]:
+    """One warning per kind of input unlike the training images: kind -> (count, first example)."""
+    return [
+        f"{count} {kind} (e.g. {example}); scores of such images are less reliable"
+        for kind, (count, example) in unlike.items()
+    ]

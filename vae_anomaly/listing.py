@@ -1,0 +1,79 @@
+"""Finding image files under the inputs, in an order that is the same on every machine.
+
+Nothing here opens an image: `decoding.py` does that, file by file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputPathError
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+
+
+@dataclass
+class FileListing:
+    """The image files found under the inputs, in a repeatable order."""
+
+    files: list[Path] = field(default_factory=list)
+    ignored: int = 0  # hidden files and files without an image extension
+
+
+def display_path(path: str | os.PathLike[str]) -> str:
+    """A printable form of any file name, including ones that are not UTF-8."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def find_images(paths: Sequence[str | os.PathLike[str]]) -> FileListing:
+    """Files named directly, and image files under folders, walked recursively.
+
+    Folders are walked in sorted order so the listing is the same on every
+    machine; hidden files and folders are skipped and counted as ignored,
+    like non-image files. A file named directly is always kept, whatever its
+    extension, so that a bad one is reported rather than silently skipped.
+    """
+    listing = FileListing()
+    seen: set[Path] = set()
+
+    def add(p: Path) -> None:
+        if p not in seen:
+            seen.add(p)
+            listing.files.append(p)
+
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            for root, dirs, files in os.walk(p, followlinks=False):
+                hidden_dirs = [d for d in dirs if d.startswith(".")]
+                listing.ignored += len(hidden_dirs)
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(files):
+                    if name.startswith(".") or not _is_image_name(name):
+                        listing.ignored += 1
+                    else:
+                        add(Path(root) / name)
+        elif p.exists() or p.is_symlink():
+            add(p)
+        else:
+            raise InputPathError(
+                f"{display_path(p)}: no such file or folder. Check the path, or quote it if it has spaces."
+            )
+    return listing
+
+
+def require_images(listing: FileListing) -> list[Path]:
+    """The listing's files, or the usage error every command gives for inputs without images."""
+    if not listing.files:
+        raise InputPathError(
+            f"no image files found in the inputs ({listing.ignored} hidden or non-image files ignored); "
+            "supported: PNG, JPEG, BMP, GIF, TIFF, WebP"
+        )
+    return listing.files

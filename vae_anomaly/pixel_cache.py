@@ -1,0 +1,190 @@
+"""The decoded-pixel cache: decoded pixels on disk, reused by later runs.
+
+Only a speed-up: on any error it turns itself off and decoding goes on
+without it. No torch: decoding workers may import this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL
+
+from .decoding import Preprocessing
+from .listing import display_path
+
+CACHE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    """$VAE_ANOMALY_CACHE_DIR, else $XDG_CACHE_HOME/vae-anomaly, else ~/.cache/vae-anomaly."""
+    if os.environ.get("VAE_ANOMALY_CACHE_DIR"):
+        return Path(os.environ["VAE_ANOMALY_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "vae-anomaly"
+
+
+FileKey = tuple[bytes, int, int]  # absolute path, size in bytes, modification time in ns
+
+
+@dataclass(frozen=True)
+class CacheHit:
+    row: int
+    bits: float | None
+    source: tuple[int, int, bool]
+
+
+class PixelCache:
+    """Decoded pixels on disk, reused by later runs: one uint8 file of rows plus an SQLite index.
+
+    A file is found again by its absolute path, size and modification time;
+    if any of these changed it is decoded afresh. One cache folder per
+    preprocessing (channels, size, resize rule) and Pillow version, since
+    either changes the pixels. Rows are only appended, under SQLite's write
+    lock, so several processes can share a cache; a crash mid-write leaves
+    unindexed bytes that are never read. It is only a speed-up: on any
+    error it turns itself off (see `broken`) and decoding goes on without it.
+    Deleting the folder is always safe.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], prep: Preprocessing) -> None:
+        self.broken: str | None = None
+        self.hits = self.misses = 0
+        self.shape = (prep.channels, prep.size, prep.size)
+        self.row_bytes = prep.channels * prep.size * prep.size
+        scaling = "".join(c for c in prep.scaling if c.isalnum())
+        self.dir = Path(root) / (
+            f"pixels-v{CACHE_FORMAT}-c{prep.channels}-s{prep.size}-{prep.resize}-{scaling}-pillow{PIL.__version__}"
+        )
+        self._data = self.dir / "pixels.u8"
+        self._mm: np.ndarray | None = None
+        self._db: sqlite3.Connection | None = None
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._data.touch(exist_ok=True)
+            db = sqlite3.connect(self.dir / "index.sqlite", timeout=60, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer
+            # No fsync per batch: with WAL this cannot corrupt the index, and a power cut loses
+            # at most the last rows, which are decoded again next time.
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS files (path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
+                "row INTEGER, bits REAL, width INTEGER, height INTEGER, colour INTEGER)"
+            )
+            self._db = db
+        except (OSError, sqlite3.Error) as exc:
+            self._fail(exc)
+
+    @property
+    def usable(self) -> bool:
+        return self.broken is None
+
+    def _fail(self, exc: BaseException) -> None:
+        self.broken = (
+            f"the decoded-pixel cache in {display_path(self.dir)} is turned off ({exc}); --no-cache hides this"
+        )
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+        self._db = None
+
+    @staticmethod
+    def key(path: Path) -> FileKey | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None  # decoding will say what is wrong with it
+        return os.fsencode(os.path.abspath(path)), st.st_size, st.st_mtime_ns
+
+    def lookup(self, files: Sequence[Path]) -> tuple[dict[int, CacheHit], dict[int, FileKey]]:
+        """Positions of the files found unchanged, and every file's key (taken before decoding)."""
+        keys = {i: k for i, f in enumerate(files) if (k := self.key(f)) is not None}
+        hits: dict[int, CacheHit] = {}
+        if self._db is None or not keys:
+            return hits, keys
+        try:
+            marks = ",".join("?" * len(keys))
+            rows = self._db.execute(
+                f"SELECT path, size, mtime_ns, row, bits, width, height, colour FROM files WHERE path IN ({marks})",
+                [k[0] for k in keys.values()],
+            ).fetchall()
+            on_disk = self._data.stat().st_size // self.row_bytes
+        except (OSError, sqlite3.Error) as exc:
+            self._fail(exc)
+            return hits, keys
+        found = {r[0]: r for r in rows}
+        for i, (path, size, mtime) in keys.items():
+            r = found.get(path)
+            if r is not None and r[1] == size and r[2] == mtime and r[3] < on_disk:
+                hits[i] = CacheHit(int(r[3]), r[4], (int(r[5]), int(r[6]), bool(r[7])))
+        self.hits += len(hits)
+        self.misses += len(files) - len(hits)
+        return hits, keys
+
+    def read(self, rows: Sequence[int]) -> np.ndarray | None:
+        try:
+            if self._mm is None or max(rows) >= len(self._mm):
+                n = self._data.stat().st_size // self.row_bytes
+                self._mm = np.memmap(self._data, np.uint8, "r", shape=(n, *self.shape)) if n else None
+            if self._mm is None:
+                raise ValueError("the pixel file is empty")
+            return np.asarray(self._mm[np.asarray(rows)])
+        except (OSError, ValueError, IndexError) as exc:
+            self._fail(exc)
+            return None
+
+    def add(
+        self,
+        keys: Sequence[FileKey],
+        pixels: np.ndarray,
+        bits: np.ndarray | None,
+        sources: Sequence[tuple[int, int, bool]],
+    ) -> None:
+        if self._db is None or not len(keys):
+            return
+        db = self._db
+        try:
+            with open(self._data, "ab") as f:
+                db.execute("BEGIN IMMEDIATE")  # one writer at a time allocates rows
+                try:
+                    size = os.fstat(f.fileno()).st_size
+                    first = -(-size // self.row_bytes)
+                    f.write(b"\0" * (first * self.row_bytes - size))  # after a torn write: realign
+                    f.write(np.ascontiguousarray(pixels).tobytes())
+                    f.flush()
+                    db.executemany(
+                        "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        [
+                            (p, s, m, first + j, None if bits is None else float(bits[j]), w, h, int(c))
+                            for j, ((p, s, m), (w, h, c)) in enumerate(zip(keys, sources, strict=True))
+                        ],
+                    )
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+        except (OSError, sqlite3.Error) as exc:
+            self._fail(exc)
+
+    def set_bits(self, keys: Sequence[FileKey], bits: np.ndarray) -> None:
+        if self._db is None or not len(keys):
+            return
+        try:
+            self._db.executemany(
+                "UPDATE files SET bits = ? WHERE path = ?", [(float(b), k[0]) for k, b in zip(keys, bits, strict=True)]
+            )
+        except sqlite3.Error as exc:
+            self._fail(exc)
+
+    def close(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None
+        self._mm = None
