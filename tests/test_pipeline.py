@@ -30,7 +30,7 @@ def test_html_shows_the_same_p_value_floor_as_the_json_guard_included(
     code, out, _ = run("score", data_dir / "incoming", "-m", cli_model, "--format", "json", "--html", page)
     floor = json.loads(out)["summary"]["smallest_p_value"]
     assert code == 0 and floor == 4 / 406, "two two-sided tests (score and kl guard), 405 calibration scores"
-    shown = re.search(r"<dt>p-value floor</dt><dd>([0-9.e-]+) \(([^)]*)\)", html.unescape(page.read_text()))
+    shown = re.search(r"<dt>p-value floor</dt><dd>([0-9.e-]+) \((.*?)\): every", html.unescape(page.read_text()))
     assert shown is not None
     assert float(shown[1]) == pytest.approx(floor, rel=1e-3) and shown[2].startswith("4/(n+1)")
 
@@ -58,26 +58,31 @@ def test_decision_options_refuse_nan_and_infinity(fitted: Detector, value: float
 
 
 @pytest.mark.parametrize(
-    ("field", "value", "allowed"),
+    ("field", "value", "allowed", "got"),
     [
-        ("latent_dim", 0, "from 1 to 4096"),
-        ("seed", -1, "from 0 to"),
-        ("batch_size", 0, ">= 1"),
-        ("patience", 0, ">= 1"),
-        ("epochs", 0, ">= 1"),
-        ("time_budget", math.nan, "(0, inf)"),
-        ("learning_rate", 2.0, "(0, 1)"),
-        ("image_size", 2, "from 4 to 1024"),
-        ("hidden_channels", (16, 0), "from 1 to 4096"),
-        ("samples", {"iwae": 0}, "from 1 to 10000"),
-        ("samples", {"nope": 3}, "one of elbo"),
-        ("likelihood", "poisson", "one of bernoulli, gaussian"),
+        ("latent_dim", 0, "from 1 to 4096", "got 0"),
+        ("seed", -1, "from 0 to", "got -1"),
+        ("batch_size", 0, ">= 1", "got 0"),
+        ("patience", 0, ">= 1", "got 0"),
+        ("epochs", 0, ">= 1", "got 0"),
+        ("time_budget", math.nan, "(0, inf)", "got nan"),
+        ("learning_rate", 2.0, "(0, 1)", "got 2.0"),
+        ("image_size", 2, "from 4 to 1024", "got 2"),
+        ("hidden_channels", (16, 0), "from 1 to 4096", "got 0"),
+        ("samples", {"iwae": 0}, "from 1 to 10000", "got 0"),
+        ("samples", {"nope": 3}, "one of elbo", "got 'nope'"),
+        ("likelihood", "poisson", "one of bernoulli, gaussian", "got 'poisson'"),
+        ("folds", 21, "from 1 to 20", "got 21"),
+        ("calibration_fraction", 1.0, "(0, 1)", "got 1.0"),
     ],
 )
-def test_fit_config_checks_every_field_before_any_image_is_read(field: str, value: object, allowed: str) -> None:
+def test_fit_config_checks_every_field_before_any_image_is_read(
+    field: str, value: object, allowed: str, got: str
+) -> None:
     with pytest.raises(ValueError) as caught:
         FitConfig(**{field: value})  # type: ignore[arg-type]
-    assert allowed in str(caught.value) and repr(value) in str(caught.value)
+    message = str(caught.value)
+    assert field in message and allowed in message and message.endswith(got), "the field, its range, the value"
 
 
 def test_a_bad_latent_dim_from_the_library_fails_before_decoding(tmp_path: Path) -> None:
@@ -105,6 +110,6 @@ def test_a_bug_is_not_passed_off_as_a_usage_error(
     def broken(*args: object, **kwargs: object) -> None:
         raise ValueError("a bug, not the user's mistake")
 
-    monkeypatch.setattr(Detector, "decide", broken)
+    monkeypatch.setattr(Detector, "load", broken)
     with pytest.raises(ValueError, match="a bug"):
         run("score", data_dir / "incoming", "-m", cli_model)
