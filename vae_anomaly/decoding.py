@@ -137,7 +137,7 @@ def decode_image(path: Path, prep: Preprocessing, source: dict[str, Any] | None 
             if img.size != (prep.size, prep.size):
                 img = img.resize((prep.size, prep.size), Image.Resampling.BILINEAR, reducing_gap=3.0)
             arr = np.asarray(img, dtype=np.uint8)
-    except Exception as exc:
+    except Exception as exc:  # a corrupt file makes Pillow raise almost anything: each becomes a reason
         raise ImageReadError(_explain(path, exc)) from exc
     if arr.ndim == 2:
         arr = arr[None]
@@ -171,7 +171,7 @@ def infer_preprocessing(
                 w, h = img.size
                 if channels is None and not colour:
                     colour = _is_colour(img)
-        except Exception as exc:
+        except Exception as exc:  # as in decode_image: a bad file is a record, never a crash
             errors.append(ReadError(display_path(path), _explain(path, exc)))
             continue
         sizes.append(min(w, h) if w != h else w)

@@ -12,12 +12,12 @@ import click
 from .. import visualize
 from ..batching import DecodeOptions
 from ..calibration import TAILS
-from ..config import DEFAULT_GUARD, SCORE_NAMES
+from ..config import SCORE_NAMES
 from ..detector import Detector
 from ..errors import UsageError
 from ..evaluation import evaluate_detector, labelled_folders, labels_csv
 from ..outputs import evaluation_plots
-from .options import decode_options
+from .options import decode_options, guard_option
 from .render import evaluation_table, say, warn
 
 
@@ -44,13 +44,7 @@ from .render import evaluation_table, say, warn
     help="Target false-positive rate of the auto threshold behind the confusion matrix.",
 )
 @click.option("--tail", type=click.Choice(TAILS), default="two-sided", show_default=True)
-@click.option(
-    "--guard",
-    type=click.Choice(["kl", "none"]),
-    default=DEFAULT_GUARD,
-    show_default=True,
-    help="The guard statistic of the auto rule behind the confusion matrix, as in `score`.",
-)
+@guard_option("The guard statistic of the auto rule behind the confusion matrix, as in `score`.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option(
     "--plots",

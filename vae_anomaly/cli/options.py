@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from ..batching import DecodeOptions
+from ..config import DEFAULT_GUARD, GUARDS
 from ..decoding import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
 from ..errors import ConfigError
 from ..gate import GATE_RULES, GateRule, gate_from_options
 from ..pixel_cache import default_cache_dir
 from ..report import FORMATS
 from ..shard import parse_shard
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def max_pixels_option(fn: Any) -> Any:
@@ -31,6 +35,13 @@ def max_pixels_option(fn: Any) -> Any:
         expose_value=False,
         help=f"Refuse images whose header declares more pixels (default {DEFAULT_MAX_IMAGE_PIXELS:,}).",
     )(fn)
+
+
+def guard_option(help: str) -> Callable[[F], F]:
+    """--guard kl|none, for `score` and `evaluate` alike."""
+    return click.option(
+        "--guard", type=click.Choice([*GUARDS, "none"]), default=DEFAULT_GUARD, show_default=True, help=help
+    )
 
 
 def decode_options(fn: Any) -> Any:

@@ -9,13 +9,21 @@ import click
 
 from ..batching import DecodeOptions
 from ..calibration import TAILS
-from ..config import DEFAULT_GUARD, DEFAULT_SCORE, SCORE_NAMES
+from ..config import DEFAULT_SCORE, SCORE_NAMES
 from ..decision import DecisionRule
 from ..outputs import Outputs
 from ..pipeline import MergeConfig, ScoreConfig, score_report
 from ..pipeline import merge as merge_reports
 from ..report import Report
-from .options import decode_options, gate_rules, max_pixels_option, parse_shard_option, parse_threshold, report_options
+from .options import (
+    decode_options,
+    gate_rules,
+    guard_option,
+    max_pixels_option,
+    parse_shard_option,
+    parse_threshold,
+    report_options,
+)
 from .render import report_table, say, warn
 
 
@@ -30,13 +38,7 @@ from .render import report_table, say, warn
     show_default=True,
     help="elbo-ic: -ELBO in bits minus the PNG length (complexity-corrected); see README for all.",
 )
-@click.option(
-    "--guard",
-    type=click.Choice(["kl", "none"]),
-    default=DEFAULT_GUARD,
-    show_default=True,
-    help="A second two-sided test on the latent KL, Bonferroni-combined: catches shrunk, noisy, dim frames.",
-)
+@guard_option("A second two-sided test on the latent KL, Bonferroni-combined: catches shrunk, noisy, dim frames.")
 @click.option(
     "--samples", type=click.IntRange(1, 10_000), help="Monte Carlo samples; default: the model's calibration."
 )
