@@ -96,9 +96,27 @@ def test_guard_combines_two_p_values_by_bonferroni(fitted: Detector) -> None:
 
 def test_too_few_calibration_images_warn_with_the_number_needed(fitted: Detector) -> None:
     result = fitted.score(disks(3, seed=5))
-    d = fitted.decide(result, fpr=0.0005)
+    d = fitted.decide(result, fpr=0.0005, strict=True)
     assert any(str(calibration_needed(0.0005 / 2, "two-sided")) in w for w in d.warnings)  # guard: half each
-    assert not d.flags.any()
+    assert not d.flags.any() and d.threshold.alpha == 0.0005, "--strict-fpr: today's behaviour, nothing flagged"
+
+
+def test_an_unreachable_rate_flags_at_the_floor_and_says_which_rate_holds(fitted: Detector) -> None:
+    """400 calibration scores, two tests, two-sided: no p-value below 4/401, so --fpr 0.0005 becomes 4/401."""
+    n = len(fitted.calibration_["elbo-ic"])
+    anomalies = fitted.score(crosses(200, seed=6))
+    d = fitted.decide(anomalies, fpr=0.0005)
+    assert d.threshold.alpha == pytest.approx(4 / (n + 1)) == d.floor and d.threshold.requested == 0.0005
+    assert d.flags.mean() > 0.5, "crosses lie beyond every calibration score"
+    assert "smallest reachable level" in d.warnings[-1] and "--strict-fpr" in d.warnings[-1]
+    assert d.guarantee.startswith(f"Each normal image is flagged with probability at most {4 / (n + 1):.4g}")
+    assert "0.0005 asked for is below the smallest p-value" in d.guarantee
+    assert "(the smallest reachable level; 0.0005 was asked for)" in d.threshold.describe()
+    normal = fitted.decide(fitted.score(disks(2000, seed=7)), fpr=0.0005)
+    # The rate that holds is 4/401 ~ 1.0%; 2000 held-out normals: mean 20, sd ~4.5 flags.
+    assert normal.flags.mean() <= 4 / (n + 1) + 3 * np.sqrt(4 / (n + 1) / 2000)
+    reachable = fitted.decide(anomalies, fpr=0.05)
+    assert reachable.threshold.requested is None and reachable.threshold.alpha == 0.05, "nothing changes above it"
 
 
 def test_unknown_tail_is_refused() -> None:

@@ -55,6 +55,7 @@ def test_json_output_field_by_field(cli_model: Path, data_dir: Path, tmp_path: P
         "smallest_p_value",
         "tests",
         "baseline",
+        "effective_fpr",
     }
     assert (s["total"], s["scored"], s["unreadable"], s["ignored"]) == (80, 80, 0, 0)
     assert s["score"] == "elbo-ic" and s["samples"] == 1 and s["exit_code"] == code == 0
@@ -62,6 +63,7 @@ def test_json_output_field_by_field(cli_model: Path, data_dir: Path, tmp_path: P
     assert s["threshold"]["guard"] == "kl" and "Bonferroni" in s["rule"]
     assert s["smallest_p_value"] == 4 / 406  # two tests, two-sided, 405 calibration scores
     assert s["threshold"]["alpha"] == 0.01 and s["calibration_images"] == 405
+    assert s["effective_fpr"] == 0.01 and s["threshold"]["requested"] is None, "405 scores reach 1%"
     assert s["rule"].startswith("auto: conformal two-sided p <= 0.01")
     assert len(s["model_fingerprint"]) == 16 and s["gate"] == [] and s["gate_passed"] is True
     recs = doc["records"]

@@ -93,5 +93,25 @@ def test_cli_cross_fits_a_small_folder_and_score_states_the_smallest_p(tmp_path:
     s = json.loads(out)["summary"]
     assert code == 0 and s["models"] == 5 and s["calibration_images"] == 30
     assert s["smallest_p_value"] == pytest.approx(4 / 31)  # two-sided, and the kl guard halves each test
+    assert s["effective_fpr"] == pytest.approx(4 / 31) and s["threshold"]["requested"] == 0.01
     code, out, _ = cli_run("score", tmp_path / "new", "-m", model)
     assert "5 cross-fitted models, 30 normal scores; smallest reachable p-value 0.129" in out
+
+
+def test_a_small_cross_fitted_set_gates_a_dirty_batch_at_the_rate_it_can_reach(
+    crossfit: Detector, tmp_path: Path
+) -> None:
+    """150 normal images: 4/151 = 2.6% is the floor. The default flags there and the gate fails on crosses;
+    --strict-fpr keeps the old behaviour, nothing flagged and the gate passes."""
+    model = tmp_path / "cf.vae"
+    crossfit.save(model)
+    write_pngs(tmp_path / "dirty", np.concatenate([disks(40, seed=28), crosses(10, seed=29)]))
+    code, out, err = cli_run("score", tmp_path / "dirty", "-m", model, "--format", "json", "--max-anomalies", "0")
+    s = json.loads(out)["summary"]
+    assert code == 1 and s["flagged"] >= 5 and s["effective_fpr"] == pytest.approx(4 / 151)
+    assert "smallest reachable level" in err
+    assert s["guarantee"].startswith("Each normal image is flagged with probability at most 0.02649")
+    strict = ("--format", "json", "--max-anomalies", "0", "--strict-fpr")
+    code, out, _ = cli_run("score", tmp_path / "dirty", "-m", model, *strict)
+    s = json.loads(out)["summary"]
+    assert code == 0 and s["flagged"] == 0 and s["effective_fpr"] == 0.01

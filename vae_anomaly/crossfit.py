@@ -27,6 +27,7 @@ from . import __version__, artifact
 from .batching import read_images
 from .calibration import calibration_needed
 from .config import CROSS_FIT_BELOW, DEFAULT_FOLDS, MIN_TRAINING_IMAGES, MIN_VALIDATION_IMAGES, FitConfig
+from .decision import DecisionRule
 from .decoding import Preprocessing, ReadError, infer_preprocessing
 from .distributed import World
 from .errors import FitError, FitInterrupted, ModelFileError
@@ -99,26 +100,16 @@ def plan(n: int, cfg: FitConfig, rng: np.random.Generator) -> list[tuple[np.ndar
 
 
 def calibration_warning(n_calibration: int, folds: int) -> str | None:
-    """Why these calibration images cannot flag anything at --fpr 0.01, if they cannot.
-
-    The same arithmetic as the decision rule, for the default decision
-    (two-sided, guarded) and for a plain one-sided test: the warning names
-    the strictest one these images cannot run.
-    """
-    checks = [("the default decision (two-sided, with the kl guard)", calibration_needed(0.01 / 2, "two-sided"))]
-    checks.append(("even a one-sided test", calibration_needed(0.01, "upper")))
-    failing = [(what, need) for what, need in checks if n_calibration < need]
-    if not failing:
+    """What the default decision can do with these calibration images, where it cannot reach --fpr 0.01."""
+    rule = DecisionRule()
+    need = calibration_needed(rule.level / rule.tests, rule.tail)
+    if n_calibration >= need:
         return None
-    what, need = failing[-1]
-    fix = (
-        "Add normal images."
-        if folds > 1
-        else "Add normal images, raise --calibration-fraction, or cross-fit with --folds 5."
-    )
+    fix = "Add normal images." if folds > 1 else "Add normal images, raise --calibration-fraction, or --folds 5."
     return (
-        f"only {n_calibration} calibration images: {what} at --fpr 0.01 needs at least {need}; with fewer, "
-        f"nothing can be flagged at that rate. {fix}"
+        f"only {n_calibration} calibration images: the default decision (two-sided, with the kl guard) reaches "
+        f"p <= {rule.level:g} from {need} on; with {n_calibration}, `score` flags at its smallest reachable level, "
+        f"{rule.floor(n_calibration):.4g}, and says so (nothing, with --strict-fpr). {fix}"
     )
 
 

@@ -45,6 +45,9 @@ class Threshold:
     p_cutoff: float | None = None
     models: int = 1
     guard: str | None = None  # a second statistic, combined by Bonferroni
+    # The level asked for, where it was below the smallest reachable p-value and `alpha` was raised
+    # to that floor (see DecisionRule.applied); None where alpha is the level asked for.
+    requested: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,13 +73,14 @@ class Threshold:
                 f", or {self.guard} atypical (Bonferroni: p = min(1, 2 min(p_score, p_{self.guard})),"
                 " each test at half the level)"
             )
+        raised = "" if self.requested is None else f" (the smallest reachable level; {self.requested:g} was asked for)"
         if self.rule == "fdr":
             cut = "none" if self.p_cutoff is None else f"{self.p_cutoff:.4g}"
             return (
-                f"fdr: Benjamini-Hochberg at q = {self.alpha:g} over {self.tail} conformal p "
+                f"fdr: Benjamini-Hochberg at q = {self.alpha:.4g}{raised} over {self.tail} conformal p "
                 f"(cut-off {cut}), i.e. {where}"
             )
-        return f"auto: conformal {self.tail} p <= {self.alpha:g}, i.e. {where}"
+        return f"auto: conformal {self.tail} p <= {self.alpha:.4g}{raised}, i.e. {where}"
 
 
 def auto_threshold(calibration: np.ndarray, alpha: float, tail: str = "two-sided") -> Threshold:
@@ -159,14 +163,22 @@ def benjamini_hochberg(p: np.ndarray, q: float) -> tuple[np.ndarray, float | Non
 
 
 def guarantee(threshold: Threshold) -> str:
-    """The decision rule's error guarantee, in one plain sentence."""
+    """The decision rule's error guarantee, in one plain sentence: the rate that actually holds."""
+    raised = (
+        ""
+        if threshold.requested is None
+        else f" The {threshold.requested:g} asked for is below the smallest p-value the calibration can give."
+    )
     if threshold.rule == "fdr":
         return (
-            f"Benjamini-Hochberg at {threshold.alpha:g}: the expected share of false alarms among flagged "
-            f"images is at most {threshold.alpha:g}."
+            f"Benjamini-Hochberg at {threshold.alpha:.4g}: the expected share of false alarms among flagged "
+            f"images is at most {threshold.alpha:.4g}.{raised}"
         )
     if threshold.rule == "auto":
-        return f"Each normal image is flagged with probability at most {threshold.alpha:g} (conformal p <= alpha)."
+        return (
+            f"Each normal image is flagged with probability at most {threshold.alpha:.4g} (conformal p <= alpha)."
+            + raised
+        )
     return "A raw score threshold: no error rate is guaranteed."
 
 
@@ -200,6 +212,9 @@ class DecisionRule:
     threshold: str | float = "auto"
     fpr: float = 0.01
     fdr: float | None = None
+    # Below the smallest reachable p-value, flag at that floor (the default; the rate that holds is
+    # stated) or, strict, flag nothing at the level asked for (`--strict-fpr`).
+    strict: bool = False
     statistics: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -215,6 +230,8 @@ class DecisionRule:
                 raise ConfigError("--fdr chooses the flags itself; drop --threshold NUMBER, or drop --fdr")
         check_float("fpr", self.fpr, 0, 1, lo_open=True, hi_open=True)
         check_float("fdr", self.fdr, 0, 1, lo_open=True, hi_open=True, none=True)
+        if not isinstance(self.strict, bool):
+            raise ConfigError(f"strict must be True or False, got {self.strict!r}")
         guard = None if self.guard in (None, self.score) else self.guard
         object.__setattr__(self, "guard", guard)
         object.__setattr__(self, "statistics", (self.score,) if guard is None else (self.score, guard))
@@ -227,6 +244,15 @@ class DecisionRule:
     @property
     def level(self) -> float:
         return self.fpr if self.fdr is None else self.fdr
+
+    def applied(self, n_calibration: int) -> float:
+        """The level flags are decided at: the one asked for, or, where n calibration scores cannot
+        reach it and the rule is not strict, the smallest reachable p-value (the floor)."""
+        return self.level if self.strict else max(self.level, self.floor(n_calibration))
+
+    def applied_fpr(self, n_calibration: int) -> float:
+        """The per-image level of the binomial batch test: --fpr, raised to the floor like the rule."""
+        return self.fpr if self.strict else max(self.fpr, self.floor(n_calibration))
 
     def floor(self, n_calibration: int) -> float:
         """The smallest p-value: 1/(n+1), 2/(n+1) two-sided, times 2 with a guard."""
@@ -245,19 +271,20 @@ class DecisionRule:
         """The rule as applied to a batch with these p-values: cut-off and, where they exist, score bounds."""
         if self.threshold != "auto":
             return score_threshold(float(self.threshold))
+        level = self.applied(len(calibration))
+        requested = None if level == self.level else self.level
         if self.fdr is not None:
-            rule = fdr_threshold(calibration, p, self.fdr, self.tail, models=models, guard=self.guard)
+            rule = fdr_threshold(calibration, p, level, self.tail, models=models, guard=self.guard)
         else:
             # Score bounds of the main test at its Bonferroni share of the level.
-            rule = replace(
-                auto_threshold(calibration, self.fpr / self.tests, self.tail), alpha=self.fpr, p_cutoff=self.fpr
-            )
+            bounds = auto_threshold(calibration, level / self.tests, self.tail)
+            rule = replace(bounds, alpha=level, p_cutoff=level)
         if models > 1:
             rule = replace(rule, low=None, high=None, models=models)
-        return replace(rule, guard=self.guard)
+        return replace(rule, guard=self.guard, requested=requested)
 
     def unreachable(self, n_calibration: int, models: int = 1) -> str | None:
-        """The warning when n calibration scores cannot reach the rule's level, else None."""
+        """The warning when n calibration scores cannot reach the level asked for, else None."""
         need = calibration_needed(self.level / self.tests, self.tail)
         if self.threshold != "auto" or n_calibration >= need:
             return None
@@ -266,9 +293,14 @@ class DecisionRule:
             if models > 1
             else "Re-fit with more normal images, a larger --calibration-fraction or --folds 5"
         )
+        option = "--fpr" if self.fdr is None else "--fdr"
+        head = f"{n_calibration} calibration scores cannot reach p <= {self.level:g} ({self.tail}); at least {need} are"
+        if self.strict:
+            return f"{head} needed, so nothing will be flagged (--strict-fpr). {refit}, or raise {option}."
         return (
-            f"{n_calibration} calibration scores cannot reach p <= {self.level:g} ({self.tail}); at least {need} are "
-            f"needed, so nothing will be flagged. {refit}, or raise --{'fpr' if self.fdr is None else 'fdr'}."
+            f"{head} needed, so images are flagged at the smallest reachable level, {self.applied(n_calibration):.4g}, "
+            f"and that is the rate that holds. {refit}, or pass --strict-fpr to flag nothing below {option} "
+            f"{self.level:g}."
         )
 
     def decision(
@@ -322,6 +354,7 @@ class DecisionRule:
             "threshold": self.threshold,
             "fpr": self.fpr,
             "fdr": self.fdr,
+            "strict_fpr": self.strict,
         }
 
     @classmethod
@@ -334,4 +367,5 @@ class DecisionRule:
             threshold=options["threshold"],
             fpr=options["fpr"],
             fdr=options.get("fdr"),
+            strict=bool(options.get("strict_fpr", False)),
         )

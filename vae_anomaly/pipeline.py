@@ -150,7 +150,8 @@ def score_report(config: ScoreConfig, *, on_message: Say = _quiet, on_warning: S
     decision = detector.decide(result, rule)
     for w in [*result.warnings, *decision.warnings]:
         on_warning(w)
-    tests = detector.batch_tests(result, decision, fpr=rule.fpr, tail=rule.tail, baseline=baseline)
+    fpr = rule.applied_fpr(decision.n_calibration)
+    tests = detector.batch_tests(result, decision, fpr=fpr, tail=rule.tail, baseline=baseline)
     report = build_report(
         result.paths,
         result.scores,

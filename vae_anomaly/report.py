@@ -86,6 +86,9 @@ class Summary:
     smallest_p_value: float | None = None  # the smallest p-value the calibration can give
     tests: dict[str, dict[str, Any]] = field(default_factory=dict)  # batch-level tests by name
     baseline: str | None = None  # the --baseline report compared with
+    # The level flags were decided at (--fpr or --fdr, raised to the smallest reachable p-value
+    # unless --strict-fpr); None for a raw score threshold.
+    effective_fpr: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,6 +170,7 @@ def build_report(
         smallest_p_value=decision.floor,
         tests={k: t.to_dict() for k, t in (tests or {}).items()},
         baseline=baseline,
+        effective_fpr=None if threshold.rule == "score" else threshold.alpha,
     )
     report = Report(records, summary, list(warnings or []))
     summary.exit_code = report.return_code

@@ -329,7 +329,7 @@ def merge_reports(
         scores,
         p,
         calibration,
-        fpr=rule.fpr,
+        fpr=rule.applied_fpr(len(calibration)),
         tail=rule.tail,
         model_scores=model_scores,
         baseline=baseline_scores,

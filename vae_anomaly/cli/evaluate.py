@@ -45,6 +45,9 @@ from .render import evaluation_table, say, warn
 )
 @click.option("--tail", type=click.Choice(TAILS), default="two-sided", show_default=True)
 @guard_option("The guard statistic of the auto rule behind the confusion matrix, as in `score`.")
+@click.option(
+    "--strict-fpr", is_flag=True, help="As in `score`: flag nothing where the calibration cannot reach --fpr."
+)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option(
     "--plots",
@@ -63,6 +66,7 @@ def evaluate(
     fpr: float,
     tail: str,
     guard: str,
+    strict_fpr: bool,
     fmt: str,
     plots: Path | None,
     skip_unreadable: bool,

@@ -62,6 +62,12 @@ from .render import report_table, say, warn
     help="Flag by Benjamini-Hochberg at this false discovery rate over the batch, instead of p <= --fpr.",
 )
 @click.option(
+    "--strict-fpr",
+    is_flag=True,
+    help="Where the calibration cannot reach --fpr (or --fdr), flag nothing instead of flagging at the smallest "
+    "reachable level (which the report then states as the rate that holds).",
+)
+@click.option(
     "--tail",
     type=click.Choice(TAILS),
     default="two-sided",
@@ -112,6 +118,7 @@ def score(
     fpr: float,
     tail: str,
     fdr: float | None,
+    strict_fpr: bool,
     fmt: str,
     output: Path | None,
     gate_specs: tuple[str, ...],
@@ -145,6 +152,7 @@ def score(
             threshold=threshold,
             fpr=fpr,
             fdr=fdr,
+            strict=strict_fpr,
         ),
         samples=samples,
         gate=gate_rules(gate_specs, max_anomalies, max_anomaly_rate),
