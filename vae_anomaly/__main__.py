@@ -1,3 +1,3 @@
-from .cli import main
+from vae_anomaly.launch import main
 
 main()

@@ -6,6 +6,7 @@ Every writer takes a finished `report.Report`; none decides anything.
 from __future__ import annotations
 
 import os
+import re
 import xml.etree.ElementTree as ET
 
 from .errors import OutputError
@@ -43,10 +44,22 @@ def verdict_lines(report: Report) -> list[str]:
     return lines
 
 
+# Characters XML 1.0 cannot hold at all, escaped or not (its Char production): C0 controls but
+# tab, newline and carriage return; the surrogates; U+FFFE and U+FFFF.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def xml_text(text: str) -> str:
+    """`text` with every character XML 1.0 cannot hold written as a visible escape, e.g. \\x01."""
+    return _NOT_XML.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
 def to_junit(report: Report) -> str:
     """JUnit XML: one test case per image; flagged and unreadable images are failures.
 
-    ElementTree escapes every name and message, so any file name is safe.
+    ElementTree escapes markup (<, &, quotes) in every name and message;
+    `xml_text` replaces what XML 1.0 cannot hold even escaped (control
+    characters in a file name), so the document is always well-formed.
     """
     s = report.summary
     failures = sum(1 for r in report.records if r.flagged or r.error)
@@ -63,14 +76,15 @@ def to_junit(report: Report) -> str:
         *((f"gate.{c.name}", _gate_line(c)) for c in s.gate),
         ("exit_code", str(s.exit_code)),
     ):
-        ET.SubElement(props, "property", name=key, value=value)
+        ET.SubElement(props, "property", name=key, value=xml_text(value))
     for r in report.records:
-        case = ET.SubElement(suite, "testcase", classname="vae-anomaly", name=r.path)
+        case = ET.SubElement(suite, "testcase", classname="vae-anomaly", name=xml_text(r.path))
         if r.error is not None:
-            ET.SubElement(case, "failure", type="unreadable", message=f"unreadable: {r.error}").text = r.error
+            error = xml_text(r.error)
+            ET.SubElement(case, "failure", type="unreadable", message=f"unreadable: {error}").text = error
         elif r.flagged:
             msg = f"anomaly: score {r.score:.6g}, p-value {r.p_value:.4g}, rank {r.rank}"
-            ET.SubElement(case, "failure", type="anomaly", message=msg).text = f"{msg}\nrule: {s.rule}"
+            ET.SubElement(case, "failure", type="anomaly", message=msg).text = f"{msg}\nrule: {xml_text(s.rule)}"
     ET.indent(root)
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
 

@@ -7,8 +7,10 @@ was written is narrated through `on_message` (the CLI prints it on stderr).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ import numpy as np
 
 from . import ci, html_report, visualize
 from .errors import OutputError
+from .listing import IMAGE_EXTENSIONS
 from .report import WRITERS, Report
 
 if TYPE_CHECKING:
@@ -29,16 +32,34 @@ Say = Callable[[str], None]
 EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_file(path: Path, data: bytes | str, what: str) -> None:
-    """Write `data` to `path`, creating its folder; an `OutputError` says which path failed and why."""
+    """Write `data` to `path` atomically, creating its folder; an `OutputError` says which path failed and why.
+
+    A temporary file in the same folder, then `os.replace`: a full disk, a
+    crash or Ctrl-C leaves the previous file whole, never a truncated one.
+    """
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(data, str):
-            path.write_text(data, encoding="utf-8")
-        else:
-            path.write_bytes(data)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide a report from the CI job's other users
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(raw)
+        os.replace(tmp, path)
+        tmp = None
     except OSError as exc:
         raise OutputError(f"cannot write {what} to {os.fsdecode(path)}: {exc.strerror or exc}") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def output_format(output: Path | None, fmt: str) -> str:
@@ -65,6 +86,43 @@ class Outputs:
     @property
     def pictures(self) -> bool:
         return bool(self.heatmaps or self.plots or self.html)
+
+    def files(self) -> dict[str, Path]:
+        """The output files asked for, by option."""
+        named = {"--output": self.output, "--junit": self.junit, "--html": self.html}
+        return {option: path for option, path in named.items() if path is not None}
+
+    def folders(self) -> dict[str, Path]:
+        named = {"--heatmaps": self.heatmaps, "--plots": self.plots}
+        return {option: path for option, path in named.items() if path is not None}
+
+    def check(self, model: Path | None, inputs: tuple[Path, ...]) -> None:
+        """Refuse outputs that would overwrite the model, an input or each other (before anything is read).
+
+        An input is a file named directly, or an image file under an input
+        folder (what the listing reads); picture folders may not lie inside
+        an input folder, whose next listing would read their PNGs.
+        """
+        where = {"the model file": model} if model is not None else {}
+        taken: dict[str, str] = {os.path.realpath(p): what for what, p in where.items()}
+        folders = [os.path.realpath(p) for p in inputs if Path(p).is_dir()]
+        for p in inputs:
+            if not Path(p).is_dir():
+                taken.setdefault(os.path.realpath(p), f"the input {os.fsdecode(p)}")
+        for option, path in self.files().items():
+            real = os.path.realpath(path)
+            if real in taken:
+                raise OutputError(f"{option} {os.fsdecode(path)} is {taken[real]}; writing it there would destroy it")
+            inside = next((f for f in folders if os.path.commonpath([f, real]) == f), None)
+            if inside is not None and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
+                raise OutputError(f"{option} {os.fsdecode(path)} is an image file under the input folder {inside}")
+            taken[real] = f"also the {option} file"
+        for option, path in self.folders().items():
+            real = os.path.realpath(path)
+            inside = next((f for f in folders if os.path.commonpath([f, real]) == f), None)
+            if real in taken or inside is not None:
+                what = taken.get(real) or f"inside the input folder {inside}, whose images its PNGs would join"
+                raise OutputError(f"{option} {os.fsdecode(path)} is {what}; choose a folder outside the inputs")
 
 
 def report_text(report: Report, outputs: Outputs, on_message: Say) -> str | None:

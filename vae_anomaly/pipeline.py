@@ -65,6 +65,7 @@ class ScoreConfig:
         if self.outputs.format not in FORMATS:
             raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {self.outputs.format!r}")
         object.__setattr__(self, "outputs", _resolved(self.outputs))
+        self.outputs.check(self.model, self.inputs)
         _check_gate(self.gate, self.baseline)
         if self.shard is not None:
             index, count = self.shard
@@ -100,6 +101,8 @@ class MergeConfig:
         if self.outputs.format not in FORMATS:
             raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {self.outputs.format!r}")
         object.__setattr__(self, "outputs", _resolved(self.outputs))
+        # A --baseline may be replaced by this run's report on purpose (a rolling baseline): not refused.
+        self.outputs.check(self.model, self.reports)
         _check_gate(self.gate, self.baseline)
 
 

@@ -221,7 +221,20 @@ def to_jsonl(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+# A cell starting with one of these is run as a formula by spreadsheets (OWASP, "CSV Injection").
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(text: str) -> str:
+    """A text cell safe to open in a spreadsheet: one that would start a formula gets a leading '.
+
+    Only the text columns (path, error) pass through here; numbers are written as numbers.
+    """
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
 def to_csv(report: Report) -> str:
+    """One row per record; text cells that a spreadsheet would run as a formula are neutralised (csv_text)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["rank", "path", "score", "p_value", "flagged", "error"])
@@ -229,11 +242,11 @@ def to_csv(report: Report) -> str:
         w.writerow(
             [
                 "" if r.rank is None else r.rank,
-                r.path,
+                csv_text(r.path),
                 "" if r.score is None else repr(r.score),
                 "" if r.p_value is None else repr(r.p_value),
                 "" if r.flagged is None else str(r.flagged).lower(),
-                r.error or "",
+                csv_text(r.error or ""),
             ]
         )
     return buf.getvalue()

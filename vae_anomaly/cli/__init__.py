@@ -4,18 +4,21 @@ Each command parses its options into one config object, calls one library
 function, renders the result (rich tables on stdout; progress, warnings and
 errors on stderr) and exits with the outcome's code. Every deliberate error
 of the library is a `VaeAnomalyError`; this group maps it, in one place, to
-an `Error:` line and its `exit_code` (see errors.py). Anything else is a bug
-and keeps its traceback.
+an `Error:` line and its `exit_code` (see errors.py), and Ctrl-C and SIGTERM
+to 130 and 143. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 from typing import Any
 
 import click
 
 from .. import __version__
 from ..errors import VaeAnomalyError
+from ..launch import Terminated, terminate
 from .evaluate import evaluate
 from .fit import fit
 from .info import info
@@ -23,12 +26,26 @@ from .score import merge, score
 
 
 class _Group(click.Group):
+    """Every command's outcome to an exit code: library errors, Ctrl-C (130) and SIGTERM (143)."""
+
     def invoke(self, ctx: click.Context) -> Any:
+        previous = None
+        with contextlib.suppress(ValueError):  # not the main thread (an embedding application)
+            previous = signal.signal(signal.SIGTERM, terminate)
         try:
             return super().invoke(ctx)
         except VaeAnomalyError as exc:
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("aborted (Ctrl-C); no output was left half written", err=True)
+            ctx.exit(128 + signal.SIGINT)
+        except Terminated:
+            click.echo("terminated (SIGTERM); no output was left half written", err=True)
+            ctx.exit(128 + signal.SIGTERM)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

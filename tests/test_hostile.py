@@ -1,0 +1,138 @@
+"""Hostile inputs and outputs: a gate must never pass what it did not read, nor destroy what it was given."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import crosses, disks, write_pngs
+from vae_anomaly.cli import main
+
+
+def run(*args: str | Path) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture
+def evil_dir(tmp_path: Path) -> Path:
+    """Normal images, two crosses, and file names a spreadsheet or an XML parser would choke on."""
+    folder = tmp_path / "evil"
+    write_pngs(folder, disks(6, seed=50))
+    for name, image in (("=HYPERLINK(x)\x01.png", crosses(1, seed=51)[0]), ("-2+3\x1f.png", crosses(1, seed=52)[0])):
+        Image.fromarray(image).save(folder / name)
+    (folder / "@broken\x0b.png").write_bytes(b"not a png")
+    return folder
+
+
+def test_junit_is_well_formed_whatever_the_file_names(model_file: Path, evil_dir: Path, tmp_path: Path) -> None:
+    junit = tmp_path / "junit.xml"
+    code, _, _ = run("score", evil_dir, "-m", model_file, "--junit", junit, "--threshold", "-1e9")
+    root = ET.parse(junit).getroot()  # raises on a character XML 1.0 cannot hold
+    names = [case.get("name") for case in root.iter("testcase")]
+    assert code == 3 and len(names) == 9
+    assert str(evil_dir / "=HYPERLINK(x)\\x01.png") in names, "control characters shown as visible escapes"
+    assert any("\\x0b" in (n or "") for n in names)
+
+
+def test_csv_text_cells_never_start_a_formula(
+    model_file: Path, evil_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(evil_dir)  # relative paths, so that a name's first character starts the cell
+    names = sorted(os.listdir("."))
+    code, out, _ = run("score", "-m", model_file, "--format", "csv", "--threshold", "-1e9", "--", *names)
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 3 and len(rows) == 9
+    for r in rows:
+        for cell in (r["path"], r["error"]):
+            assert not cell.startswith(("=", "+", "-", "@", "\t", "\r")), cell
+    paths = {r["path"] for r in rows}
+    assert {"'=HYPERLINK(x)\x01.png", "'-2+3\x1f.png", "'@broken\x0b.png"} <= paths, "quoted, otherwise kept"
+    assert "img_0000.png" in paths, "other names are left alone"
+    assert all(float(r["score"]) == float(r["score"]) for r in rows if r["score"]), "scores stay plain numbers"
+
+
+@pytest.mark.parametrize("option", ["--output", "--junit", "--html"])
+def test_no_output_may_overwrite_the_model(model_file: Path, data_dir: Path, tmp_path: Path, option: str) -> None:
+    model = tmp_path / "m.vae"
+    shutil.copy(model_file, model)
+    before = model.read_bytes()
+    fmt = ("--format", "json") if option == "--output" else ()
+    code, _, err = run("score", data_dir / "incoming", "-m", model, option, model, *fmt)
+    assert code == 2 and "is the model file" in err
+    assert model.read_bytes() == before
+
+
+def test_no_output_may_overwrite_an_input_image_or_another_output(
+    model_file: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    write_pngs(folder, disks(4, seed=53))
+    image = sorted(folder.iterdir())[0]
+    before = image.read_bytes()
+    code, _, err = run("score", image, "-m", model_file, "--output", image, "--format", "json")
+    assert code == 2 and f"is the input {image}" in err and image.read_bytes() == before
+    code, _, err = run("score", folder, "-m", model_file, "--output", folder / "x.png", "--format", "csv")
+    assert code == 2 and "is an image file under the input folder" in err
+    report = tmp_path / "r.json"
+    code, _, err = run("score", folder, "-m", model_file, "-o", report, "--junit", report)
+    assert code == 2 and "also the --output file" in err
+    code, _, err = run("score", folder, "-m", model_file, "--heatmaps", folder / "maps")
+    assert code == 2 and "inside the input folder" in err
+
+
+def test_a_failed_report_write_leaves_the_previous_report_whole(
+    model_file: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    report = tmp_path / "r.json"
+    assert run("score", data_dir / "incoming", "-m", model_file, "-o", report)[0] == 0
+    before = report.read_bytes()
+    real_replace = os.replace
+
+    def full_disk(src: str, dst: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    code, _, err = run("score", data_dir / "incoming", "-m", model_file, "-o", report, "--threshold", "-1e9")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert code == 2 and "No space left on device" in err
+    assert report.read_bytes() == before, "the old report is whole"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".r.json")] == [], "no temporary file is left"
+    assert oct(report.stat().st_mode & 0o777) != oct(0o600), "reports keep the usual permissions"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_score_interrupted_exits_128_plus_the_signal_and_keeps_the_old_report(
+    model_file: Path, tmp_path: Path, signum: int, code: int
+) -> None:
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3000):  # enough that scoring is still running when the signal comes
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(folder / f"{i:05d}.png")
+    report = tmp_path / "r.json"
+    report.write_text('{"previous": true}')
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "vae_anomaly", "score", str(folder), "-m", str(model_file), "-o", str(report)]
+    cmd += ["--no-cache", "--score", "iwae", "--samples", "2000", "--threshold", "0"]  # slow: minutes
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(6.0)  # started, and most likely scoring: either way the signal must end it cleanly
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and json.loads(report.read_text()) == {"previous": True}
