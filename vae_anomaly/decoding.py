@@ -7,8 +7,10 @@ stops a run on a bad image. No torch: decoding workers import this module.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -51,12 +53,28 @@ class Preprocessing:
         return cls(int(d["channels"]), int(d["size"]), str(d["resize"]), str(d["scaling"]))
 
 
-def _open(path: Path) -> Image.Image:
-    """Open lazily, refusing decompression bombs from the header alone.
+# What `_open` refuses to open, by the file type `os.stat` reports (after following links).
+_NOT_REGULAR = {
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
 
-    Pillow's other warnings (corrupt EXIF and the like) are silenced: the
-    image either decodes or becomes an error record.
+
+def _open(path: Path) -> Image.Image:
+    """Open lazily, refusing decompression bombs from the header alone, and anything but a regular file.
+
+    A FIFO would block the read forever, a device would stream without end;
+    both are refused from `os.stat` without being opened. Pillow's other
+    warnings (corrupt EXIF and the like) are silenced: the image either
+    decodes or becomes an error record.
     """
+    kind = stat.S_IFMT(os.stat(path).st_mode)
+    if kind in _NOT_REGULAR:
+        raise ImageReadError(f"not a regular file but {_NOT_REGULAR[kind]}: only regular files are read")
+    if kind == stat.S_IFDIR:
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fsdecode(path))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -70,11 +88,17 @@ def _explain(path: Path, exc: BaseException) -> str:
             return "empty file (0 bytes)"
     except OSError:
         pass
+    if isinstance(exc, ImageReadError):
+        return str(exc)
     if isinstance(exc, FileNotFoundError):
         return "file not found (a dangling symbolic link?)"
     if isinstance(exc, PermissionError):
         return "permission denied: make the file readable"
     if isinstance(exc, IsADirectoryError):
+        try:
+            os.listdir(path)
+        except OSError as listing:  # the listing named it because it could not walk it
+            return f"a folder that cannot be read ({listing.strerror}): its images were not scored; make it readable"
         return "is a folder, not an image file"
     if isinstance(exc, UnidentifiedImageError):
         return "not a readable image: unknown format or corrupt header"

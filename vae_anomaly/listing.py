@@ -39,6 +39,13 @@ def find_images(paths: Sequence[str | os.PathLike[str]]) -> FileListing:
     machine; hidden files and folders are skipped and counted as ignored,
     like non-image files. A file named directly is always kept, whatever its
     extension, so that a bad one is reported rather than silently skipped.
+
+    Nothing under a folder vanishes unsaid: a folder that cannot be read is
+    listed itself, so that it becomes an unreadable record with its reason
+    (exit 3); links to folders are followed, and a folder reached a second
+    time (a link loop, or two links to one folder) is walked once, the
+    repeats counted as ignored. What is listed need not be a regular file:
+    decoding refuses FIFOs, sockets and devices without opening them.
     """
     listing = FileListing()
     seen: set[Path] = set()
@@ -48,10 +55,25 @@ def find_images(paths: Sequence[str | os.PathLike[str]]) -> FileListing:
             seen.add(p)
             listing.files.append(p)
 
+    def unreadable(error: OSError) -> None:
+        add(Path(error.filename))
+
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            for root, dirs, files in os.walk(p, followlinks=False):
+            walked: set[tuple[int, int]] = set()
+            for root, dirs, files in os.walk(p, onerror=unreadable, followlinks=True):
+                try:
+                    st = os.stat(root)
+                except OSError:  # gone or unreadable since it was listed: a record with its reason
+                    add(Path(root))
+                    dirs[:] = []
+                    continue
+                if (st.st_dev, st.st_ino) in walked:  # reached again through a link
+                    listing.ignored += 1
+                    dirs[:] = []
+                    continue
+                walked.add((st.st_dev, st.st_ino))
                 hidden_dirs = [d for d in dirs if d.startswith(".")]
                 listing.ignored += len(hidden_dirs)
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
