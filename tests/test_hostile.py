@@ -212,3 +212,118 @@ def test_an_unreadable_subfolder_is_an_unreadable_record(
     assert code == 3, "a folder the tool could not read must not pass"
     assert [r["path"] for r in bad] == [str(locked)]
     assert "a folder that cannot be read (Permission denied)" in bad[0]["error"]
+
+
+# ------------------------------------------------------------- crafted options and documents
+@pytest.mark.parametrize(
+    "options",
+    [("--fpr", "nan"), ("--fdr", "nan"), ("--threshold", "nan"), ("--threshold", "inf"), ("--fpr", "inf")],
+)
+def test_nan_and_infinite_options_are_usage_errors(model_file: Path, data_dir: Path, options: tuple[str, str]) -> None:
+    code, _, err = run("score", data_dir / "incoming", "-m", model_file, *options)
+    assert code == 2 and "Error:" in err and "Traceback" not in err
+
+
+def test_a_nan_time_budget_is_refused_before_training(data_dir: Path, tmp_path: Path) -> None:
+    code, _, err = run("fit", data_dir / "normal", "-o", tmp_path / "m.vae", "--time-budget", "nan")
+    assert code == 2 and "time_budget" in err and "nan" in err
+
+
+def _report(cli_model: Path, data_dir: Path, tmp_path: Path) -> dict:
+    path = tmp_path / "base.json"
+    assert run("score", data_dir / "incoming", "-m", cli_model, "-o", path)[0] == 0
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d.update(records=3),
+        lambda d: d.update(summary=[1, 2]),
+        lambda d: d["records"][0].update(score="high"),
+        lambda d: d["summary"].update(model_fingerprint=7),
+    ],
+)
+def test_crafted_baselines_are_refused_with_the_file_named(
+    cli_model: Path, data_dir: Path, tmp_path: Path, edit: object
+) -> None:
+    doc = _report(cli_model, data_dir, tmp_path)
+    edit(doc)  # type: ignore[operator]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    code, _, err = run("score", data_dir / "incoming", "-m", cli_model, "--baseline", bad)
+    assert code == 2 and f"--baseline {bad}: not a valid score report" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d["summary"].update(models="abc"),
+        lambda d: d["shard"].update(calibration=[]),
+        lambda d: d["shard"]["options"].update(fpr=float("nan")),
+        lambda d: d["shard"].update(index=0),
+    ],
+)
+def test_crafted_shards_are_refused_with_the_file_named(
+    cli_model: Path, data_dir: Path, tmp_path: Path, edit: object
+) -> None:
+    shards = [tmp_path / f"s{i}.json" for i in (1, 2)]
+    for i, path in enumerate(shards, 1):
+        assert run("score", data_dir / "incoming", "-m", cli_model, "--shard", f"{i}/2", "-o", path)[0] == 0
+    doc = json.loads(shards[1].read_text())
+    edit(doc)  # type: ignore[operator]
+    shards[1].write_text(json.dumps(doc).replace("NaN", '"NaN"'))
+    code, _, err = run("merge", *shards)
+    assert code == 2 and str(shards[1]) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("prep", [{"size": 20}, {"channels": 0}, {"size": 0}, {"resize": "crop"}])
+def test_a_model_file_with_a_valid_checksum_but_impossible_settings_is_refused(
+    fitted: object, data_dir: Path, tmp_path: Path, prep: dict
+) -> None:
+    from vae_anomaly import artifact
+
+    path = tmp_path / "m.vae"
+    fitted.save(path)  # type: ignore[attr-defined]
+    mf = artifact.load(path)
+    mf.metadata["preprocessing"].update(prep)
+    artifact.save(path, mf.metadata, mf.state_dict, mf.calibration)  # a fresh, valid checksum
+    code, _, err = run("score", data_dir / "incoming", "-m", path)
+    assert code == 2 and f"{path}: the weights or settings inside do not fit together" in err, err
+
+
+def test_a_name_that_is_not_utf8_with_html_gives_a_report(model_file: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    write_pngs(folder, disks(3, seed=60))
+    Image.fromarray(crosses(1, seed=61)[0]).save(os.fsdecode(os.fsencode(str(folder)) + b"/\xff.png"))
+    page = tmp_path / "r.html"
+    code, _, err = run("score", folder, "-m", model_file, "--html", page, "--threshold", "-1e9")
+    assert code == 0 and "Traceback" not in err and "\\xff.png" in page.read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_starting_up_exits_130_without_a_traceback(model_file: Path, data_dir: Path) -> None:
+    cmd = [sys.executable, "-m", "vae_anomaly", "score", str(data_dir / "incoming"), "-m", str(model_file)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)  # importing torch takes longer than this
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+
+
+def test_a_raw_byte_and_its_escape_are_two_names_in_every_report(model_file: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    write_pngs(folder, disks(2, seed=62))
+    raw = os.fsdecode(os.fsencode(str(folder)) + b"/\xff.png")
+    Image.fromarray(disks(1, seed=63)[0]).save(raw)
+    Image.fromarray(disks(1, seed=64)[0]).save(folder / "\\xff.png")  # the four characters \ x f f
+    code, out, _ = run("score", folder, "-m", model_file, "--format", "json")
+    paths = sorted(r["path"] for r in json.loads(out)["records"])
+    assert code == 0 and len(set(paths)) == 4
+    assert str(folder / "\\xff.png") in paths and str(folder / "\\\\xff.png") in paths
+    shards = [tmp_path / f"s{i}.json" for i in (1, 2)]
+    for i, path in enumerate(shards, 1):
+        assert run("score", folder, "-m", model_file, "--shard", f"{i}/2", "-o", path)[0] == 0
+    code, out, err = run("merge", *shards, "--format", "json")
+    assert code == 0, err
+    assert sorted(r["path"] for r in json.loads(out)["records"]) == paths

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageReadError
+from .errors import ConfigError, ImageReadError
 from .listing import display_path
 
 GREY_MODES: frozenset[str] = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "La"})
@@ -44,6 +44,18 @@ class Preprocessing:
     size: int  # square side in pixels
     resize: str = RESIZE_RULE
     scaling: str = "x/255"  # uint8 -> [0, 1]
+
+    def __post_init__(self) -> None:
+        # Checked here, not only in fit: a model file can carry any values under a valid checksum.
+        if self.channels not in (1, 3):
+            raise ConfigError(f"preprocessing channels must be 1 or 3, got {self.channels!r}")
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or not 4 <= self.size <= 1024:
+            raise ConfigError(f"preprocessing size must be a whole number from 4 to 1024, got {self.size!r}")
+        if self.resize != RESIZE_RULE or self.scaling != "x/255":
+            raise ConfigError(
+                f"preprocessing {self.resize!r} with scaling {self.scaling!r} is not one this version applies "
+                f"({RESIZE_RULE!r}, 'x/255')"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

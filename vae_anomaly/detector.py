@@ -288,6 +288,11 @@ class Detector:
             meta = mf.metadata
             vae_cfg = VAEConfig.from_dict(meta["config"])
             prep = Preprocessing.from_dict(meta["preprocessing"])
+            if (prep.channels, prep.size) != (vae_cfg.in_channels, vae_cfg.image_size):
+                raise ValueError(
+                    f"preprocessing gives {prep.channels} channel(s) at {prep.size} px, the network takes "
+                    f"{vae_cfg.in_channels} at {vae_cfg.image_size} px"
+                )
             int(meta["noise_seed"])
             models = []
             for state in artifact.split_models(mf):

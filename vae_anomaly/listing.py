@@ -6,6 +6,7 @@ Nothing here opens an image: `decoding.py` does that, file by file.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,35 @@ class FileListing:
 
 
 def display_path(path: str | os.PathLike[str]) -> str:
-    """A printable form of any file name, including ones that are not UTF-8."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """A printable, unambiguous and reversible form of any file name (`real_path` reverses it).
+
+    Bytes that are not UTF-8 are written \\xHH and a backslash is doubled,
+    so the name holding the byte 0xff and the name holding the four
+    characters \\xff differ in every report. (On Windows, where names are
+    text and the backslash separates folders, the path is shown as it is.)
+    """
+    if os.name == "nt":
+        return os.fspath(path)
+    text = os.fsencode(path).decode("utf-8", "surrogateescape")
+    return _ESCAPES.sub(lambda m: "\\\\" if m[0] == "\\" else f"\\x{ord(m[0]) - 0xDC00:02x}", text)
+
+
+_ESCAPES = re.compile("[\\\\\udc80-\udcff]")
+_UNESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2})")
+
+
+def real_path(shown: str) -> Path:
+    """The file a `display_path` names."""
+    if os.name == "nt":
+        return Path(shown)
+    out = bytearray()
+    pos = 0
+    for m in _UNESCAPE.finditer(shown):
+        out += shown[pos : m.start()].encode("utf-8", "surrogateescape")
+        out += b"\\" if m[1] == "\\" else bytes([int(m[1][1:], 16)])
+        pos = m.end()
+    out += shown[pos:].encode("utf-8", "surrogateescape")
+    return Path(os.fsdecode(bytes(out)))
 
 
 def _is_image_name(name: str) -> bool:

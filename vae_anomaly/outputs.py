@@ -20,7 +20,7 @@ import numpy as np
 
 from . import ci, html_report, visualize
 from .errors import OutputError
-from .listing import IMAGE_EXTENSIONS
+from .listing import IMAGE_EXTENSIONS, real_path
 from .report import WRITERS, Report
 
 if TYPE_CHECKING:
@@ -200,7 +200,7 @@ def pictures(
     written = 0
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]
-        maps = detector.heatmap([Path(r.path) for r in chunk], score=score, samples=samples)
+        maps = detector.heatmap([real_path(r.path) for r in chunk], score=score, samples=samples)
         for e in maps.errors:
             on_warning(f"no heat map for {e.path}: {e.reason} (it changed since it was scored?)")
         by_path = {r.path: r for r in chunk}
