@@ -327,3 +327,50 @@ def test_a_raw_byte_and_its_escape_are_two_names_in_every_report(model_file: Pat
     code, out, err = run("merge", *shards, "--format", "json")
     assert code == 0, err
     assert sorted(r["path"] for r in json.loads(out)["records"]) == paths
+
+
+# ------------------------------------------------------------- fit's model file
+def test_fit_into_a_folder_that_cannot_be_written_fails_before_training(tmp_path: Path) -> None:
+    write_pngs(tmp_path / "normal", disks(30, seed=65))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    t0 = time.perf_counter()
+    code, _, err = run("fit", tmp_path / "normal", "-o", blocker / "m.vae", "--epochs", "50", "-q")
+    assert code == 2 and f"cannot write the model file to {blocker / 'm.vae'}" in err and "choose another -o" in err
+    assert "epoch" not in err and time.perf_counter() - t0 < 20, "refused before any training"
+
+
+def test_a_failed_model_write_keeps_the_training_for_resume_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vae_anomaly import artifact
+
+    write_pngs(tmp_path / "normal", disks(40, seed=66))
+    model = tmp_path / "m.vae"
+    args = ("--epochs", "2", "--folds", "2", "--seed", "3", "-q", "--no-cache")
+    real = artifact._atomic_torch_save
+
+    def disk_full_for_models(path: Path, payload: dict) -> None:
+        if path.suffix == ".vae":
+            raise OSError(28, "No space left on device")
+        real(path, payload)
+
+    monkeypatch.setattr(artifact, "_atomic_torch_save", disk_full_for_models)
+    code, _, err = run("fit", tmp_path / "normal", "-o", model, *args)
+    assert code == 2 and "No space left on device" in err and "--resume -o OTHER.vae" in err, err
+    assert not model.exists() and (tmp_path / "m.vae.ckpt").exists()
+    monkeypatch.setattr(artifact, "_atomic_torch_save", real)
+    (tmp_path / "m.vae.ckpt").rename(tmp_path / "other.vae.ckpt")
+    from vae_anomaly import crossfit
+
+    def no_training(*a: object, **k: object) -> None:
+        raise AssertionError("trained again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(crossfit, "train", no_training)
+        code, _, err = run("fit", tmp_path / "normal", "-o", tmp_path / "other.vae", "--resume", *args)
+    assert code == 0, err
+    code, _, err = run("fit", tmp_path / "normal", "-o", tmp_path / "fresh.vae", *args)
+    again = artifact.load(tmp_path / "other.vae").state_dict
+    fresh = artifact.load(tmp_path / "fresh.vae").state_dict
+    assert all(bool((again[k] == fresh[k]).all()) for k in fresh), "the same models as an uninterrupted fit"

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .errors import ModelFileError
+from .errors import ModelFileError, OutputError
 
 FORMAT_NAME = "vae-anomaly-model"
 FORMAT_VERSION = 2
@@ -133,7 +133,10 @@ def save(
         "calibration": cal,
         "checksum": checksum,
     }
-    _atomic_torch_save(path, payload)
+    try:
+        _atomic_torch_save(path, payload)
+    except OSError as exc:
+        raise OutputError(f"cannot write the model file to {os.fsdecode(path)}: {exc.strerror or exc}.") from None
     return checksum
 
 
@@ -194,6 +197,20 @@ def load(path: str | os.PathLike[str]) -> ModelFile:
 
 
 CHECKPOINT_FORMAT = "vae-anomaly-checkpoint"
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Fail now, not after training, when the model file's folder cannot take a file."""
+    directory = Path(path).parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".probe", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write the model file to {os.fsdecode(path)}: {exc.strerror or exc}; choose another -o"
+        ) from None
 
 
 def save_checkpoint(path: str | os.PathLike[str], identity: str, state: dict[str, Any]) -> None:

@@ -147,6 +147,7 @@ class Hooks:
     checkpoint: str | os.PathLike[str] | None = None
     resume: bool = False
     checkpoint_every: float = 30.0
+    on_warning: Callable[[str], None] | None = None
 
 
 def train_models(
@@ -210,6 +211,13 @@ def train_models(
             )
         weights = {n: v.detach().cpu().clone() for n, v in model.state_dict().items()}
         done.append({"weights": weights, "result": result.to_dict()})
+    if ckpt is not None and world.is_main and not (saved and len(saved["done"]) == len(plans)):
+        # Every model trained: kept, so that a failed model-file write loses no training (`--resume`).
+        try:
+            artifact.save_checkpoint(ckpt, ident, {"done": done, "fold": len(plans), "train": None})
+        except OSError as exc:
+            if hooks.on_warning is not None:
+                hooks.on_warning(f"could not keep the trained models in {os.fsdecode(ckpt)}: {exc.strerror or exc}")
     return models, results, sizes
 
 

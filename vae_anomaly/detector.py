@@ -86,7 +86,7 @@ class Detector:
         prep = images.prep
         vae_cfg = VAEConfig(prep.channels, prep.size, cfg.latent_dim, cfg.hidden_channels, cfg.likelihood)
         data_fp, ident, settings = crossfit.identity(images.pixels, cfg)
-        hooks = crossfit.Hooks(on_epoch, on_model, should_stop, checkpoint, resume, checkpoint_every)
+        hooks = crossfit.Hooks(on_epoch, on_model, should_stop, checkpoint, resume, checkpoint_every, on_warning)
         models, results, sizes = crossfit.train_models(
             images.pixels, plans, cfg, vae_cfg, device, world, ident, hooks, rng
         )

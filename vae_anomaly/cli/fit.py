@@ -12,11 +12,11 @@ import click
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .. import distributed
+from .. import artifact, distributed
 from ..batching import DecodeOptions
 from ..config import CROSS_FIT_BELOW, DEFAULT_FOLDS, LIKELIHOODS, FitConfig
 from ..detector import Detector
-from ..errors import FitInterrupted
+from ..errors import FitInterrupted, OutputError
 from ..pipeline import fit_summary
 from ..train import EpochStats
 from .options import decode_options, max_pixels_option
@@ -180,6 +180,8 @@ def _fit(
     """`fit` after its options are checked: train, save on rank 0, report on rank 0."""
     main_rank = world.is_main
     checkpoint = output.with_name(output.name + ".ckpt")
+    if main_rank:
+        artifact.check_writable(output)  # before the training, not after it
     t0 = time.perf_counter()
     with _StopOnSignal(announce=main_rank) as stop, _FitProgress(quiet or not main_rank) as progress:
         try:
@@ -195,7 +197,7 @@ def _fit(
             )
             seconds = time.perf_counter() - t0
             if main_rank:
-                detector.save(output)
+                _save(detector, output, checkpoint)
         except FitInterrupted as exc:
             if main_rank:
                 err.print(f"[yellow]interrupted[/]: {escape(str(exc))}")
@@ -221,6 +223,20 @@ def _fit(
     err.print(
         f"[green]wrote[/]{escape(fit_summary(detector, output, seconds, world)[len('wrote') :])}", highlight=False
     )
+
+
+def _save(detector: Detector, output: Path, checkpoint: Path) -> None:
+    """Write the model file; where that fails, say how to write it from the checkpoint without training again."""
+    try:
+        detector.save(output)
+    except OutputError as exc:
+        kept = (
+            f" The trained models are kept in {checkpoint}: free space and run the same command with --resume, "
+            f"or move it to OTHER.vae.ckpt and run it with --resume -o OTHER.vae."
+            if checkpoint.exists()
+            else ""
+        )
+        raise OutputError(f"{exc}{kept}") from None
 
 
 class _StopOnSignal:
