@@ -374,3 +374,41 @@ def test_a_failed_model_write_keeps_the_training_for_resume_elsewhere(
     again = artifact.load(tmp_path / "other.vae").state_dict
     fresh = artifact.load(tmp_path / "fresh.vae").state_dict
     assert all(bool((again[k] == fresh[k]).all()) for k in fresh), "the same models as an uninterrupted fit"
+
+
+# ------------------------------------------------------------- forged shards
+def _shards(cli_model: Path, folder: Path, tmp_path: Path) -> list[Path]:
+    shards = [tmp_path / f"s{i}.json" for i in (1, 2)]
+    for i, path in enumerate(shards, 1):
+        assert run("score", folder, "-m", cli_model, "--shard", f"{i}/2", "-o", path)[0] == 0
+    return shards
+
+
+def test_merge_recomputes_p_values_so_forged_ones_fail_instead_of_passing_the_gate(
+    cli_model: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    shards = _shards(cli_model, data_dir / "incoming", tmp_path)
+    code, out, _ = run("merge", *shards, "--format", "json", "--max-anomalies", "0")
+    honest = json.loads(out)["summary"]
+    assert code == 1 and honest["flagged"] > 0, "the crosses fail the gate"
+    for path in shards:
+        doc = json.loads(path.read_text())
+        for r in doc["records"]:
+            if r["error"] is None:
+                r["p_value"], r["flagged"] = 1.0, False
+        path.write_text(json.dumps(doc))
+    code, _, err = run("merge", *shards, "--max-anomalies", "0")
+    assert code == 2, "forged p-values must never pass the gate"
+    assert f"{shards[0]}: " in err and "has p-value 1.0, but its score gives" in err and "edited" in err
+
+
+def test_merge_with_the_model_refuses_a_calibration_forged_in_every_shard(
+    cli_model: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    shards = _shards(cli_model, data_dir / "incoming", tmp_path)
+    for path in shards:
+        doc = json.loads(path.read_text())
+        doc["shard"]["calibration"] = [c + 1000.0 for c in doc["shard"]["calibration"]]
+        path.write_text(json.dumps(doc))
+    code, _, err = run("merge", *shards, "--model", cli_model)
+    assert code == 2 and "calibration scores are not those of the --model file" in err

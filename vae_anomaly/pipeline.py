@@ -27,9 +27,10 @@ from .documents import load_baseline
 from .errors import ConfigError
 from .gate import GateRule
 from .inference import ScoreResult
+from .merge import load_shard_report, merge_reports
 from .outputs import Outputs
 from .report import FORMATS, Report, build_report
-from .shard import Shard, load_shard_report, merge_reports, scoring_options, select_shard, shard_report
+from .shard import Shard, scoring_options, select_shard, shard_report
 
 Say = Callable[[str], None]
 
@@ -178,10 +179,8 @@ def score_report(config: ScoreConfig, *, on_message: Say = _quiet, on_warning: S
             report,
             shard,
             options=scoring_options(rule, result.samples),
-            calibration=detector.calibration_[rule.score],
-            paths=result.paths,
-            model_scores=result.model_scores,
-            unlike=result.unlike,
+            result=result,
+            calibration=detector.calibration,
             decision_warnings=decision.warnings,
         )
         of_listing = f" (shard {shard.index}/{shard.count} of a listing of {shard.total})"
@@ -219,14 +218,15 @@ class MergeRun:
 
 def merge(config: MergeConfig, *, on_message: Say = _quiet, on_warning: Say = _quiet) -> MergeRun:
     """Join the shard reports of `score --shard I/N` into the report one run would have written, and gate it."""
-    fingerprint = None if config.model is None else Detector.load(config.model, device="cpu").fingerprint
+    model = None if config.model is None else Detector.load(config.model, device="cpu")
     shards = [load_shard_report(path) for path in config.reports]
     report = merge_reports(
         shards,
         gate=list(config.gate),
         skip_unreadable=config.skip_unreadable,
         baseline=config.baseline,
-        model_fingerprint=fingerprint,
+        model_fingerprint=None if model is None else model.fingerprint,
+        model_calibration=None if model is None else model.calibration,
     )
     for w in report.warnings:
         on_warning(w)

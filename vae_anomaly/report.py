@@ -50,9 +50,11 @@ class ImageRecord:
     # Shard reports only (`score --shard`), for `merge`; left out of the JSON when None:
     index: int | None = None  # position in the whole sorted listing, 0-based
     model_scores: tuple[float, ...] | None = None  # the score under each of K cross-fitted models
+    guard_score: float | None = None  # the guard statistic's score, from which merge recomputes p
+    guard_model_scores: tuple[float, ...] | None = None  # and under each cross-fitted model
 
 
-OPTIONAL_RECORD_FIELDS = ("index", "model_scores")
+OPTIONAL_RECORD_FIELDS = ("index", "model_scores", "guard_score", "guard_model_scores")
 
 
 def record_dict(r: ImageRecord) -> dict[str, Any]:
