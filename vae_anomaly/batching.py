@@ -158,23 +158,36 @@ def _assemble(p: _Pending, prep: Preprocessing, bits: bool, cache: PixelCache | 
     hits = p.hits
     if hits:
         rows = cache.read([h.row for h in hits.values()]) if cache is not None else None
-        if rows is None:  # the cache broke between lookup and read: decode these here
-            redo = _decode_chunk([p.chunk[i] for i in hits], prep, bits)
-            rows, hit_pos = redo.pixels, [list(hits)[j] for j in redo.index]
-            for j, reason in redo.errors:
-                reasons[list(hits)[j]] = reason
-            for j, i in enumerate(hit_pos):
-                sources[i] = redo.sources[j]
-                if redo.bits is not None:
-                    out_bits[i] = redo.bits[j]
-        else:
-            hit_pos = list(hits)
-            for i in hit_pos:
+        good = list(hits)
+        if rows is not None and cache is not None:
+            valid = cache.verify([p.keys[i] for i in hits], list(hits.values()), rows)
+            good, rows = [i for i, v in zip(hits, valid, strict=True) if v], rows[valid]
+            pixels[good] = rows
+            ok[good] = True
+            for i in good:
                 sources[i] = hits[i].source
                 if hits[i].bits is not None:
                     out_bits[i] = hits[i].bits
-        pixels[hit_pos] = rows
-        ok[hit_pos] = True
+        redo_pos = [i for i in hits if i not in set(good)] if rows is not None else list(hits)
+        if redo_pos:  # the cache broke between lookup and read, or rows failed their digest: decode here
+            redo = _decode_chunk([p.chunk[i] for i in redo_pos], prep, bits)
+            for j, reason in redo.errors:
+                reasons[redo_pos[j]] = reason
+            fresh = [redo_pos[j] for j in redo.index]
+            pixels[fresh] = redo.pixels
+            ok[fresh] = True
+            for j, i in enumerate(fresh):
+                sources[i] = redo.sources[j]
+                if redo.bits is not None:
+                    out_bits[i] = redo.bits[j]
+            if cache is not None and rows is not None:  # replace the bad rows
+                keyed = [j for j, i in enumerate(fresh) if i in p.keys]
+                cache.add(
+                    [p.keys[fresh[j]] for j in keyed],
+                    redo.pixels[keyed],
+                    None if redo.bits is None else redo.bits[keyed],
+                    [redo.sources[j] for j in keyed],
+                )
     if p.decoded is not None:
         d = p.decoded.result() if isinstance(p.decoded, Future) else p.decoded
         pos = [p.misses[j] for j in d.index]
@@ -286,6 +299,11 @@ def iter_batches(
                 yield _assemble(pending.popleft(), prep, bits, _usable(cache, on_warning))
         while pending:
             yield _assemble(pending.popleft(), prep, bits, _usable(cache, on_warning))
+        if cache is not None and cache.corrupt and on_warning is not None:
+            on_warning(
+                f"{cache.corrupt} row(s) of the decoded-pixel cache in {display_path(cache.dir)} failed their "
+                "check (edited or damaged); those files were decoded again and their rows replaced"
+            )
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)

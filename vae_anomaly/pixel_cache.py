@@ -7,6 +7,7 @@ without it. No torch: decoding workers may import this module.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sqlite3
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ import PIL
 from .decoding import Preprocessing
 from .listing import display_path
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: inode, ctime and a digest per row (format 1 folders are left alone)
 
 
 def default_cache_dir() -> Path:
@@ -30,7 +31,10 @@ def default_cache_dir() -> Path:
     return Path(base) / "vae-anomaly"
 
 
-FileKey = tuple[bytes, int, int]  # absolute path, size in bytes, modification time in ns
+# Absolute path, size in bytes, modification time, inode, and status-change time in ns. The ctime
+# moves on every write and cannot be set back (`touch -r` sets the mtime only), so a file rewritten
+# with the same size and modification time is still decoded afresh.
+FileKey = tuple[bytes, int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -38,13 +42,24 @@ class CacheHit:
     row: int
     bits: float | None
     source: tuple[int, int, bool]
+    digest: bytes  # of the file's key and the row's pixels, checked on every read
+
+
+def row_digest(key: FileKey, pixels: np.ndarray) -> bytes:
+    """BLAKE2b of the file's key and its decoded pixels: a row edited, shifted or read for another file fails it."""
+    h = hashlib.blake2b(repr(key).encode(), digest_size=16)
+    h.update(np.ascontiguousarray(pixels).tobytes())
+    return h.digest()
 
 
 class PixelCache:
     """Decoded pixels on disk, reused by later runs: one uint8 file of rows plus an SQLite index.
 
-    A file is found again by its absolute path, size and modification time;
-    if any of these changed it is decoded afresh. One cache folder per
+    A file is found again by its absolute path, size, modification time,
+    inode and status-change time; if any of these changed it is decoded
+    afresh. Every row carries a digest of its file's key and pixels, checked
+    when it is read: a row flipped, truncated, shifted or pointed at another
+    file's pixels is decoded again (and counted in `corrupt`), never used. One cache folder per
     preprocessing (channels, size, resize rule) and Pillow version, since
     either changes the pixels. Rows are only appended, under SQLite's write
     lock, so several processes can share a cache; a crash mid-write leaves
@@ -55,7 +70,7 @@ class PixelCache:
 
     def __init__(self, root: str | os.PathLike[str], prep: Preprocessing) -> None:
         self.broken: str | None = None
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.corrupt = 0
         self.shape = (prep.channels, prep.size, prep.size)
         self.row_bytes = prep.channels * prep.size * prep.size
         scaling = "".join(c for c in prep.scaling if c.isalnum())
@@ -75,7 +90,8 @@ class PixelCache:
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(
                 "CREATE TABLE IF NOT EXISTS files (path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
-                "row INTEGER, bits REAL, width INTEGER, height INTEGER, colour INTEGER)"
+                "ino INTEGER, ctime_ns INTEGER, row INTEGER, digest BLOB, bits REAL, width INTEGER, height INTEGER, "
+                "colour INTEGER)"
             )
             self._db = db
         except (OSError, sqlite3.Error) as exc:
@@ -100,7 +116,7 @@ class PixelCache:
             st = os.stat(path)
         except OSError:
             return None  # decoding will say what is wrong with it
-        return os.fsencode(os.path.abspath(path)), st.st_size, st.st_mtime_ns
+        return os.fsencode(os.path.abspath(path)), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
     def lookup(self, files: Sequence[Path]) -> tuple[dict[int, CacheHit], dict[int, FileKey]]:
         """Positions of the files found unchanged, and every file's key (taken before decoding)."""
@@ -111,7 +127,8 @@ class PixelCache:
         try:
             marks = ",".join("?" * len(keys))
             rows = self._db.execute(
-                f"SELECT path, size, mtime_ns, row, bits, width, height, colour FROM files WHERE path IN ({marks})",
+                "SELECT path, size, mtime_ns, ino, ctime_ns, row, digest, bits, width, height, colour FROM files "
+                f"WHERE path IN ({marks})",
                 [k[0] for k in keys.values()],
             ).fetchall()
             on_disk = self._data.stat().st_size // self.row_bytes
@@ -119,13 +136,19 @@ class PixelCache:
             self._fail(exc)
             return hits, keys
         found = {r[0]: r for r in rows}
-        for i, (path, size, mtime) in keys.items():
-            r = found.get(path)
-            if r is not None and r[1] == size and r[2] == mtime and r[3] < on_disk:
-                hits[i] = CacheHit(int(r[3]), r[4], (int(r[5]), int(r[6]), bool(r[7])))
+        for i, key in keys.items():
+            r = found.get(key[0])
+            if r is not None and tuple(r[:5]) == key and 0 <= r[5] < on_disk and isinstance(r[6], bytes):
+                hits[i] = CacheHit(int(r[5]), r[7], (int(r[8]), int(r[9]), bool(r[10])), r[6])
         self.hits += len(hits)
         self.misses += len(files) - len(hits)
         return hits, keys
+
+    def verify(self, keys: Sequence[FileKey], hits: Sequence[CacheHit], pixels: np.ndarray) -> np.ndarray:
+        """Which rows read back are the pixels stored for their file (by digest); counts the others."""
+        good = np.array([row_digest(k, px) == h.digest for k, h, px in zip(keys, hits, pixels, strict=True)], bool)
+        self.corrupt += int((~good).sum())
+        return good
 
     def read(self, rows: Sequence[int]) -> np.ndarray | None:
         try:
@@ -159,10 +182,10 @@ class PixelCache:
                     f.write(np.ascontiguousarray(pixels).tobytes())
                     f.flush()
                     db.executemany(
-                        "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         [
-                            (p, s, m, first + j, None if bits is None else float(bits[j]), w, h, int(c))
-                            for j, ((p, s, m), (w, h, c)) in enumerate(zip(keys, sources, strict=True))
+                            (*k, first + j, row_digest(k, pixels[j]), None if bits is None else float(bits[j]), w, h, c)
+                            for j, (k, (w, h, c)) in enumerate(zip(keys, sources, strict=True))
                         ],
                     )
                     db.execute("COMMIT")
