@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import crosses, disks, write_pngs
@@ -459,3 +461,86 @@ def test_a_damaged_or_stale_pixel_cache_never_changes_a_score(model_file: Path, 
     assert target.stat().st_size == st.st_size and target.stat().st_mtime_ns == st.st_mtime_ns
     truth, _ = _scores(model_file, a, "--no-cache")
     assert _scores(model_file, a, *cache)[0] == truth, "the new pixels, not the cached ones"
+
+
+# ------------------------------------------------------------- fuzzed documents
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+def _places(doc: dict) -> list[tuple[str, ...]]:
+    """Every key path of a report one level into summary, shard, shard.options and the first two records."""
+    places: list[tuple[str, ...]] = [(k,) for k in doc]
+    for part in ("summary", "shard"):
+        places += [(part, k) for k in doc.get(part, {})]
+    places += [("shard", "options", k) for k in doc.get("shard", {}).get("options", {})]
+    places += [("records", str(i), k) for i in range(2) for k in doc["records"][i]]
+    return places
+
+
+def _mutated(doc: dict, place: tuple[str, ...], value: object) -> dict:
+    out = json.loads(json.dumps(doc))
+    node = out
+    for key in place[:-1]:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[place[-1]] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def documents(cli_model: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    folder = tmp_path_factory.mktemp("docs")
+    run("score", data_dir / "incoming", "-m", cli_model, "-o", folder / "base.json")
+    for i in (1, 2):
+        run("score", data_dir / "incoming", "-m", cli_model, "--shard", f"{i}/2", "-o", folder / f"s{i}.json")
+    return {"folder": folder, **{n: json.loads((folder / f"{n}.json").read_text()) for n in ("base", "s1", "s2")}}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), value=JSON)
+def test_any_edit_of_a_baseline_is_used_or_refused_never_a_crash(
+    documents: dict, data: st.DataObject, value: object
+) -> None:
+    from vae_anomaly.documents import load_baseline
+    from vae_anomaly.errors import DocumentError
+
+    doc = documents["base"]
+    place = data.draw(st.sampled_from(_places(doc)))  # type: ignore[arg-type]
+    path = documents["folder"] / "fuzzed.json"  # type: ignore[operator]
+    path.write_text(json.dumps(_mutated(doc, place, value)))  # type: ignore[arg-type]
+    try:
+        scores = load_baseline(path, doc["summary"]["model_fingerprint"], doc["summary"]["score"])  # type: ignore[index]
+    except DocumentError:
+        return
+    assert scores.dtype == np.float64 and len(scores) > 0
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), value=JSON)
+def test_any_edit_of_a_shard_is_merged_honestly_or_refused_never_a_crash(
+    documents: dict, data: st.DataObject, value: object
+) -> None:
+    from vae_anomaly.errors import DocumentError
+    from vae_anomaly.merge import load_shard_report, merge_reports
+
+    doc = documents["s2"]
+    place = data.draw(st.sampled_from(_places(doc)))  # type: ignore[arg-type]
+    path = documents["folder"] / "fuzzed-shard.json"  # type: ignore[operator]
+    path.write_text(json.dumps(_mutated(doc, place, value)))  # type: ignore[arg-type]
+    try:
+        report = merge_reports([load_shard_report(documents["folder"] / "s1.json"), load_shard_report(path)], gate=[])  # type: ignore[operator]
+    except DocumentError:
+        return
+    honest = merge_reports([load_shard_report(documents["folder"] / f"s{i}.json") for i in (1, 2)], gate=[])  # type: ignore[operator]
+    assert [r.p_value for r in report.records] == [r.p_value for r in honest.records] or place[-1] in (
+        "path",
+        "error",
+        "rank",
+        "flagged",
+        "warnings",
+        "decision_warnings",
+        "unlike",
+    ), f"an edit of {place} that merge accepted changed the p-values"
