@@ -187,9 +187,25 @@ def test_fit_errors_are_clear(tmp_path: Path) -> None:
 
 
 def test_numeric_threshold_flags_scores_at_or_above_it(cli_model: Path, data_dir: Path) -> None:
-    _, out, _ = run("score", data_dir / "incoming", "-m", cli_model, "--threshold", "-1e9", "--format", "json")
+    """The threshold is one image's exact score (JSON floats round-trip): `>=` flags that image, `>` would not."""
+    _, out, _ = run("score", data_dir / "incoming", "-m", cli_model, "--format", "json")
+    scores = {r["path"]: r["score"] for r in _json(out)["records"] if r["error"] is None}
+    ranked = sorted(scores, key=scores.get)
+    at = ranked[len(ranked) // 2]  # the median image, whose score no other image shares
+    threshold = scores[at]
+    assert list(scores.values()).count(threshold) == 1
+    code, out, _ = run(
+        "score", data_dir / "incoming", "-m", cli_model, "--threshold", repr(threshold), "--format", "json"
+    )
     doc = _json(out)
-    assert doc["summary"]["threshold"]["rule"] == "score" and doc["summary"]["flagged"] == 80
+    assert doc["summary"]["threshold"]["rule"] == "score" and doc["summary"]["threshold"]["high"] == threshold
+    records = {r["path"]: r for r in doc["records"]}
+    assert {p: r["score"] for p, r in records.items()} == scores, "the same scores as the first run"
+    assert records[at]["flagged"] is True, "an image whose score equals the threshold is flagged"
+    flagged = {p for p, r in records.items() if r["flagged"]}
+    assert flagged == {p for p, s in scores.items() if s >= threshold}
+    assert doc["summary"]["flagged"] == len(ranked) - len(ranked) // 2 == 40
+    assert code == 0, "no gate was asked for"
 
 
 def test_info_shows_training_data_and_settings(cli_model: Path) -> None:
@@ -200,6 +216,7 @@ def test_info_shows_training_data_and_settings(cli_model: Path) -> None:
     assert code == 0 and "fingerprint" in out and "calibration elbo" in out
 
 
+@pytest.mark.slow
 def test_python_m_entry_point_runs() -> None:
     import subprocess
     import sys

@@ -15,6 +15,7 @@ from vae_anomaly import Detector, artifact
 from vae_anomaly.calibration import smallest_p_value
 
 
+@pytest.mark.slow
 def test_small_sets_cross_fit_by_default_and_every_image_calibrates(crossfit: Detector) -> None:
     assert crossfit.n_models == 5 and len(crossfit.models_) == 5
     assert len(crossfit.calibration_["elbo"]) == 150
@@ -22,6 +23,7 @@ def test_small_sets_cross_fit_by_default_and_every_image_calibrates(crossfit: De
     assert crossfit.metadata_["training"]["train_images"] == 120, "each model trains on (K-1)/K of the images"
 
 
+@pytest.mark.slow
 def test_held_out_normal_p_values_are_close_to_uniform(crossfit: Detector) -> None:
     """As in the split-conformal test: the flagged share of m new normals varies around alpha by
     about sqrt(a(1-a)(1/(n+2) + 1/m)) (the calibration set is one draw); allow three of those."""
@@ -35,6 +37,7 @@ def test_held_out_normal_p_values_are_close_to_uniform(crossfit: Detector) -> No
             assert abs((p <= a).mean() - a) <= 3 * sd, (tail, a, (p <= a).mean())
 
 
+@pytest.mark.slow
 def test_150_images_reach_p_below_one_percent_where_a_split_cannot(crossfit: Detector) -> None:
     assert smallest_p_value(30, "upper") > 0.01, "a 20% split of 150 leaves 30: p >= 1/31"
     assert crossfit.smallest_p_value("elbo", "upper") == pytest.approx(1 / 151)
@@ -43,6 +46,7 @@ def test_150_images_reach_p_below_one_percent_where_a_split_cannot(crossfit: Det
     assert decision.threshold.models == 5 and "cross-conformal over 5" in decision.threshold.describe()
 
 
+@pytest.mark.slow
 def test_cross_fitted_model_file_round_trips(crossfit: Detector, tmp_path: Path) -> None:
     path = tmp_path / "cf.vae"
     crossfit.save(path)

@@ -3,10 +3,12 @@
 The processes split every batch and DDP averages their gradients, with the
 same shuffles and the same noise as one process, so the model equals a
 single-process fit of the same seed up to float summation order.
+The torchrun tests are slow; the one-process `World` every plain run uses is checked without them.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -14,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torch.distributed as dist
 
 import vae_anomaly
 from conftest import cli_run, disks, write_pngs
-from vae_anomaly import Detector
+from vae_anomaly import Detector, distributed
+from vae_anomaly.distributed import World
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -59,6 +63,7 @@ def _torchrun(*args: str | Path, timeout: float = 120) -> subprocess.CompletedPr
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=root)
 
 
+@pytest.mark.slow  # torchrun: two processes that import torch and train, about 10 s
 def test_torchrun_two_processes_write_one_model_that_scores_like_one_process(normal_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     run = _torchrun(normal_dir, "-o", out / "model.vae", *FIT_OPTIONS)
@@ -87,6 +92,7 @@ def test_torchrun_two_processes_write_one_model_that_scores_like_one_process(nor
     np.testing.assert_array_equal(ddp.calibration_folds_, one.calibration_folds_)
 
 
+@pytest.mark.slow  # torchrun: two processes that import torch and train, about 10 s
 def test_torchrun_time_budget_stops_every_process_at_the_same_step(normal_dir: Path, tmp_path: Path) -> None:
     """Each process reads its own clock; if they stopped at different steps, DDP would hang."""
     model = tmp_path / "model.vae"
@@ -95,3 +101,31 @@ def test_torchrun_time_budget_stops_every_process_at_the_same_step(normal_dir: P
     assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.vae"]
     assert Detector.load(model, device="cpu").metadata_["training"]["stopped"] == "time-budget"
+
+
+def test_a_plain_run_is_a_world_of_one_whose_collectives_return_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert not distributed.launched() and not dist.is_initialized()
+    one = distributed.current()
+    assert one == World() and one.is_main and distributed.is_main()
+    t = torch.arange(3.0)
+    assert one.shard(10) == (0, 10) and one.all_reduce_sum(t) is t and one.broadcast_object(["x"]) == ["x"]
+    one.barrier()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not distributed.launched(), "torchrun sets RANK too"
+    monkeypatch.setenv("RANK", "1")
+    assert distributed.launched()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    assert not distributed.launched()
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7])
+def test_the_processes_slices_cover_every_item_once_and_differ_in_size_by_at_most_one(size: int) -> None:
+    for n in range(30):
+        slices = [World(rank=r, size=size).shard(n) for r in range(size)]
+        assert slices[0][0] == 0 and slices[-1][1] == n
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(slices)), slices
+        sizes = [hi - lo for lo, hi in slices]
+        assert max(sizes) - min(sizes) <= 1, (n, slices)
+    assert [r for r in range(size) if World(rank=r, size=size).is_main] == [0]

@@ -98,6 +98,7 @@ def _bound(level: float) -> float:
     return level + 3.09 * math.sqrt(level * (1 - level) / BATCHES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("rules", "level"),
     [

@@ -161,6 +161,7 @@ def test_table_junit_and_github_outputs_match_the_unsharded_run(
     assert (tmp_path / "merged.md").read_text() == (tmp_path / "one.md").read_text()
 
 
+@pytest.mark.slow
 def test_cross_fitted_shards_keep_each_models_score_for_the_shift_test(
     crossfit: Detector, batch: Path, tmp_path: Path
 ) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import html
+import io
 import re
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from vae_anomaly.cli import main
 from vae_anomaly.decision import DecisionRule, auto_threshold
 from vae_anomaly.html_report import RowImages, render_html
 from vae_anomaly.report import build_report
-from vae_anomaly.visualize import heatmap_panel, png_bytes, score_histogram
+from vae_anomaly.visualize import colour_table, heat_overlay, heatmap_panel, png_bytes, score_histogram
 
 EVIL = "<img src=x onerror=alert(1)>"
 
@@ -63,11 +65,60 @@ def test_hottest_region_is_the_pasted_square(fitted: Detector) -> None:
         assert inside.ravel()[hottest16].mean() >= 0.75
 
 
-def test_heatmap_panel_shows_three_labelled_panels(fitted: Detector) -> None:
-    hm = fitted.heatmap(crosses(1, seed=5))
-    panel = heatmap_panel(hm.images[0], hm.reconstructions[0], hm.maps[0], caption="#1")
-    assert panel.width > 3 * 192 and panel.height > 192
-    assert png_bytes(panel)[:8] == b"\x89PNG\r\n\x1a\n"
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) of each run of True in a 1-d mask."""
+    edges = np.diff(np.concatenate([[0], np.asarray(mask, np.int8), [0]]))
+    return list(zip(np.nonzero(edges == 1)[0].tolist(), np.nonzero(edges == -1)[0].tolist(), strict=True))
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(io.BytesIO(png)) as im:
+        return np.asarray(im.convert("RGB")).astype(np.int16)
+
+
+def _enlarged(rgb: np.ndarray, k: int = 12) -> np.ndarray:
+    return rgb.repeat(k, axis=0).repeat(k, axis=1)
+
+
+def test_heatmap_panel_shows_input_reconstruction_and_map_side_by_side_each_labelled() -> None:
+    """Each tile is its 16 px picture enlarged 12 times, pixel for pixel; nothing in them is pure white,
+    so the white canvas frames each tile."""
+    image = np.minimum(crosses(1, seed=5), 250)  # (1, 16, 16) uint8, like HeatMaps.images[i]
+    reconstruction = np.minimum(disks(1, seed=5), 250)
+    yy, xx = np.mgrid[0:16, 0:16]
+    heat = np.exp(-((yy - 3.0) ** 2 + (xx - 12.0) ** 2) / 8.0)  # one hot spot, at row 3 and column 12
+    px = _pixels(png_bytes(heatmap_panel(image, reconstruction, heat, caption="#1")))
+    inked = (px != 255).any(axis=2)
+    spans = _runs(inked.any(axis=0))
+    assert [b - a for a, b in spans] == [192, 192, 192], f"three tiles with white between them: {spans}"
+    tiles, labels, below, tops = [], [], [], []
+    for a, b in spans:
+        rows = [(r0, r1) for r0, r1 in _runs(inked[:, a:b].all(axis=1)) if r1 - r0 > 20]  # not the colour bar
+        assert len(rows) == 1 and rows[0][1] - rows[0][0] == 192, f"one 192 px tile in columns {a}-{b}: {rows}"
+        top = rows[0][0]
+        tops.append(top)
+        tiles.append(px[top : top + 192, a:b])
+        labels.append((px[:top, a:b] < 100).all(axis=2))
+        below.append(px[top + 192 :, a:b])
+    assert len(set(tops)) == 1, f"the tiles stand in one row: {tops}"
+    grey = [np.repeat(im[0][..., None], 3, axis=2).astype(np.int16) for im in (image, reconstruction)]
+    np.testing.assert_array_equal(tiles[0], _enlarged(grey[0]), err_msg="the first tile is the input")
+    np.testing.assert_array_equal(tiles[1], _enlarged(grey[1]), err_msg="the second is the reconstruction")
+    np.testing.assert_array_equal(tiles[2], _enlarged(heat_overlay(image, heat).astype(np.int16)))
+    assert (tiles[0] != tiles[1]).any(axis=2).mean() > 0.2, "input and reconstruction differ where the images do"
+    # The third is the map over the input: the hottest pixel in the colour map's top colour, the
+    # coolest a dimmed grey of the input under a little of the map's bottom colour.
+    cells = tiles[2][::12, ::12]
+    lut = colour_table().astype(np.int16)
+    np.testing.assert_array_equal(cells[3, 12], lut[-1])
+    np.testing.assert_allclose(cells[15, 0], 0.65 * 0.6 * image[0, 15, 0] + 0.35 * lut[0], atol=1)
+    assert np.ptp(cells, axis=2).max() > 100, "the map is in colour"
+    assert all(np.ptp(tile, axis=2).max() == 0 for tile in tiles[:2]), "input and reconstruction are grey"
+    assert [int(label.sum() > 30) for label in labels] == [1, 1, 1], "each tile has its label above it, in dark text"
+    assert (labels[0] != labels[1]).any() and (labels[1] != labels[2]).any() and (labels[0] != labels[2]).any()
+    coloured = [int((np.ptp(strip, axis=2) > 60).sum()) for strip in below]
+    assert coloured[0] == coloured[1] == 0 and coloured[2] > 500, f"a colour bar under the map alone: {coloured}"
 
 
 @pytest.fixture(scope="session")
@@ -95,11 +146,40 @@ def test_score_heatmaps_writes_one_png_per_flagged_image(model_file: Path, mixed
     assert f"wrote {flagged} heat map(s)" in err and "heat map" not in out
 
 
-def test_histogram_draws_both_bounds_of_the_two_sided_rule() -> None:
+def _dashed_vertical_lines(png: bytes) -> list[float]:
+    """x (px) of each dashed dark vertical line inside a chart's axes box, whose solid frame is not one."""
+    dark = (_pixels(png) < 80).all(axis=2)
+
+    def longest(lines: np.ndarray) -> np.ndarray:
+        return np.array([max((b - a for a, b in _runs(line)), default=0) for line in lines])
+
+    frame_x, frame_y = np.nonzero(longest(dark.T) > 100)[0], np.nonzero(longest(dark) > 100)[0]
+    left, top = int(frame_x.min()) + 2, int(frame_y.min()) + 2
+    inside = dark[top : int(frame_y.max()) - 1, left : int(frame_x.max()) - 1]
+    height = inside.shape[0]
+    dashed = [
+        column.sum() > 0.4 * height and len(_runs(column)) >= 10 and longest(column[None])[0] < 0.1 * height
+        for column in inside.T
+    ]
+    return [left + (a + b - 1) / 2 for a, b in _runs(np.array(dashed))]
+
+
+def test_histogram_draws_a_dashed_line_at_each_bound_of_the_rule_and_none_for_a_missing_one() -> None:
     cal = np.random.default_rng(0).normal(size=500)
+    groups = {"calibration": cal, "batch": cal + 1}
     rule = auto_threshold(cal, 0.05, "two-sided")
-    png = score_histogram({"calibration": cal, "batch": cal + 1}, rule)
-    assert rule.low is not None and rule.high is not None and png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert rule.low is not None and rule.high is not None
+    # Bounds inside the scores' range leave the x axis as it is, so a line's column follows its value alone.
+    both = _dashed_vertical_lines(score_histogram(groups, rule))
+    low = _dashed_vertical_lines(score_histogram(groups, replace(rule, high=None)))
+    high = _dashed_vertical_lines(score_histogram(groups, replace(rule, low=None)))
+    middle = _dashed_vertical_lines(score_histogram(groups, replace(rule, low=(rule.low + rule.high) / 2, high=None)))
+    assert len(both) == 2 and len(low) == len(high) == len(middle) == 1, (both, low, high, middle)
+    assert both[0] == pytest.approx(low[0], abs=1) and both[1] == pytest.approx(high[0], abs=1)
+    assert both[1] - both[0] > 100, "low bound on the left, high bound on the right, far apart"
+    assert middle[0] == pytest.approx((both[0] + both[1]) / 2, abs=2), "each line stands at its bound's value"
+    assert _dashed_vertical_lines(score_histogram(groups, replace(rule, low=None, high=None))) == []
+    assert _dashed_vertical_lines(score_histogram(groups, None)) == []
 
 
 # ---------------------------------------------------------------- HTML

@@ -211,7 +211,8 @@ def train_models(
             )
         weights = {n: v.detach().cpu().clone() for n, v in model.state_dict().items()}
         done.append({"weights": weights, "result": result.to_dict()})
-    if ckpt is not None and world.is_main and not (saved and len(saved["done"]) == len(plans)):
+    finished = all(r.stopped != "interrupted" for r in results)  # an interrupted fit keeps its own checkpoint
+    if ckpt is not None and world.is_main and finished and not (saved and len(saved["done"]) == len(plans)):
         # Every model trained: kept, so that a failed model-file write loses no training (`--resume`).
         try:
             artifact.save_checkpoint(ckpt, ident, {"done": done, "fold": len(plans), "train": None})
