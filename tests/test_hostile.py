@@ -148,6 +148,7 @@ def _score_json(*args: str | Path, timeout: float = 120) -> tuple[int, dict, str
     return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else {}, proc.stderr
 
 
+@pytest.mark.slow
 def test_a_fifo_named_like_an_image_is_a_record_not_a_hang(model_file: Path, tmp_path: Path) -> None:
     folder = tmp_path / "in"
     write_pngs(folder, disks(3, seed=54))
@@ -160,6 +161,7 @@ def test_a_fifo_named_like_an_image_is_a_record_not_a_hang(model_file: Path, tmp
     assert code == 3 and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_fit_refuses_a_fifo_instead_of_hanging(tmp_path: Path) -> None:
     folder = tmp_path / "normal"
     write_pngs(folder, disks(30, seed=55))
@@ -342,6 +344,7 @@ def test_fit_into_a_folder_that_cannot_be_written_fails_before_training(tmp_path
     assert "epoch" not in err and time.perf_counter() - t0 < 20, "refused before any training"
 
 
+@pytest.mark.slow
 def test_a_failed_model_write_keeps_the_training_for_resume_elsewhere(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -499,6 +502,7 @@ def documents(cli_model: Path, data_dir: Path, tmp_path_factory: pytest.TempPath
     return {"folder": folder, **{n: json.loads((folder / f"{n}.json").read_text()) for n in ("base", "s1", "s2")}}
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), value=JSON)
 def test_any_edit_of_a_baseline_is_used_or_refused_never_a_crash(
@@ -518,6 +522,7 @@ def test_any_edit_of_a_baseline_is_used_or_refused_never_a_crash(
     assert scores.dtype == np.float64 and len(scores) > 0
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), value=JSON)
 def test_any_edit_of_a_shard_is_merged_honestly_or_refused_never_a_crash(
