@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ import torch
 from . import __version__, artifact
 from .batching import read_images
 from .calibration import calibration_needed
-from .config import CROSS_FIT_BELOW, DEFAULT_FOLDS, MIN_TRAINING_IMAGES, MIN_VALIDATION_IMAGES, FitConfig
+from .config import CROSS_FIT_BELOW, DEFAULT_FOLDS, MIN_TRAINING_IMAGES, MIN_VALIDATION_IMAGES, FitConfig, check_float
 from .decision import DecisionRule
 from .decoding import Preprocessing, ReadError, infer_preprocessing
 from .distributed import World
@@ -148,6 +149,9 @@ class Hooks:
     resume: bool = False
     checkpoint_every: float = 30.0
     on_warning: Callable[[str], None] | None = None
+
+    def __post_init__(self) -> None:
+        check_float("checkpoint_every", self.checkpoint_every, 0, math.inf, hi_open=True)
 
 
 def train_models(

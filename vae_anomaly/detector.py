@@ -75,6 +75,7 @@ class Detector:
         Under torchrun every process calls `fit` alike (see `distributed.py`).
         """
         cfg, world = self.config, current()
+        hooks = crossfit.Hooks(on_epoch, on_model, should_stop, checkpoint, resume, checkpoint_every, on_warning)
         warn = on_warning or (lambda _msg: None)
         images = crossfit.read_training_images(data, cfg, warn)
         rng = np.random.default_rng(cfg.seed)
@@ -86,7 +87,6 @@ class Detector:
         prep = images.prep
         vae_cfg = VAEConfig(prep.channels, prep.size, cfg.latent_dim, cfg.hidden_channels, cfg.likelihood)
         data_fp, ident, settings = crossfit.identity(images.pixels, cfg)
-        hooks = crossfit.Hooks(on_epoch, on_model, should_stop, checkpoint, resume, checkpoint_every, on_warning)
         models, results, sizes = crossfit.train_models(
             images.pixels, plans, cfg, vae_cfg, device, world, ident, hooks, rng
         )
