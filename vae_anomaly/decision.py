@@ -245,14 +245,17 @@ class DecisionRule:
     def level(self) -> float:
         return self.fpr if self.fdr is None else self.fdr
 
+    def _raised(self, level: float, n_calibration: int) -> float:
+        return level if self.strict else max(level, self.floor(n_calibration))
+
     def applied(self, n_calibration: int) -> float:
         """The level flags are decided at: the one asked for, or, where n calibration scores cannot
         reach it and the rule is not strict, the smallest reachable p-value (the floor)."""
-        return self.level if self.strict else max(self.level, self.floor(n_calibration))
+        return self._raised(self.level, n_calibration)
 
     def applied_fpr(self, n_calibration: int) -> float:
         """The per-image level of the binomial batch test: --fpr, raised to the floor like the rule."""
-        return self.fpr if self.strict else max(self.fpr, self.floor(n_calibration))
+        return self._raised(self.fpr, n_calibration)
 
     def floor(self, n_calibration: int) -> float:
         """The smallest p-value: 1/(n+1), 2/(n+1) two-sided, times 2 with a guard."""

@@ -220,9 +220,8 @@ def _fit(
         )
         sys.exit(128 + stop.signum)
     checkpoint.unlink(missing_ok=True)
-    err.print(
-        f"[green]wrote[/]{escape(fit_summary(detector, output, seconds, world)[len('wrote') :])}", highlight=False
-    )
+    summary = fit_summary(detector, output, seconds, world).removeprefix("wrote ")
+    err.print(f"[green]wrote[/] {escape(summary)}", highlight=False)
 
 
 def _save(detector: Detector, output: Path, checkpoint: Path) -> None:
