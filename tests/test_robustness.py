@@ -423,12 +423,11 @@ def test_second_ctrl_c_aborts_without_a_model_file(train_folder: Path, tmp_path:
 
 @pytest.mark.slow
 def test_kill_9_leaves_the_old_model_or_the_new_one(train_folder: Path, tmp_path: Path, model_file: Path) -> None:
-    """SIGKILL at moments spread over a whole fit (its length measured by a first run that is not
-    killed), so that some land late in training or while the model file is written."""
+    """SIGKILL (no handler runs) during training, and late: after training, while the fit calibrates
+    and writes the model file, at a moment taken from a first run that is not killed."""
     model = tmp_path / "m.vae"
     old = model_file.read_bytes()
     assert Detector.load(model_file, device="cpu").metadata_["training"]["images"] != 200, "tell old from new"
-    args = ("--epochs", "2", "--checkpoint-every", "0")
 
     def outcome(when: str) -> str:
         for leftover in tmp_path.glob(".m.vae.*.tmp"):  # a temporary file a kill may leave is no model
@@ -444,22 +443,29 @@ def test_kill_9_leaves_the_old_model_or_the_new_one(train_folder: Path, tmp_path
         assert (training["images"], training["epochs_run"]) == (200, 2), f"{when}: {training}"
         return "new"
 
-    model.write_bytes(old)
-    start = time.perf_counter()
-    proc = _start_fit(train_folder, model, *args)
+    def start(*extra: str) -> subprocess.Popen[str]:
+        model.write_bytes(old)
+        return _start_fit(train_folder, model, "--checkpoint-every", "0", *extra)
+
+    proc = start("--epochs", "2")
+    _wait_for_epochs(proc, 2)
+    trained = time.perf_counter()
     _, err = proc.communicate(timeout=120)
-    seconds = time.perf_counter() - start
+    tail = time.perf_counter() - trained  # calibrating and writing the model file
     assert proc.returncode == 0, err
     assert outcome("not killed") == "new", "a fit that is not killed replaces the old model"
-    outcomes = []
-    for fraction in (0.5, 0.8, 0.95):
-        model.write_bytes(old)
-        proc = _start_fit(train_folder, model, *args)
-        time.sleep(fraction * seconds)
-        proc.kill()
-        proc.communicate(timeout=60)
-        outcomes.append(outcome(f"killed after {fraction:.0%} of a fit's {seconds:.1f} s"))
-    assert "old" in outcomes, f"a kill in mid-fit leaves the old model: {outcomes}"
+    proc = start()  # 100,000 epochs: still training when killed
+    _wait_for_epochs(proc, 2)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert outcome("killed while training") == "old", "a kill while training leaves the old model as it was"
+
+    proc = start("--epochs", "2")
+    _wait_for_epochs(proc, 2)
+    time.sleep(0.8 * tail)
+    proc.kill()
+    proc.communicate(timeout=60)
+    outcome(f"killed {0.8 * tail:.2f} s after training (of {tail:.2f} s to calibrate and write)")
 
 
 # ============================================================= hostile inputs and outputs
