@@ -168,7 +168,8 @@ def _assemble(p: _Pending, prep: Preprocessing, bits: bool, cache: PixelCache | 
                 sources[i] = hits[i].source
                 if hits[i].bits is not None:
                     out_bits[i] = hits[i].bits
-        redo_pos = [i for i in hits if i not in set(good)] if rows is not None else list(hits)
+        kept = set(good)
+        redo_pos = [i for i in hits if i not in kept] if rows is not None else list(hits)
         if redo_pos:  # the cache broke between lookup and read, or rows failed their digest: decode here
             redo = _decode_chunk([p.chunk[i] for i in redo_pos], prep, bits)
             for j, reason in redo.errors:

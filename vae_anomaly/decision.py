@@ -261,12 +261,23 @@ class DecisionRule:
         """The smallest p-value: 1/(n+1), 2/(n+1) two-sided, times 2 with a guard."""
         return min(1.0, self.tests * smallest_p_value(n_calibration, self.tail))
 
-    def combine(self, p_score: np.ndarray, p_guard: np.ndarray | None = None) -> np.ndarray:
-        """The rule's p-value of each image: the score's, or the Bonferroni combination with the guard's."""
+    def p_values(
+        self,
+        calibration: Calibration,
+        scores: np.ndarray,
+        model_scores: np.ndarray | None = None,
+        guard_scores: np.ndarray | None = None,
+        guard_model_scores: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """The rule's p-value of each image: the score's conformal p-value, or with a guard the
+        Bonferroni combination p = min(1, 2 min(p_score, p_guard)). `score`, `Detector.p_values` and
+        `merge` (which recomputes every shard's p-values) all call this one."""
+        p_score = calibration.p_values(self.score, scores, model_scores, self.tail)
         if self.guard is None:
             return np.asarray(p_score, dtype=np.float64)
-        if p_guard is None:
-            raise ConfigError(f"the rule has the guard {self.guard!r}, but no guard p-values were given")
+        if guard_scores is None:
+            raise ConfigError(f"the rule has the guard {self.guard!r}, but no guard scores were given")
+        p_guard = calibration.p_values(self.guard, guard_scores, guard_model_scores, self.tail)
         combined: np.ndarray = np.minimum(1.0, 2.0 * np.minimum(p_score, p_guard))
         return combined
 
@@ -314,7 +325,7 @@ class DecisionRule:
         models: int = 1,
         warnings: Sequence[str] = (),
     ) -> Decision:
-        """The rule applied to a batch, from its scores and the rule's p-values (`combine`)."""
+        """The rule applied to a batch, from its scores and the rule's p-values (`p_values`)."""
         threshold = self.threshold_for(p, calibration, models)
         n, flags = len(calibration), flag(scores, p, threshold)
         return Decision(p, flags, threshold, n, list(warnings), self.floor(n), guarantee(threshold))
@@ -339,14 +350,17 @@ class DecisionRule:
             warnings.append(
                 f"p-values are approximate: calibrated with {calibrated_samples} samples, scored with {result.samples}"
             )
-        p_score = calibration.p_values(self.score, result.scores, result.model_scores, self.tail)
-        p_guard = (
-            None if guard is None else calibration.p_values(guard.score, guard.scores, guard.model_scores, self.tail)
+        p = self.p_values(
+            calibration,
+            result.scores,
+            result.model_scores,
+            None if guard is None else guard.scores,
+            None if guard is None else guard.model_scores,
         )
         cal = calibration.of(self.score)
         warning = self.unreachable(len(cal), calibration.models)
         warnings += [warning] if warning else []
-        return self.decision(result.scores, self.combine(p_score, p_guard), cal, calibration.models, warnings)
+        return self.decision(result.scores, p, cal, calibration.models, warnings)
 
     def options(self) -> dict[str, Any]:
         """The rule as JSON data (shard reports carry it; `from_options` reads it back)."""

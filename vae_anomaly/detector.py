@@ -228,11 +228,14 @@ class Detector:
 
     def p_values(self, result: ScoreResult, tail: str = "two-sided") -> np.ndarray:
         """The decision's p-values of a scored batch (with a guard: the Bonferroni combination of both)."""
-        rule, cal = self.rule(result, tail=tail), self.calibration
-        p_guard = None
-        if result.guard is not None:
-            p_guard = cal.p_values(result.guard.score, result.guard.scores, result.guard.model_scores, tail)
-        return rule.combine(cal.p_values(result.score, result.scores, result.model_scores, tail), p_guard)
+        guard = result.guard
+        return self.rule(result, tail=tail).p_values(
+            self.calibration,
+            result.scores,
+            result.model_scores,
+            None if guard is None else guard.scores,
+            None if guard is None else guard.model_scores,
+        )
 
     def batch_tests(
         self,

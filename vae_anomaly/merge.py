@@ -275,15 +275,13 @@ def _recomputed_p(
     if rule.guard is not None and first.guard_calibration is not None:
         cal[rule.guard] = first.guard_calibration
     calibration = Calibration(cal, first.calibration_folds, models)
-    p_guard = None
+    guard = guard_models = None
     try:
         if rule.guard is not None:
             guard = np.array([_number(r["guard_score"]) for r in readable], dtype=np.float64)
-            guard_models = None
             if models > 1:
                 guard_models = np.array([r["guard_model_scores"] for r in readable], dtype=np.float64).T
-            p_guard = calibration.p_values(rule.guard, guard, guard_models, rule.tail)
-        expected = rule.combine(calibration.p_values(rule.score, scores, model_scores, rule.tail), p_guard)
+        expected = rule.p_values(calibration, scores, model_scores, guard, guard_models)
     except (KeyError, TypeError, ValueError, CalibrationError) as exc:
         raise MergeError(f"the shard reports lack scores the p-values need ({exc}); score the shards again") from None
     wrong = np.nonzero(~np.isclose(expected, p, rtol=1e-9, atol=1e-12))[0]
