@@ -11,8 +11,15 @@ from hypothesis import strategies as st
 
 from conftest import BACKGROUND, SIZE, crosses, disks
 from vae_anomaly import Detector
-from vae_anomaly.calibration import calibration_needed, p_values, smallest_p_value
-from vae_anomaly.decision import auto_threshold, flag
+from vae_anomaly.calibration import (
+    Calibration,
+    calibration_needed,
+    cross_conformal_p_values,
+    p_values,
+    smallest_p_value,
+    typicality_p_values,
+)
+from vae_anomaly.decision import DecisionRule, auto_threshold, flag
 
 
 def test_p_values_follow_the_conformal_formulas() -> None:
@@ -24,26 +31,115 @@ def test_p_values_follow_the_conformal_formulas() -> None:
 
 
 def test_smallest_reachable_p_value_and_calibration_needed_agree() -> None:
-    for tail in ("upper", "two-sided"):
-        for alpha in (0.1, 0.05, 0.01, 0.003):
-            n = calibration_needed(alpha, tail)
-            assert smallest_p_value(n, tail) <= alpha + 1e-12
-            assert smallest_p_value(n - 1, tail) > alpha
+    for alpha in (0.1, 0.05, 0.01, 0.003):
+        n = calibration_needed(alpha)
+        assert smallest_p_value(n) <= alpha + 1e-12
+        assert smallest_p_value(n - 1) > alpha
+    assert calibration_needed(0.01) == 99, "one test: 99 calibration images reach 1%"
+
+
+def _typicality_by_brute_force(cal: np.ndarray, new: np.ndarray, tail: str) -> np.ndarray:
+    """Full conformal, spelled out: for each new image, every bag member's rank from the nearer end of
+    each statistic and its largest deviation (bag quartiles by sorting the bag), and the share of the
+    bag at least as atypical."""
+    n = cal.shape[1]
+    out = []
+    for x in new.T:
+        bag = np.concatenate([cal, x[:, None]], axis=1)  # (J, n + 1)
+        srt = np.sort(bag, axis=1)
+        r = np.clip(np.round(np.array([0.25, 0.5, 0.75]) * n).astype(int), 1, max(n - 1, 1))
+        q1, m, q3 = srt[:, r[0]][:, None], srt[:, r[1]][:, None], srt[:, r[2]][:, None]
+        tiny = 1e-9 * np.maximum(1.0, np.abs(m))
+        up = (bag - m) / np.maximum(q3 - m, tiny)
+        down = (m - bag) / np.maximum(m - q1, tiny)
+        dev = up if tail == "upper" else np.where(bag >= m, up, down)
+        d = dev.max(axis=0)
+        rank_up = (bag[:, None, :] >= bag[:, :, None]).sum(axis=2)  # (J, n + 1): members >= each
+        rank_down = (bag[:, None, :] <= bag[:, :, None]).sum(axis=2)
+        rho = (rank_up if tail == "upper" else np.minimum(rank_up, rank_down)).min(axis=0)
+        ahead = (rho < rho[-1]) | ((rho == rho[-1]) & (d >= d[-1]))
+        out.append(np.sum(ahead) / (n + 1))
+    return np.array(out)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    n=st.integers(4, 40),
+    m=st.integers(1, 20),
+    seed=st.integers(0, 2**31),
+    tail=st.sampled_from(["upper", "two-sided"]),
+    ties=st.booleans(),
+)
+def test_typicality_p_values_are_the_full_conformal_p_values_of_the_bag(
+    n: int, m: int, seed: int, tail: str, ties: bool
+) -> None:
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((2, n + m))
+    if ties:
+        z = np.round(z * 2) / 2  # many equal scores, new ones equal to calibration ones
+    cal, new = z[:, :n], z[:, n:]
+    got = typicality_p_values(cal, np.zeros(n, np.int64), new[None], tail)
+    np.testing.assert_allclose(got, _typicality_by_brute_force(cal, new, tail))
+
+
+def test_one_statistic_on_the_upper_tail_is_the_plain_conformal_p_value() -> None:
+    rng = np.random.default_rng(3)
+    cal, new = rng.standard_normal(50), rng.standard_normal(30) * 2
+    got = typicality_p_values(cal[None], np.zeros(50, np.int64), new[None, None], "upper")
+    np.testing.assert_allclose(got, p_values(cal, new, "upper"))
+
+
+@pytest.mark.parametrize("n", [30, 99, 400])
+def test_two_dependent_skewed_statistics_give_one_exact_test_at_floor_one_over_n_plus_one(n: int) -> None:
+    """Exchangeable normal data: P(p <= a) = floor(a (n+1)) / (n+1), whatever the dependence of the
+    statistics and however skewed; 600 calibrations x 100 new images each, a few sd either way."""
+    rng = np.random.default_rng(n)
+    hits = {a: 0 for a in (1 / (n + 1), 0.05)}
+    reps, m = 600, 100
+    for _ in range(reps):
+        z = rng.standard_normal((2, n + m))
+        z[1] = 0.7 * z[0] + 0.7 * z[1]
+        z[0] = np.exp(z[0])
+        p = typicality_p_values(z[:, :n], np.zeros(n, np.int64), z[None, :, n:], "two-sided")
+        for a in hits:
+            hits[a] += int(np.sum(p <= a + 1e-12))
+    for a, count in hits.items():
+        expected = math.floor(a * (n + 1) + 1e-9) / (n + 1)
+        # Images sharing a calibration are correlated: the sd of the mean rate is about sqrt(e(1-e)/(n reps)).
+        sd = math.sqrt(expected * (1 - expected) * (1 / (reps * m) + 1 / ((n + 2) * reps)))
+        assert abs(count / (reps * m) - expected) <= 4 * sd, (a, count / (reps * m), expected)
+
+
+def test_an_image_atypical_in_the_guard_alone_reaches_the_floor() -> None:
+    rng = np.random.default_rng(0)
+    cal = rng.standard_normal((2, 99))
+    new = np.array([[0.0, 0.0, 9.0], [0.0, -9.0, 0.0]])  # typical; kl far too low; score far too high
+    p = typicality_p_values(cal, np.zeros(99, np.int64), new[None], "two-sided")
+    assert p[0] > 0.5 and p[1] == p[2] == pytest.approx(1 / 100)
+
+
+def test_one_model_per_fold_sums_the_folds_counts_like_cross_conformal() -> None:
+    """With one statistic on the upper tail, the typicality p-value of K models is the cross-conformal one."""
+    rng = np.random.default_rng(1)
+    cal, folds = rng.standard_normal(60), np.arange(60) % 3
+    model_scores = rng.standard_normal((3, 25)) * 1.5
+    got = typicality_p_values(cal[None], folds, model_scores[:, None], "upper")
+    np.testing.assert_allclose(got, cross_conformal_p_values(cal, folds, model_scores, "upper"))
 
 
 @settings(max_examples=200, deadline=None)
 @given(
     cal=st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=60),
     new=st.lists(st.floats(-1.2e3, 1.2e3, allow_nan=False), min_size=1, max_size=30),
-    alpha=st.floats(0.01, 0.5),
+    alpha=st.floats(0.01, 0.2),
     tail=st.sampled_from(["upper", "two-sided"]),
 )
 def test_auto_score_bounds_flag_exactly_the_images_with_p_at_most_alpha(
     cal: list[float], new: list[float], alpha: float, tail: str
 ) -> None:
     c, s = np.array(cal), np.array(new)
-    thr = auto_threshold(c, alpha, tail)
-    by_p = flag(s, p_values(c, s, tail), thr)
+    thr = auto_threshold(c[None], alpha, tail)
+    by_p = flag(s, typicality_p_values(c[None], np.zeros(len(c), np.int64), s[None, None], tail), thr)
     by_bounds = np.zeros(len(s), bool)
     if thr.high is not None:
         by_bounds |= s >= thr.high
@@ -84,39 +180,65 @@ def test_default_score_and_guard_flag_a_blank_frame_on_either_tail(fitted: Detec
     assert fitted.decide(blank).flags[0] and fitted.decide(blank, tail="upper").flags[0]
 
 
-def test_guard_combines_two_p_values_by_bonferroni(fitted: Detector) -> None:
+def test_guard_and_score_are_one_test_with_the_floor_of_one(fitted: Detector) -> None:
     x = np.concatenate([disks(5, seed=31), crosses(5, seed=32)])
     both = fitted.score(x)
-    alone = fitted.score(x, guard=None)
-    kl = fitted.score(x, score="kl", guard=None)
-    expected = np.minimum(1, 2 * np.minimum(fitted.decide(alone).p_values, fitted.decide(kl).p_values))
-    np.testing.assert_allclose(fitted.decide(both).p_values, expected)
-    assert fitted.smallest_p_value("elbo-ic", "two-sided", "kl") == 2 * fitted.smallest_p_value("elbo-ic")
+    assert both.guard is not None
+    cal = np.stack([fitted.calibration_["elbo-ic"], fitted.calibration_["kl"]])
+    scores = np.stack([both.scores, both.guard.scores])[None]
+    exact = typicality_p_values(cal, np.zeros(cal.shape[1], np.int64), scores, "two-sided")
+    n = cal.shape[1]
+    assert fitted.smallest_p_value("elbo-ic") == pytest.approx(1 / (n + 1))
+    assert exact[5:].max() == pytest.approx(1 / (n + 1)), "crosses lie beyond every calibration image"
+    d = fitted.decide(both)
+    np.testing.assert_allclose(d.p_values[:5], exact[:5])
+    strict = fitted.decide(both, strict=True)
+    np.testing.assert_allclose(strict.p_values, exact)
 
 
 def test_too_few_calibration_images_warn_with_the_number_needed(fitted: Detector) -> None:
     result = fitted.score(disks(3, seed=5))
     d = fitted.decide(result, fpr=0.0005, strict=True)
-    assert any(str(calibration_needed(0.0005 / 2, "two-sided")) in w for w in d.warnings)  # guard: half each
+    assert any(str(calibration_needed(0.0005)) in w for w in d.warnings)
     assert not d.flags.any() and d.threshold.alpha == 0.0005, "--strict-fpr: today's behaviour, nothing flagged"
 
 
-def test_an_unreachable_rate_flags_at_the_floor_and_says_which_rate_holds(fitted: Detector) -> None:
-    """400 calibration scores, two tests, two-sided: no p-value below 4/401, so --fpr 0.0005 becomes 4/401."""
+def test_below_the_floor_the_tail_model_flags_at_the_rate_asked_and_says_it_is_approximate(fitted: Detector) -> None:
+    """400 calibration scores: exact p-values stop at 1/401; --fpr 0.0005 is decided on the tail model's."""
     n = len(fitted.calibration_["elbo-ic"])
     anomalies = fitted.score(crosses(200, seed=6))
     d = fitted.decide(anomalies, fpr=0.0005)
-    assert d.threshold.alpha == pytest.approx(4 / (n + 1)) == d.floor and d.threshold.requested == 0.0005
-    assert d.flags.mean() > 0.5, "crosses lie beyond every calibration score"
-    assert "smallest reachable level" in d.warnings[-1] and "--strict-fpr" in d.warnings[-1]
-    assert d.guarantee.startswith(f"Each normal image is flagged with probability at most {4 / (n + 1):.4g}")
-    assert "0.0005 asked for is below the smallest p-value" in d.guarantee
-    assert "(the smallest reachable level; 0.0005 was asked for)" in d.threshold.describe()
+    assert d.threshold.alpha == 0.0005 and d.threshold.requested is None and d.floor == pytest.approx(1 / (n + 1))
+    assert d.threshold.tail_model is not None and d.threshold.tail_model["n"] == n
+    assert d.flags.mean() > 0.5, "crosses lie far beyond every calibration score"
+    assert "tail model" in d.warnings[-1] and "--strict-fpr" in d.warnings[-1]
+    assert d.guarantee.startswith(
+        f"Each normal image is flagged with probability at most about 0.0005 (approximate: tail model, n = {n};"
+    )
+    assert "generalised Pareto tail model" in d.threshold.describe()
     normal = fitted.decide(fitted.score(disks(2000, seed=7)), fpr=0.0005)
-    # The rate that holds is 4/401 ~ 1.0%; 2000 held-out normals: mean 20, sd ~4.5 flags.
-    assert normal.flags.mean() <= 4 / (n + 1) + 3 * np.sqrt(4 / (n + 1) / 2000)
+    # 2000 held-out normals at 0.05%: mean 1 flag; allow 3 sd of the rate the tail model claims and 1/n.
+    assert normal.flags.mean() <= 0.0005 + 3 * np.sqrt(0.0005 / 2000) + 1 / n
+    strict = fitted.decide(anomalies, fpr=0.0005, strict=True)
+    assert not strict.flags.any() and strict.threshold.tail_model is None, "--strict-fpr: exact p-values only"
     reachable = fitted.decide(anomalies, fpr=0.05)
-    assert reachable.threshold.requested is None and reachable.threshold.alpha == 0.05, "nothing changes above it"
+    assert reachable.threshold.tail_model is None and reachable.threshold.alpha == 0.05, "nothing changes above it"
+    assert "exact, conformal" in reachable.guarantee
+
+
+def test_with_too_few_for_a_tail_model_the_rule_flags_at_its_floor_and_says_which_rate_holds() -> None:
+    """15 calibration scores: no tail model (20 needed), so --fpr 0.01 becomes the floor 1/16."""
+    rng = np.random.default_rng(0)
+    calibration = Calibration({"elbo": rng.normal(size=15)})
+    rule = DecisionRule("elbo", guard=None, fpr=0.01)
+    scores = np.array([0.0, 9.0])
+    d = rule.decision(scores, rule.p_values(calibration, scores), calibration)
+    assert d.threshold.alpha == pytest.approx(1 / 16) == d.floor and d.threshold.requested == 0.01
+    assert d.flags.tolist() == [False, True] and d.threshold.tail_model is None
+    assert "smallest reachable level" in (rule.unreachable(15) or "")
+    assert d.guarantee.startswith("Each normal image is flagged with probability at most 0.0625 (exact, conformal)")
+    assert "0.01 asked for is below the smallest p-value" in d.guarantee
+    assert "(the smallest reachable level; 0.01 was asked for)" in d.threshold.describe()
 
 
 def test_unknown_tail_is_refused() -> None:
@@ -145,7 +267,7 @@ def test_fit_warns_when_the_default_decision_cannot_flag_at_one_percent() -> Non
     from vae_anomaly import FitConfig
 
     warnings: list[str] = []
-    Detector(FitConfig(epochs=1, latent_dim=4, folds=1, calibration_fraction=0.3, device="cpu")).fit(
+    Detector(FitConfig(epochs=1, latent_dim=4, folds=1, calibration_fraction=0.05, device="cpu")).fit(
         disks(1000, seed=3), on_warning=warnings.append
     )
-    assert any("300 calibration images" in w and "default decision" in w and "399" in w for w in warnings)
+    assert any("50 calibration images" in w and "default decision" in w and "99" in w for w in warnings)

@@ -48,8 +48,8 @@ def test_gate_rules_each_reported_with_value_limit_and_verdict(cli_model: Path, 
     assert checks["binom-p"]["value"] == s["tests"]["binomial"]["p_value"] < 1e-6
     assert not checks["shift-p"]["passed"] and checks["shift-p"]["fails_when"] == "p <= limit"
     assert code == 1 == s["exit_code"] and s["gate_passed"] is False and "Error" not in err
-    assert s["guarantee"] == "Each normal image is flagged with probability at most 0.01 (conformal p <= alpha)."
-    assert s["smallest_p_value"] == pytest.approx(4 / 406) and s["models"] == 1
+    assert s["guarantee"] == "Each normal image is flagged with probability at most 0.01 (exact, conformal)."
+    assert s["smallest_p_value"] == pytest.approx(1 / 406) and s["models"] == 1
 
 
 def test_normal_images_pass_the_gate_and_the_table_shows_the_verdict(cli_model: Path, data_dir: Path) -> None:
@@ -76,7 +76,9 @@ def test_fdr_flags_by_benjamini_hochberg_and_says_what_it_guarantees(cli_model: 
     flags, cutoff = benjamini_hochberg(p, 0.05)
     assert [r["flagged"] for r in recs] == flags.tolist() and s["flagged"] == flags.sum() > 0
     assert s["threshold"]["rule"] == "fdr" and s["threshold"]["p_cutoff"] == cutoff
-    assert s["guarantee"].endswith("expected share of false alarms among flagged images is at most 0.05.")
+    assert s["guarantee"].endswith(
+        "expected share of false alarms among flagged images is at most 0.05 (exact, conformal)."
+    )
     assert s["rule"].startswith("fdr: Benjamini-Hochberg at q = 0.05") and code == 0
 
 

@@ -60,8 +60,8 @@ def test_json_output_field_by_field(cli_model: Path, data_dir: Path, tmp_path: P
     assert (s["total"], s["scored"], s["unreadable"], s["ignored"]) == (80, 80, 0, 0)
     assert s["score"] == "elbo-ic" and s["samples"] == 1 and s["exit_code"] == code == 0
     assert s["threshold"]["rule"] == "auto" and s["threshold"]["tail"] == "two-sided"
-    assert s["threshold"]["guard"] == "kl" and "Bonferroni" in s["rule"]
-    assert s["smallest_p_value"] == 4 / 406  # two tests, two-sided, 405 calibration scores
+    assert s["threshold"]["guard"] == "kl" and "one test of the larger deviation" in s["rule"]
+    assert s["smallest_p_value"] == 1 / 406  # one test of score and guard, both sides, 405 calibration scores
     assert s["threshold"]["alpha"] == 0.01 and s["calibration_images"] == 405
     assert s["effective_fpr"] == 0.01 and s["threshold"]["requested"] is None, "405 scores reach 1%"
     assert s["rule"].startswith("auto: conformal two-sided p <= 0.01")

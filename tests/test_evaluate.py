@@ -60,7 +60,7 @@ def test_figures_equal_sklearn_on_the_same_scores(fitted: Detector, labelled: Pa
         assert m.tpr_at_fpr_1pct == pytest.approx(t[f <= 0.01].max())
         assert m.tpr_at_fpr_5pct == pytest.approx(t[f <= 0.05].max())
         p = p_values(fitted.calibration_[name], s, "two-sided")
-        if name != "kl":  # the default rule: Bonferroni with the kl guard, as `score` applies it
+        if name != "kl":  # the default rule: one test with the kl guard, as `score` applies it
             kl = fitted.score([Path(q) for q in ev.paths], score="kl", guard=None).scores
             p = np.minimum(1, 2 * np.minimum(p, p_values(fitted.calibration_["kl"], kl, "two-sided")))
         flags = p <= 0.05

@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 from vae_anomaly.batch_tests import exceedance_test, shift_test
-from vae_anomaly.calibration import cross_conformal_p_values, p_values
+from vae_anomaly.calibration import cross_conformal_p_values, p_values, typicality_p_values
 from vae_anomaly.ci import github_escape_data, github_escape_property
 from vae_anomaly.decision import benjamini_hochberg
 from vae_anomaly.errors import GateSpecError
@@ -68,23 +68,21 @@ def test_shift_test_is_scipys_mann_whitney() -> None:
 
 def test_count_test_is_scipys_beta_binomial_and_reports_the_binomial() -> None:
     n, m, a, k = 400, 200, 0.01, 6
-    t = exceedance_test(k, m, n, a, "two-sided")
-    j = 2 * math.floor(a / 2 * (n + 1))  # calibration gaps beyond the two cut-offs
+    t = exceedance_test(k, m, n, a)
+    j = math.floor(a * (n + 1))  # calibration gaps beyond the cut-off of the rule's one test
     assert t.p_value == pytest.approx(stats.betabinom.sf(k - 1, m, j, n + 1 - j), rel=1e-12)
     assert f"plain binomial p = {stats.binomtest(k, m, a, alternative='greater').pvalue:.3g}" in t.detail
-    t = exceedance_test(k, m, n, a, "upper")
-    j = math.floor(a * (n + 1))
-    assert t.p_value == pytest.approx(stats.betabinom.sf(k - 1, m, j, n + 1 - j), rel=1e-12)
-    assert exceedance_test(3, 50, 100, 0.01).p_value == 1.0, "100 scores cannot reach 1% two-sided"
+    assert exceedance_test(3, 50, 98, 0.01).p_value == 1.0, "98 scores cannot reach 1%"
+    assert exceedance_test(3, 50, 99, 0.01).p_value < 1.0, "99 can"
 
 
 def _simulate(rng: np.random.Generator, n: int, m: int, anomalies: int, rules: list[GateRule], a: float) -> bool:
     """One batch through the gate; True when it fails. Normal scores ~ N(0, 1), anomalies ~ N(4, 1)."""
     cal = rng.normal(size=n)
     batch = np.concatenate([rng.normal(size=m - anomalies), rng.normal(4.0, 1.0, size=anomalies)])
-    p = p_values(cal, batch, "two-sided")
+    p = typicality_p_values(cal[None], np.zeros(n, np.int64), batch[None, None], "two-sided")
     flagged = int((p <= a).sum())
-    tests = {"shift": shift_test(batch, cal), "binomial": exceedance_test(flagged, m, n, a, "two-sided")}
+    tests = {"shift": shift_test(batch, cal), "binomial": exceedance_test(flagged, m, n, a)}
     return not all(c.passed for c in evaluate_gate(rules, flagged, m, tests))
 
 
@@ -125,11 +123,11 @@ def test_plain_binomial_test_would_fail_too_many_normal_batches() -> None:
     """Why binom-p uses the beta-binomial: one calibration set makes a batch's flags co-vary.
 
     Exact, no simulation: the count of a normal batch is beta-binomial (400
-    calibration scores, 200 images, 1% two-sided); sum its probabilities over
+    calibration scores, 200 images, 1%); sum its probabilities over
     the counts each test would fail at level 1%.
     """
     n, m, a = 400, 200, 0.01
-    j = 2 * math.floor(a / 2 * (n + 1))
+    j = math.floor(a * (n + 1))
     law = stats.betabinom(m, j, n + 1 - j)
     counts = np.arange(m + 1)
     naive = sum(law.pmf(k) for k in counts if stats.binomtest(int(k), m, a, alternative="greater").pvalue <= a)

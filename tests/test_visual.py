@@ -20,7 +20,7 @@ from PIL import Image
 
 from conftest import crosses, disks
 from vae_anomaly import Detector
-from vae_anomaly.calibration import p_values
+from vae_anomaly.calibration import Calibration
 from vae_anomaly.cli import main
 from vae_anomaly.decision import DecisionRule, auto_threshold
 from vae_anomaly.html_report import RowImages, render_html
@@ -228,7 +228,8 @@ def test_report_stays_small_and_fast_for_100000_images() -> None:
     rng = np.random.default_rng(0)
     cal = rng.normal(size=400)
     scores = rng.normal(size=100_000)
-    decision = DecisionRule("elbo", guard=None).decision(scores, p_values(cal, scores), cal)
+    rule, calibration = DecisionRule("elbo", guard=None), Calibration({"elbo": cal})
+    decision = rule.decision(scores, rule.p_values(calibration, scores), calibration)
     paths = [f"batch/img_{i:06d}.png" for i in range(len(scores))]
     errors = [(f"batch/bad_{i}.png", "empty file (0 bytes)") for i in range(5000)]
     t0 = time.perf_counter()

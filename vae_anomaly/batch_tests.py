@@ -52,24 +52,24 @@ def shift_test(batch: np.ndarray, reference: np.ndarray, name: str = "shift") ->
     )
 
 
-def exceedance_test(count: int, m: int, n_calibration: int, alpha: float, tail: str = "two-sided") -> BatchTest:
+def exceedance_test(count: int, m: int, n_calibration: int, alpha: float) -> BatchTest:
     """Are more of m images at p <= alpha than a normal batch would give? One-sided.
 
     The plain binomial test (count ~ Binomial(m, alpha)) is too eager here:
     all images of a batch share one calibration set, so the rate at which
     normal images reach p <= alpha is itself random (a Beta(j, n + 1 - j)
-    variable, j the number of calibration gaps beyond the cut-off) and the
-    count of a normal batch is beta-binomial, more spread than a binomial.
-    With 400 calibration scores and 200 images at 1% two-sided, the binomial
-    test fails 1.9% of normal batches at level 1%; this exact test 0.8%.
+    variable, j = floor(alpha (n+1)) the number of calibration gaps beyond the
+    cut-off of the rule's one test) and the count of a normal batch is
+    beta-binomial, more spread than a binomial.
+    With 400 calibration scores and 200 images at 1%, the binomial test fails
+    normal batches at about twice its level; this exact test at most at it.
     The binomial p-value (SciPy's `binomtest`) is kept in `detail`.
     """
     from scipy.stats import betabinom, binomtest
 
     if m == 0:
         return BatchTest("binomial", 0.0, 1.0, "no images scored")
-    a = alpha / 2.0 if tail == "two-sided" else alpha
-    j = math.floor(a * (n_calibration + 1) + 1e-9) * (2 if tail == "two-sided" else 1)
+    j = math.floor(alpha * (n_calibration + 1) + 1e-9)
     if j <= 0:
         p = 1.0  # no image can reach p <= alpha at all
     elif j >= n_calibration + 1:
@@ -108,7 +108,6 @@ def run_batch_tests(
     reference: np.ndarray,
     *,
     fpr: float = 0.01,
-    tail: str = "two-sided",
     model_scores: np.ndarray | None = None,
     baseline: np.ndarray | None = None,
 ) -> dict[str, BatchTest]:
@@ -124,7 +123,7 @@ def run_batch_tests(
     count = int(np.sum(np.asarray(p) <= fpr + 1e-12))
     tests = {
         "shift": shift_test(shift_sample(scores, model_scores), reference, "shift"),
-        "binomial": exceedance_test(count, len(scores), len(reference), fpr, tail),
+        "binomial": exceedance_test(count, len(scores), len(reference), fpr),
     }
     if baseline is not None:
         tests["drift"] = shift_test(scores, np.asarray(baseline, dtype=np.float64), "drift")

@@ -10,12 +10,14 @@ fraction alpha of normal images. `decision.py` turns p-values into flags;
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
 from .errors import CalibrationError, ConfigError
+from .tail_model import TailModel, covers, fit_tail, refine
 
 Tail = Literal["two-sided", "upper"]
 TAILS: tuple[str, ...] = ("two-sided", "upper")
@@ -72,14 +74,135 @@ def decision_statistic(
     return ranks
 
 
-def smallest_p_value(n: int, tail: str = "two-sided") -> float:
-    """The smallest p-value n calibration scores can give: 1/(n+1), or 2/(n+1) two-sided."""
-    return min(1.0, (2.0 if tail == "two-sided" else 1.0) / (n + 1.0))
+def smallest_p_value(n: int) -> float:
+    """The smallest p-value n calibration scores can give: 1/(n+1), whatever the tail or the guard."""
+    return min(1.0, 1.0 / (n + 1.0))
 
 
-def calibration_needed(alpha: float, tail: str = "two-sided") -> int:
-    """How many calibration scores make p <= alpha reachable at all."""
-    return max(1, math.ceil((2.0 if tail == "two-sided" else 1.0) / alpha - 1.0 - 1e-9))
+def calibration_needed(alpha: float) -> int:
+    """How many calibration scores make p <= alpha reachable at all: n >= 1/alpha - 1."""
+    return max(1, math.ceil(1.0 / alpha - 1.0 - 1e-9))
+
+
+# ------------------------------------------------------ the typicality statistic
+# The quantiles that centre and scale each statistic. Order statistics of the
+# bag (the calibration scores plus the scored image), so that the scale is a
+# symmetric function of the bag and the conformal p-value stays exact.
+_QUANTILES = (0.25, 0.5, 0.75)
+
+
+def bag_quantiles(calibration: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Lower quartile, median and upper quartile of each bag {s_1..s_n, v}: (m, 3).
+
+    Order statistic r (0-based, r = round(q n)) of the n + 1 bag values is
+    clip(v, s_(r-1), s_(r)) with s sorted: the new value only moves it within
+    one calibration gap, so this costs O(m) after one sort.
+    """
+    cal = np.sort(np.asarray(calibration, dtype=np.float64))
+    n = len(cal)
+    r = np.clip(np.round(np.array(_QUANTILES) * n).astype(np.int64), 1, max(n - 1, 1))
+    lo, hi = cal[np.minimum(r - 1, n - 1)], cal[np.minimum(r, n - 1)]
+    return np.clip(np.asarray(values, dtype=np.float64)[:, None], lo, hi)
+
+
+def deviation(scores: np.ndarray, quartiles: np.ndarray, tail: str) -> np.ndarray:
+    """How atypical each score is, in units of its side's half interquartile range.
+
+    With (q1, m, q3) = quartiles[..., 0..2], the bag's quartiles (broadcast against the scores):
+        d = (s - m) / (q3 - m)  for s >= m, or when tail = "upper"
+        d = (m - s) / (m - q1)  for s <  m  (two-sided: too simple, too likely)
+    A scale per side, since scores such as -ELBO are skewed.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    q = np.asarray(quartiles, dtype=np.float64)
+    q1, m, q3 = q[..., 0], q[..., 1], q[..., 2]
+    tiny = 1e-9 * np.maximum(1.0, np.abs(m))  # a constant statistic: any change is infinitely atypical
+    up = (s - m) / np.maximum(q3 - m, tiny)
+    if tail == "upper":
+        return up
+    return np.where(s >= m, up, (m - s) / np.maximum(m - q1, tiny))
+
+
+def deviations(calibration: np.ndarray, values: np.ndarray, tail: str) -> np.ndarray:
+    """Each image's largest deviation over the J statistics, quartiles from its bag: (m,) from (J, m)."""
+    cal = np.atleast_2d(np.asarray(calibration, dtype=np.float64))
+    x = np.atleast_2d(np.asarray(values, dtype=np.float64))
+    d: np.ndarray = np.max([deviation(x[j], bag_quantiles(cal[j], x[j]), tail) for j in range(len(cal))], axis=0)
+    return d
+
+
+def _ranks(cal: np.ndarray, values: np.ndarray, tail: str) -> np.ndarray:
+    """How many calibration scores are at least as extreme as each value, per side: (sides, len(values))."""
+    srt = np.sort(cal)
+    up = len(srt) - np.searchsorted(srt, values, side="left")  # #{s_i >= v}
+    if tail == "upper":
+        return up[None]
+    return np.stack([up, np.searchsorted(srt, values, side="right")])  # and #{s_i <= v}
+
+
+def typicality_p_values(
+    calibration: np.ndarray,
+    folds: np.ndarray,
+    model_scores: np.ndarray,
+    tail: str = "two-sided",
+) -> np.ndarray:
+    """One conformal p-value per image for J statistics taken together (the score and its guard).
+
+    In the bag of n calibration images plus the scored one, each member b gets
+        rho(b) = min over statistics j and sides of #{bag members at least as extreme as b},
+    its rank from the nearer end of the statistic it is most extreme in (1: beyond every other
+    member on some side), and d(b), its largest deviation (`deviation`, scaled by the bag's
+    quartiles), which breaks ties between equal ranks. T = (rho, d) orders the bag from most to
+    least atypical; it is a symmetric function of the bag, so with one model
+
+        p = #{b in bag : rho(b) < rho(x), or rho(b) = rho(x) and d(b) >= d(x)} / (n + 1)
+
+    is an exact conformal p-value (full conformal, Vovk et al. 2005), whatever the dependence of
+    the statistics. Its floor is 1/(n+1), reached by an image beyond every calibration image on
+    some side and further out than any other side's most extreme image; it is never above the
+    Bonferroni rule's 2 J rho(x) / (n + 1). With K cross-fitted models the counts are summed fold
+    by fold, each fold's images against the new image's score under their model (cross-conformal,
+    Vovk 2015), ranks and quartiles taken over all n.
+
+    calibration: (J, n) held-out scores; folds: (n,) the model of each;
+    model_scores: (K, J, m) the new images' scores under each model.
+    """
+    if tail not in TAILS:
+        raise ConfigError(f"tail must be one of {', '.join(TAILS)}, got {tail!r}")
+    cal = np.atleast_2d(np.asarray(calibration, dtype=np.float64))
+    scores = np.asarray(model_scores, dtype=np.float64)
+    n_stats, n = cal.shape
+    m = scores.shape[-1]
+    if n == 0:
+        raise CalibrationError("no calibration scores: the model file holds none for this score")
+    folds = np.asarray(folds)
+    if scores.ndim != 3 or scores.shape[1] != n_stats or scores.shape[0] != int(folds.max()) + 1:
+        models = int(folds.max()) + 1
+        raise ValueError(f"scores of shape {scores.shape} given for {n_stats} statistics, {models} models")
+    # Each calibration image's rank among the calibration images alone (itself included), (J, sides, n).
+    own = np.stack([_ranks(c, c, tail) for c in cal])
+    count = np.zeros(m)
+    chunk = max(1, 2_000_000 // n)  # (chunk, n) arrays of a few tens of MB
+    for k in range(scores.shape[0]):
+        in_fold = folds == k
+        c_k, own_k = cal[:, in_fold], own[:, :, in_fold]
+        for start in range(0, m, chunk):
+            x = scores[k, :, start : start + chunk]  # (J, c)
+            # The new image's rank in the bag, and each calibration image's, which it may push back by one.
+            rho_x = np.min([_ranks(cal[j], x[j], tail) for j in range(n_stats)], axis=(0, 1)) + 1
+            rho = np.full((x.shape[1], c_k.shape[1]), np.iinfo(np.int64).max)
+            d = np.full(rho.shape, -np.inf)
+            for j in range(n_stats):
+                pushed = [x[j][:, None] >= c_k[j][None], x[j][:, None] <= c_k[j][None]]
+                for side in range(own.shape[1]):
+                    rho = np.minimum(rho, own_k[j, side][None] + pushed[side])
+                q = bag_quantiles(cal[j], x[j])  # (c, 3)
+                d = np.maximum(d, deviation(c_k[j][None], q[:, None], tail))  # (c, n_k)
+            d_x = deviations(cal, x, tail)
+            ahead = (rho < rho_x[:, None]) | ((rho == rho_x[:, None]) & (d >= d_x[:, None]))
+            count[start : start + chunk] += ahead.sum(axis=1)
+    p: np.ndarray = (1.0 + count) / (n + 1.0)
+    return p
 
 
 def cross_conformal_p_values(
@@ -141,17 +264,48 @@ class Calibration:
             )
         return cal
 
+    def _stacked(self, names: Sequence[str]) -> np.ndarray:
+        return np.stack([np.asarray(self.of(name), dtype=np.float64) for name in names])
+
+    def tail_model(self, names: Sequence[str], tail: str = "two-sided") -> TailModel | None:
+        """The tail model (`tail_model.fit_tail`) of the calibration images' deviations, where n is in its range."""
+        cal = self._stacked(names)
+        if not covers(cal.shape[1]):
+            return None
+        return fit_tail(deviations(cal, cal, tail))
+
     def p_values(
-        self, name: str, scores: np.ndarray, model_scores: np.ndarray | None, tail: str = "two-sided"
+        self,
+        names: Sequence[str],
+        scores: Sequence[np.ndarray],
+        model_scores: Sequence[np.ndarray | None],
+        tail: str = "two-sided",
+        *,
+        exact: bool = False,
     ) -> np.ndarray:
-        """Conformal p-values of one statistic's scores (cross-conformal for K models: `model_scores` (K, N))."""
-        cal = self.of(name)
-        if len(scores) == 0:
+        """One conformal p-value per image for the statistics `names` together (`typicality_p_values`).
+
+        `scores[j]` are statistic j's scores (N,), `model_scores[j]` each model's (K, N) for K
+        cross-fitted models (None for one model). Images at the floor 1/(n+1) get the tail model's
+        smaller p-value (`tail_model.refine`) unless `exact`.
+        """
+        cal = self._stacked(names)
+        if len(scores[0]) == 0:
             return np.zeros(0)
         if self.models == 1:
-            return p_values(cal, scores, tail)
-        if model_scores is None:
-            raise CalibrationError(
-                f"{self.models} cross-fitted models need each model's {name} scores, and only their mean was given"
-            )
-        return cross_conformal_p_values(cal, self.folds, model_scores, tail)
+            per_model = np.stack([np.asarray(s, dtype=np.float64) for s in scores])[None]
+            folds = np.zeros(cal.shape[1], np.int64)
+        else:
+            missing = [name for name, ms in zip(names, model_scores, strict=True) if ms is None]
+            if missing:
+                raise CalibrationError(
+                    f"{self.models} cross-fitted models need each model's {missing[0]} scores, and only their "
+                    "mean was given"
+                )
+            per_model = np.stack([np.atleast_2d(np.asarray(ms, dtype=np.float64)) for ms in model_scores], axis=1)
+            folds = self.folds
+        p = typicality_p_values(cal, folds, per_model, tail)
+        model = None if exact else self.tail_model(names, tail)
+        if model is None:
+            return p
+        return refine(p, cal.shape[1], np.stack([deviations(cal, x, tail) for x in per_model]), model)

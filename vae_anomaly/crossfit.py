@@ -103,12 +103,12 @@ def plan(n: int, cfg: FitConfig, rng: np.random.Generator) -> list[tuple[np.ndar
 def calibration_warning(n_calibration: int, folds: int) -> str | None:
     """What the default decision can do with these calibration images, where it cannot reach --fpr 0.01."""
     rule = DecisionRule()
-    need = calibration_needed(rule.level / rule.tests, rule.tail)
+    need = calibration_needed(rule.level)
     if n_calibration >= need:
         return None
     fix = "Add normal images." if folds > 1 else "Add normal images, raise --calibration-fraction, or --folds 5."
     return (
-        f"only {n_calibration} calibration images: the default decision (two-sided, with the kl guard) reaches "
+        f"only {n_calibration} calibration images: the default decision reaches "
         f"p <= {rule.level:g} from {need} on; with {n_calibration}, `score` flags at its smallest reachable level, "
         f"{rule.floor(n_calibration):.4g}, and says so (nothing, with --strict-fpr). {fix}"
     )

@@ -227,7 +227,7 @@ class Detector:
         return rule.decide(self.calibration, result, self.default_samples(result.score))
 
     def p_values(self, result: ScoreResult, tail: str = "two-sided") -> np.ndarray:
-        """The decision's p-values of a scored batch (with a guard: the Bonferroni combination of both)."""
+        """The decision's p-values of a scored batch (with a guard: one test of the score and the guard)."""
         guard = result.guard
         return self.rule(result, tail=tail).p_values(
             self.calibration,
@@ -243,7 +243,6 @@ class Detector:
         decision: Decision,
         *,
         fpr: float = 0.01,
-        tail: str = "two-sided",
         baseline: np.ndarray | None = None,
     ) -> dict[str, BatchTest]:
         """Batch-level tests (see batch_tests.py), each a one-sided p-value: small = worse than normal."""
@@ -252,14 +251,13 @@ class Detector:
             decision.p_values,
             self.calibration.of(result.score),
             fpr=fpr,
-            tail=tail,
             model_scores=result.model_scores if self.n_models > 1 else None,
             baseline=baseline,
         )
 
-    def smallest_p_value(self, score: str, tail: str = "two-sided", guard: str | None = None) -> float:
-        """The smallest p-value this model can give under the rule of `score`, `tail` and `guard`."""
-        return DecisionRule(score, guard, tail).floor(len(self.calibration.of(score)))
+    def smallest_p_value(self, score: str) -> float:
+        """The smallest p-value this model can give for `score`: 1/(n+1), whatever the tail and guard."""
+        return DecisionRule(score, None).floor(len(self.calibration.of(score)))
 
     # ------------------------------------------------------------ save/load
     def save(self, path: str | os.PathLike[str]) -> str:

@@ -90,12 +90,11 @@ def _p_floor(report: Report) -> str:
     if s.smallest_p_value is None:
         return "-"
     n, floor = s.calibration_images, s.smallest_p_value
-    # k/(n+1): 1 one-sided, 2 two-sided, twice that with a guard (Bonferroni).
-    k = round(floor * (n + 1))
-    formula = f"{k}/(n+1), n = {n:,}" if floor < 1 and k >= 1 else f"n = {n:,}"
+    # 1/(n+1): the rule is one test, whatever its tail and guard.
+    formula = f"1/(n+1), n = {n:,}" if floor < 1 else f"n = {n:,}"
     return (
-        f"{floor:.4g} ({formula}): every score beyond the calibration range gets it; such ties are ranked by "
-        "distance from the calibration median"
+        f"{floor:.4g} ({formula}): an image further out than every calibration image gets it; such ties are "
+        "ranked by distance from the calibration median"
     )
 
 

@@ -223,9 +223,10 @@ def merge_reports(
         raise MergeError(
             f"{first.path}: its calibration scores are not those of the --model file; the reports were edited"
         )
-    p = _recomputed_p(rule, first, readable, scores, model_scores, p, origin)
+    carried = _carried_calibration(rule, first, models)
+    p = _recomputed_p(rule, carried, readable, scores, model_scores, p, origin)
     # The rule is applied again over the union: Benjamini-Hochberg needs every p-value of the batch.
-    decision = rule.decision(scores, p, calibration, models, first.decision_warnings)
+    decision = rule.decision(scores, p, carried, first.decision_warnings)
     baseline_scores = None
     if baseline is not None:
         baseline_scores = load_baseline(baseline, s0["model_fingerprint"], s0["score"])
@@ -234,7 +235,6 @@ def merge_reports(
         p,
         calibration,
         fpr=rule.applied_fpr(len(calibration)),
-        tail=rule.tail,
         model_scores=model_scores,
         baseline=baseline_scores,
     )
@@ -257,9 +257,19 @@ def merge_reports(
     )
 
 
+def _carried_calibration(rule: DecisionRule, first: ShardReport, models: int) -> Calibration:
+    """The calibration the shards carry (score, guard, folds), as the rule needs it."""
+    if first.calibration_folds is None or (rule.guard is not None and first.guard_calibration is None):
+        raise MergeError(f"{first.path}: the report lacks its calibration folds or guard scores; score it again")
+    cal = {rule.score: first.calibration}
+    if rule.guard is not None and first.guard_calibration is not None:
+        cal[rule.guard] = first.guard_calibration
+    return Calibration(cal, first.calibration_folds, models)
+
+
 def _recomputed_p(
     rule: DecisionRule,
-    first: ShardReport,
+    calibration: Calibration,
     readable: list[dict[str, Any]],
     scores: np.ndarray,
     model_scores: np.ndarray | None,
@@ -268,13 +278,7 @@ def _recomputed_p(
 ) -> np.ndarray:
     """Every p-value again, from the records' scores and the calibration: a shard's own p-values and flags
     are never trusted, and a record whose p-value disagrees is refused as edited."""
-    models = 1 if model_scores is None else model_scores.shape[0]
-    if first.calibration_folds is None or (rule.guard is not None and first.guard_calibration is None):
-        raise MergeError(f"{first.path}: the report lacks its calibration folds or guard scores; score it again")
-    cal = {rule.score: first.calibration}
-    if rule.guard is not None and first.guard_calibration is not None:
-        cal[rule.guard] = first.guard_calibration
-    calibration = Calibration(cal, first.calibration_folds, models)
+    models = calibration.models
     guard = guard_models = None
     try:
         if rule.guard is not None:

@@ -155,7 +155,7 @@ def score_report(config: ScoreConfig, *, on_message: Say = _quiet, on_warning: S
     for w in [*result.warnings, *decision.warnings]:
         on_warning(w)
     fpr = rule.applied_fpr(decision.n_calibration)
-    tests = detector.batch_tests(result, decision, fpr=fpr, tail=rule.tail, baseline=baseline)
+    tests = detector.batch_tests(result, decision, fpr=fpr, baseline=baseline)
     report = build_report(
         result.paths,
         result.scores,
@@ -257,9 +257,8 @@ def fit_summary(detector: Detector, output: Path, seconds: float, world: distrib
         )
     if world.size > 1:
         how += f"; trained by {world.size} processes"
-    upper = detector.smallest_p_value(DecisionRule().score, "upper", None)
-    default = detector.smallest_p_value(DecisionRule().score, "two-sided", DecisionRule().guard)
+    floor = detector.smallest_p_value(DecisionRule().score)
     return (
-        f"wrote {os.fsdecode(output)}: {how}; smallest reachable p-value {upper:.4g} one-sided, {default:.4g} "
-        f"under the default decision (two-sided, kl guard); {seconds:.1f} s; fingerprint {detector.fingerprint}"
+        f"wrote {os.fsdecode(output)}: {how}; smallest reachable p-value {floor:.4g}; {seconds:.1f} s; "
+        f"fingerprint {detector.fingerprint}"
     )
