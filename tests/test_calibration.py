@@ -19,7 +19,8 @@ from vae_anomaly.calibration import (
     smallest_p_value,
     typicality_p_values,
 )
-from vae_anomaly.decision import DecisionRule, auto_threshold, flag
+from vae_anomaly.decision import DecisionRule
+from vae_anomaly.thresholds import auto_threshold, flag
 
 
 def test_p_values_follow_the_conformal_formulas() -> None:

@@ -149,7 +149,7 @@ class Detector:
         """Score images (higher = more anomalous); unreadable files become error records.
 
         `guard` names a second statistic scored alongside (default: the latent
-        KL), which the decision combines with the score by Bonferroni: it
+        KL), which the decision tests together with the score (one test): it
         catches inputs whose pixels the decoder explains but whose latent code
         no normal image has (shrunk, noisy, dimmed or blurred frames). None,
         or the score itself, turns it off. `samples` is for the score; the

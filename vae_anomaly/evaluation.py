@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 
 from .config import DEFAULT_GUARD, SCORE_NAMES
-from .decision import Threshold
 from .decoding import ReadError
 from .detector import Detector
 from .errors import LabelsError
 from .listing import display_path, find_images
 from .metrics import Confusion, DetectionMetrics, confusion, evaluate
+from .thresholds import Threshold
 
 SCHEMA_NAME = "vae-anomaly/evaluate"
 SCHEMA_VERSION = 1

@@ -24,9 +24,9 @@ from .listing import IMAGE_EXTENSIONS, real_path
 from .report import WRITERS, Report
 
 if TYPE_CHECKING:
-    from .decision import Threshold
     from .detector import Detector
     from .evaluation import Evaluation
+    from .thresholds import Threshold
 
 Say = Callable[[str], None]
 EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .decision import Threshold
 from .errors import MissingExtraError
+from .thresholds import Threshold
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -38,7 +38,7 @@ from .render import report_table, say, warn
     show_default=True,
     help="elbo-ic: -ELBO in bits minus the PNG length (complexity-corrected); see README for all.",
 )
-@guard_option("A second two-sided test on the latent KL, Bonferroni-combined: catches shrunk, noisy, dim frames.")
+@guard_option("A second statistic, the latent KL, in the same test as the score: catches shrunk, noisy, dim frames.")
 @click.option(
     "--samples", type=click.IntRange(1, 10_000), help="Monte Carlo samples; default: the model's calibration."
 )
