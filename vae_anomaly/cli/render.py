@@ -44,7 +44,7 @@ def report_table(report: Report, top: int) -> None:
             str(r.rank),
             escape(r.path),
             f"{r.score:.4g}",
-            f"{r.p_value:.4f}",
+            f"{r.p_value:.4f}" if r.p_value >= 1e-4 else f"{r.p_value:.1e}",  # tail-model p-values go far below
             "[bold red]ANOMALY[/]" if r.flagged else "ok",
         )
     if shown:
