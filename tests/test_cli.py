@@ -223,3 +223,13 @@ def test_python_m_entry_point_runs() -> None:
 
     r = subprocess.run([sys.executable, "-m", "vae_anomaly", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and "vae-anomaly" in r.stdout
+
+
+def test_table_shows_tail_model_p_values_below_the_floor_instead_of_zeros(cli_model: Path, data_dir: Path) -> None:
+    """405 calibration scores: exact p-values stop at 1/406; crosses far beyond get the tail model's."""
+    code, out, _ = run("score", data_dir / "incoming", "--model", cli_model, "--format", "json")
+    smallest = min(r["p_value"] for r in _json(out)["records"] if r["p_value"] is not None)
+    assert smallest < 1 / 406 / 10
+    code, out, _ = run("score", data_dir / "incoming", "--model", cli_model, "--top", "1")
+    row = next(line for line in out.splitlines() if "ANOMALY" in line)
+    assert f"{smallest:.1e}" in row and "0.0000" not in out

@@ -16,6 +16,13 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
+def _p_value(p: float | None) -> str:
+    """Four decimals, or two significant digits below 1e-4, where tail-model p-values go."""
+    if p is None:
+        return "-"
+    return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
+
+
 def warn(msg: str) -> None:
     err.print(f"[yellow]warning:[/] {escape(msg)}")
 
@@ -44,7 +51,7 @@ def report_table(report: Report, top: int) -> None:
             str(r.rank),
             escape(r.path),
             f"{r.score:.4g}",
-            f"{r.p_value:.4f}" if r.p_value >= 1e-4 else f"{r.p_value:.1e}",  # tail-model p-values go far below
+            _p_value(r.p_value),
             "[bold red]ANOMALY[/]" if r.flagged else "ok",
         )
     if shown:
