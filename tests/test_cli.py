@@ -229,7 +229,8 @@ def test_table_shows_tail_model_p_values_below_the_floor_instead_of_zeros(cli_mo
     """405 calibration scores: exact p-values stop at 1/406; crosses far beyond get the tail model's."""
     code, out, _ = run("score", data_dir / "incoming", "--model", cli_model, "--format", "json")
     smallest = min(r["p_value"] for r in _json(out)["records"] if r["p_value"] is not None)
-    assert smallest < 1 / 406 / 10
+    assert code == 0 and smallest < 1 / 406 / 10
     code, out, _ = run("score", data_dir / "incoming", "--model", cli_model, "--top", "1")
+    assert code == 0
     row = next(line for line in out.splitlines() if "ANOMALY" in line)
     assert f"{smallest:.1e}" in row and "0.0000" not in out
