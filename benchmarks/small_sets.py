@@ -41,7 +41,7 @@ from provenance import provenance, write_results
 
 from vae_anomaly import Detector, FitConfig
 from vae_anomaly.batch_tests import exceedance_test
-from vae_anomaly.calibration import p_values
+from vae_anomaly.calibration import cross_conformal_p_values, p_values
 from vae_anomaly.config import CROSS_FIT_BELOW, DEFAULT_FOLDS
 from vae_anomaly.decision import DecisionRule
 from vae_anomaly.inference import ScoreResult
@@ -126,24 +126,13 @@ def available(name: str, pools: dict[str, Any], n: int) -> int:
     return n if name == "shapes" else min(n, len(pools["digits"]) - MIN_HELD)
 
 
-def two_sided(cal: np.ndarray, folds: np.ndarray, model_scores: np.ndarray) -> np.ndarray:
-    """The old two-sided (cross-)conformal p: min(1, 2 min(p_high, p_low)), counts summed fold by fold."""
-    ge, le = np.zeros(model_scores.shape[1]), np.zeros(model_scores.shape[1])
-    for k in range(model_scores.shape[0]):
-        ck = np.sort(cal[folds == k])
-        ge += len(ck) - np.searchsorted(ck, model_scores[k], side="left")
-        le += np.searchsorted(ck, model_scores[k], side="right")
-    p: np.ndarray = np.minimum(1.0, 2.0 * (1.0 + np.minimum(ge, le)) / (len(cal) + 1.0))
-    return p
-
-
 def old_p_values(det: Detector, res: ScoreResult) -> np.ndarray:
     """The old rule: two-sided conformal p of the score and of the kl guard, Bonferroni."""
     cal, parts = det.calibration, []
     for r in (res, res.guard):
         assert r is not None, "the default score comes with its guard"
         if cal.models > 1:
-            parts.append(two_sided(cal.of(r.score), cal.folds, np.asarray(r.model_scores)))
+            parts.append(cross_conformal_p_values(cal.of(r.score), cal.folds, np.asarray(r.model_scores), "two-sided"))
         else:
             parts.append(p_values(cal.of(r.score), r.scores, "two-sided"))
     p: np.ndarray = np.minimum(1.0, 2.0 * np.minimum(*parts))

@@ -191,14 +191,14 @@ def typicality_p_values(
             # The new image's rank in the bag, and each calibration image's, which it may push back by one.
             rho_x = np.min([_ranks(cal[j], x[j], tail) for j in range(n_stats)], axis=(0, 1)) + 1
             rho = np.full((x.shape[1], c_k.shape[1]), np.iinfo(np.int64).max)
-            d = np.full(rho.shape, -np.inf)
+            d, d_x = np.full(rho.shape, -np.inf), np.full(x.shape[1], -np.inf)
             for j in range(n_stats):
                 pushed = [x[j][:, None] >= c_k[j][None], x[j][:, None] <= c_k[j][None]]
                 for side in range(own.shape[1]):
                     rho = np.minimum(rho, own_k[j, side][None] + pushed[side])
                 q = bag_quantiles(cal[j], x[j])  # (c, 3)
                 d = np.maximum(d, deviation(c_k[j][None], q[:, None], tail))  # (c, n_k)
-            d_x = deviations(cal, x, tail)
+                d_x = np.maximum(d_x, deviation(x[j], q, tail))  # as `deviations` gives
             ahead = (rho < rho_x[:, None]) | ((rho == rho_x[:, None]) & (d >= d_x[:, None]))
             count[start : start + chunk] += ahead.sum(axis=1)
     p: np.ndarray = (1.0 + count) / (n + 1.0)
@@ -253,6 +253,10 @@ class Calibration:
     scores: dict[str, np.ndarray]
     folds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     models: int = 1
+    # Tail models fitted so far, by (statistics, tail): a decision asks twice (p-values, guarantee).
+    _tails: dict[tuple[tuple[str, ...], str], TailModel | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def of(self, name: str) -> np.ndarray:
         """The calibration scores of one statistic, or a CalibrationError that says what to do."""
@@ -269,10 +273,11 @@ class Calibration:
 
     def tail_model(self, names: Sequence[str], tail: str = "two-sided") -> TailModel | None:
         """The tail model (`tail_model.fit_tail`) of the calibration images' deviations, where n is in its range."""
-        cal = self._stacked(names)
-        if not covers(cal.shape[1]):
-            return None
-        return fit_tail(deviations(cal, cal, tail))
+        key = (tuple(names), tail)
+        if key not in self._tails:
+            cal = self._stacked(names)
+            self._tails[key] = fit_tail(deviations(cal, cal, tail)) if covers(cal.shape[1]) else None
+        return self._tails[key]
 
     def p_values(
         self,
