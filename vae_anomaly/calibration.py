@@ -146,6 +146,16 @@ def typicality_p_values(
     model_scores: np.ndarray,
     tail: str = "two-sided",
 ) -> np.ndarray:
+    """The p-values of `_typicality` (see there)."""
+    return _typicality(calibration, folds, model_scores, tail)[0]
+
+
+def _typicality(
+    calibration: np.ndarray,
+    folds: np.ndarray,
+    model_scores: np.ndarray,
+    tail: str = "two-sided",
+) -> tuple[np.ndarray, np.ndarray]:
     """One conformal p-value per image for J statistics taken together (the score and its guard).
 
     In the bag of n calibration images plus the scored one, each member b gets
@@ -165,7 +175,8 @@ def typicality_p_values(
     Vovk 2015), ranks and quartiles taken over all n.
 
     calibration: (J, n) held-out scores; folds: (n,) the model of each;
-    model_scores: (K, J, m) the new images' scores under each model.
+    model_scores: (K, J, m) the new images' scores under each model. Returns the p-values (m,)
+    and each new image's deviation d under each model (K, m), which the tail model reads.
     """
     if tail not in TAILS:
         raise ConfigError(f"tail must be one of {', '.join(TAILS)}, got {tail!r}")
@@ -182,6 +193,7 @@ def typicality_p_values(
     # Each calibration image's rank among the calibration images alone (itself included), (J, sides, n).
     own = np.stack([_ranks(c, c, tail) for c in cal])
     count = np.zeros(m)
+    d_new = np.empty((scores.shape[0], m))
     chunk = max(1, 2_000_000 // n)  # (chunk, n) arrays of a few tens of MB
     for k in range(scores.shape[0]):
         in_fold = folds == k
@@ -201,8 +213,9 @@ def typicality_p_values(
                 d_x = np.maximum(d_x, deviation(x[j], q, tail))  # as `deviations` gives
             ahead = (rho < rho_x[:, None]) | ((rho == rho_x[:, None]) & (d >= d_x[:, None]))
             count[start : start + chunk] += ahead.sum(axis=1)
+            d_new[k, start : start + chunk] = d_x
     p: np.ndarray = (1.0 + count) / (n + 1.0)
-    return p
+    return p, d_new
 
 
 def cross_conformal_p_values(
@@ -268,14 +281,15 @@ class Calibration:
             )
         return cal
 
-    def _stacked(self, names: Sequence[str]) -> np.ndarray:
+    def stacked(self, names: Sequence[str]) -> np.ndarray:
+        """The (J, n) calibration scores of the statistics `names`, in that order."""
         return np.stack([np.asarray(self.of(name), dtype=np.float64) for name in names])
 
     def tail_model(self, names: Sequence[str], tail: str = "two-sided") -> TailModel | None:
         """The tail model (`tail_model.fit_tail`) of the calibration images' deviations, where n is in its range."""
         key = (tuple(names), tail)
         if key not in self._tails:
-            cal = self._stacked(names)
+            cal = self.stacked(names)
             self._tails[key] = fit_tail(deviations(cal, cal, tail)) if covers(cal.shape[1]) else None
         return self._tails[key]
 
@@ -294,7 +308,7 @@ class Calibration:
         cross-fitted models (None for one model). Images at the floor 1/(n+1) get the tail model's
         smaller p-value (`tail_model.refine`) unless `exact`.
         """
-        cal = self._stacked(names)
+        cal = self.stacked(names)
         if len(scores[0]) == 0:
             return np.zeros(0)
         if self.models == 1:
@@ -309,8 +323,6 @@ class Calibration:
                 )
             per_model = np.stack([np.atleast_2d(np.asarray(ms, dtype=np.float64)) for ms in model_scores], axis=1)
             folds = self.folds
-        p = typicality_p_values(cal, folds, per_model, tail)
+        p, d_new = _typicality(cal, folds, per_model, tail)
         model = None if exact else self.tail_model(names, tail)
-        if model is None:
-            return p
-        return refine(p, cal.shape[1], np.stack([deviations(cal, x, tail) for x in per_model]), model)
+        return p if model is None else refine(p, cal.shape[1], d_new, model)

@@ -151,10 +151,6 @@ class DecisionRule:
         """The smallest p-value: 1/(n+1), one test whatever the tail and the guard."""
         return smallest_p_value(n_calibration)
 
-    def calibration_of(self, calibration: Calibration) -> np.ndarray:
-        """The (J, n) calibration scores of the rule's statistics, the score first."""
-        return np.stack([np.asarray(calibration.of(name), dtype=np.float64) for name in self.statistics])
-
     def p_values(
         self,
         calibration: Calibration,
@@ -183,7 +179,8 @@ class DecisionRule:
     ) -> Threshold:
         """The rule as applied to a batch with these p-values: cut-off and, where they exist, score bounds.
 
-        `calibration` is (J, n), as `calibration_of` gives; `tail_model` the one the p-values used."""
+        `calibration` is (J, n), as `Calibration.stacked(self.statistics)` gives; `tail_model` is the
+        one the p-values used."""
         if self.threshold != "auto":
             return score_threshold(float(self.threshold))
         calibration = np.atleast_2d(calibration)
@@ -235,7 +232,7 @@ class DecisionRule:
         self, scores: np.ndarray, p: np.ndarray, calibration: Calibration, warnings: Sequence[str] = ()
     ) -> Decision:
         """The rule applied to a batch, from its scores and the rule's p-values (`p_values`)."""
-        cal = self.calibration_of(calibration)
+        cal = calibration.stacked(self.statistics)
         tail_model = None if self.strict else calibration.tail_model(self.statistics, self.tail)
         threshold = self.threshold_for(p, cal, calibration.models, tail_model)
         n, flags = cal.shape[1], flag(scores, p, threshold)
