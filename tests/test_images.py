@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from vae_anomaly.batching import iter_batches
-from vae_anomaly.decoding import Preprocessing, decode_image, infer_preprocessing
+from vae_anomaly.decoding import WORKING_SIZE, Preprocessing, decode_image, infer_preprocessing, unlike_kinds
 from vae_anomaly.errors import InputPathError
 from vae_anomaly.listing import find_images
 
@@ -94,7 +94,7 @@ def test_modes_are_converted_not_refused(tmp_path: Path) -> None:
 def test_grey_or_colour_and_size_are_decided_from_the_data(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(tmp_path / "greyish_rgb.png")
     prep, errors = infer_preprocessing([tmp_path / "greyish_rgb.png"])
-    assert prep == Preprocessing(1, 12) and not errors
+    assert prep == Preprocessing(1, 12, sides=(12, 12)) and not errors
     colour = np.zeros((12, 12, 3), np.uint8)
     colour[..., 0] = 200
     Image.fromarray(colour).save(tmp_path / "red.png")
@@ -102,3 +102,20 @@ def test_grey_or_colour_and_size_are_decided_from_the_data(tmp_path: Path) -> No
     assert prep.channels == 3
     prep, _ = infer_preprocessing([tmp_path / "red.png"], image_size=20)
     assert prep.size == 20
+
+
+def test_photos_larger_than_the_working_size_are_worked_on_at_it_and_small_images_keep_their_size(
+    tmp_path: Path,
+) -> None:
+    for i, (w, h) in enumerate([(200, 120), (96, 300), (256, 256)]):
+        Image.fromarray(np.full((h, w, 3), (40 * i, 90, 200), np.uint8)).save(tmp_path / f"p{i}.jpg")
+    prep, _ = infer_preprocessing(sorted(tmp_path.glob("p*.jpg")))
+    assert (prep.size, prep.channels, prep.sides) == (WORKING_SIZE, 3, (96, 300))
+    assert Preprocessing.from_dict(prep.to_dict()) == prep
+    Image.fromarray(np.zeros((30, 30), np.uint8)).save(tmp_path / "small.png")
+    assert infer_preprocessing([tmp_path / "small.png"])[0].size == 30
+    # Far from the training files' sides, not from the working size: a 300 px photo is not "far" from them.
+    assert unlike_kinds(300, 200, True, prep) == []
+    assert unlike_kinds(30, 20, True, prep) == [
+        "images far from the size of the training images (with sides 96 to 300 px), resized"
+    ]

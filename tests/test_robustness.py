@@ -185,7 +185,7 @@ def test_score_cli_lists_every_bad_file_and_exits_3(bad_corpus: Path, model_file
     doc = json.loads(r.stdout)
     assert doc["summary"]["unreadable"] == len(BAD) and doc["summary"]["scored"] == len(GOOD)
     assert doc["summary"]["ignored"] == 2
-    assert "colour images converted to grey" in r.stderr and "far from the trained size" in r.stderr
+    assert "colour images converted to grey" in r.stderr and "far from the size of the training images" in r.stderr
     args = ["score", str(bad_corpus), "-m", str(model_file), "--skip-unreadable", "--format", "csv"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0

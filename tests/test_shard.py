@@ -118,7 +118,7 @@ def test_three_shards_merged_equal_one_unsharded_run(
     assert (s["total"], s["unreadable"], s["ignored"]) == (30, 1, 1) and s["flagged"] > 0
     assert [w.split(" (e.g. ")[0] for w in whole["warnings"][:2]] == [
         "2 colour images converted to grey",
-        "1 images far from the trained size 16x16, resized",
+        "1 images far from the size of the training images (with sides 16 to 16 px), resized",
     ]
     assert f"(e.g. {batch / 'day1' / 'colour_a.png'})" in whole["warnings"][0]
 

@@ -55,6 +55,9 @@ MIN_VALIDATION_IMAGES = 20  # below this, early stopping would chase noise
 # wandered (0.25% and 3.8% in two fits), where 5 folds held 0.6%.
 CROSS_FIT_BELOW = 500
 DEFAULT_FOLDS = 5
+# Seconds for the whole `fit` (decoding, every model, calibration) unless --epochs or --time-budget
+# says otherwise: a few thousand photos fit in it on 2 CPU cores (benchmarks/photos.py, README).
+DEFAULT_TIME_BUDGET = 180.0
 MAX_FOLDS = 20
 MAX_SEED = 2**62  # numpy and torch generators both take it; the noise seed adds 1,000,003
 
@@ -152,7 +155,9 @@ class FitConfig:
     likelihood: str = "gaussian"
     hidden_channels: tuple[int, ...] = ()  # (): from the image size (model.default_hidden_channels)
     epochs: int | None = _TRAIN.epochs  # None: 50, or enough for 600 steps on small data sets
-    time_budget: float | None = _TRAIN.time_budget  # seconds for all folds together
+    # Seconds for the whole fit: decoding, every fold, calibration. None: DEFAULT_TIME_BUDGET,
+    # or no limit when `epochs` is given; math.inf: no limit.
+    time_budget: float | None = None
     batch_size: int = _TRAIN.batch_size
     learning_rate: float = _TRAIN.learning_rate
     patience: int = _TRAIN.patience
@@ -196,13 +201,22 @@ class FitConfig:
         self.samples = {**default_samples(), **self.samples}
         if not isinstance(self.decode, DecodeOptions):
             raise ConfigError(f"decode must be a DecodeOptions, got {self.decode!r}")
-        self.train_config(fold=0, folds=1, device="cpu")  # the training options' own checks
+        if self.time_budget != math.inf:
+            check_float("time_budget", self.time_budget, 0, math.inf, lo_open=True, hi_open=True, none=True)
+        self.train_config(fold=0, epochs=self.epochs, time_budget=None, device="cpu")  # the loop's own checks
 
-    def train_config(self, *, fold: int, folds: int, device: str) -> TrainConfig:
-        """The training loop's options for model `fold` of `folds`: a time budget is for the whole fit."""
+    @property
+    def budget(self) -> float | None:
+        """Seconds for the whole fit, or None for no limit (see `time_budget`)."""
+        if self.time_budget is None:
+            return None if self.epochs is not None else DEFAULT_TIME_BUDGET
+        return None if self.time_budget == math.inf else self.time_budget
+
+    def train_config(self, *, fold: int, epochs: int | None, time_budget: float | None, device: str) -> TrainConfig:
+        """The training loop's options for model `fold`, with the epochs and hard stop `budget.py` planned."""
         return TrainConfig(
-            epochs=self.epochs,
-            time_budget=None if self.time_budget is None else self.time_budget / folds,
+            epochs=epochs,
+            time_budget=time_budget,
             batch_size=self.batch_size,
             learning_rate=self.learning_rate,
             patience=self.patience,

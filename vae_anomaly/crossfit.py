@@ -26,6 +26,7 @@ import torch
 
 from . import __version__, artifact
 from .batching import read_images
+from .budget import FitPlan, model_time
 from .calibration import calibration_needed
 from .config import CROSS_FIT_BELOW, DEFAULT_FOLDS, MIN_TRAINING_IMAGES, MIN_VALIDATION_IMAGES, FitConfig, check_float
 from .decision import DecisionRule
@@ -75,11 +76,30 @@ def read_training_images(data: ImageInput, cfg: FitConfig, warn: Callable[[str],
     return TrainingImages(batch.pixels, prep, batch.bits, unreadable, listing.ignored)
 
 
+def _smaller(n: int, fraction: float) -> int:
+    return min(n - 1, max(1, round(n * fraction)))
+
+
 def split(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A random (larger, smaller) split of range(n), the smaller part `fraction` of it (at least 1)."""
     order = rng.permutation(n)
-    k = min(n - 1, max(1, round(n * fraction)))
+    k = _smaller(n, fraction)
     return np.sort(order[k:]), np.sort(order[:k])
+
+
+def _validates(n_fit: int, cfg: FitConfig) -> bool:
+    """Whether a model's training images are enough to hold some out for early stopping."""
+    return round(n_fit * cfg.validation_fraction) >= MIN_VALIDATION_IMAGES
+
+
+def model_sizes(plans: Sequence[tuple[np.ndarray, np.ndarray]], cfg: FitConfig) -> list[tuple[int, int]]:
+    """(training, validation) image counts of each model, as `train_models` will split them."""
+    sizes = []
+    for fit_idx, _ in plans:
+        n = len(fit_idx)
+        val = _smaller(n, cfg.validation_fraction) if _validates(n, cfg) else 0
+        sizes.append((n - val, val))
+    return sizes
 
 
 def plan(n: int, cfg: FitConfig, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -112,6 +132,11 @@ def calibration_warning(n_calibration: int, folds: int) -> str | None:
         f"p <= {rule.level:g} from {need} on; with {n_calibration}, `score` flags at its smallest reachable level, "
         f"{rule.floor(n_calibration):.4g}, and says so (nothing, with --strict-fpr). {fix}"
     )
+
+
+def noise_seed(cfg: FitConfig) -> int:
+    """The seed of the scores' Monte Carlo draws, apart from training's streams, stored in the model file."""
+    return cfg.seed + 1_000_003
 
 
 def identity(pixels: np.ndarray, cfg: FitConfig) -> tuple[str, str, dict[str, Any]]:
@@ -149,6 +174,7 @@ class Hooks:
     resume: bool = False
     checkpoint_every: float = 30.0
     on_warning: Callable[[str], None] | None = None
+    on_plan: Callable[[FitPlan], None] | None = None
 
     def __post_init__(self) -> None:
         check_float("checkpoint_every", self.checkpoint_every, 0, math.inf, hi_open=True)
@@ -164,8 +190,14 @@ def train_models(
     ident: str,
     hooks: Hooks,
     rng: np.random.Generator,
+    schedule: tuple[int, float | None, float] = (50, None, 0.0),
 ) -> tuple[list[ConvVAE], list[TrainResult], list[tuple[int, int]]]:
-    """Train one model per plan; returns the models, their results and (train, validation) sizes."""
+    """Train one model per plan; returns the models, their results and (train, validation) sizes.
+
+    `schedule` is (epochs per model, the budget's deadline in `time.perf_counter` seconds or None,
+    seconds to keep for what follows training): each model stops at its share of the time left.
+    """
+    epochs, deadline, reserve = schedule
     t = torch.from_numpy(np.require(pixels, requirements=["W"]))
     ckpt = hooks.checkpoint
     saved = load_checkpoint(ckpt, ident, world) if hooks.resume and ckpt is not None else None
@@ -177,7 +209,7 @@ def train_models(
         if hooks.on_model is not None:
             hooks.on_model(k, len(plans))
         val_idx = np.array([], dtype=np.int64)
-        if round(len(fit_idx) * cfg.validation_fraction) >= MIN_VALIDATION_IMAGES:
+        if _validates(len(fit_idx), cfg):
             rel_train, rel_val = split(len(fit_idx), cfg.validation_fraction, rng)
             fit_idx, val_idx = fit_idx[rel_train], fit_idx[rel_val]
         torch.manual_seed(cfg.seed + k)
@@ -197,7 +229,9 @@ def train_models(
             model,
             t[fit_idx],
             t[val_idx] if len(val_idx) else None,
-            cfg.train_config(fold=k, folds=len(plans), device=str(device)),
+            cfg.train_config(
+                fold=k, epochs=epochs, time_budget=model_time(deadline, len(plans) - k, reserve), device=str(device)
+            ),
             hooks.on_epoch,
             should_stop=hooks.should_stop,
             on_checkpoint=save_state if ckpt is not None and world.is_main else None,
@@ -248,7 +282,7 @@ def training_metadata(
     return {
         "config": vae_cfg.to_dict(),
         "preprocessing": images.prep.to_dict(),
-        "noise_seed": cfg.seed + 1_000_003,
+        "noise_seed": noise_seed(cfg),
         "samples": dict(cfg.samples),
         "models": folds,
         "training": {

@@ -15,6 +15,7 @@ convention). Nothing here imports click or rich.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import artifact, crossfit, inference
+from . import artifact, budget, crossfit, inference
 from .batch_tests import BatchTest, run_batch_tests
 from .batching import DecodeOptions
+from .budget import FitPlan
 from .calibration import Calibration
-from .config import DEFAULT_GUARD, DEFAULT_SCORE, SCORE_NAMES, SCORE_SPECS, FitConfig, check_choice
+from .config import DEFAULT_GUARD, DEFAULT_SCORE, SCORE_NAMES, SCORE_SPECS, FitConfig, TrainConfig, check_choice
 from .decision import Decision, DecisionRule
 from .decoding import Preprocessing
 from .devices import ThreadShare, resolve_device, training_device
@@ -65,6 +67,7 @@ class Detector:
         checkpoint: str | os.PathLike[str] | None = None,
         resume: bool = False,
         checkpoint_every: float = 30.0,
+        on_plan: Callable[[FitPlan], None] | None = None,
     ) -> Detector:
         """Train on normal images (paths, folders, or a uint8 array) and calibrate.
 
@@ -73,32 +76,57 @@ class Detector:
         `resume` write and continue a resumable state; `should_stop` (asked
         after every step) ends training early (see `crossfit.train_models`).
         Under torchrun every process calls `fit` alike (see `distributed.py`).
+        Before training, `on_plan` receives the `FitPlan`: the epochs that fit
+        the time budget and the expected seconds (see `budget.py`).
         """
+        started = time.perf_counter()
         cfg, world = self.config, current()
-        hooks = crossfit.Hooks(on_epoch, on_model, should_stop, checkpoint, resume, checkpoint_every, on_warning)
+        hooks = crossfit.Hooks(
+            on_epoch, on_model, should_stop, checkpoint, resume, checkpoint_every, on_warning, on_plan
+        )
         warn = on_warning or (lambda _msg: None)
         images = crossfit.read_training_images(data, cfg, warn)
         rng = np.random.default_rng(cfg.seed)
         plans = crossfit.plan(len(images.pixels), cfg, rng)
-        warning = crossfit.calibration_warning(sum(len(c) for _, c in plans), len(plans))
+        n_calibration = sum(len(c) for _, c in plans)
+        warning = crossfit.calibration_warning(n_calibration, len(plans))
         if warning is not None:
             warn(warning)
         device = training_device(cfg.device, world)
         prep = images.prep
         vae_cfg = VAEConfig(prep.channels, prep.size, cfg.latent_dim, cfg.hidden_channels, cfg.likelihood)
+        seed = crossfit.noise_seed(cfg)
+        noise = {name: latent_noise(vae_cfg.latent_dim, n, seed) for name, n in cfg.samples.items()}
+        speed = budget.measure_speed(vae_cfg, images.pixels, cfg.batch_size, noise, device)
+        if world.size > 1:
+            speed = world.broadcast_object(speed)  # one plan for every process
+        fit_plan = budget.plan_fit(
+            crossfit.model_sizes(plans, cfg),
+            n_calibration,
+            cfg.batch_size,
+            TrainConfig().min_steps,
+            cfg.epochs,
+            cfg.budget,
+            time.perf_counter() - started,
+            speed,
+        )
+        if on_plan is not None:
+            on_plan(fit_plan)
+        deadline = None if cfg.budget is None else started + cfg.budget
+        reserve = n_calibration * speed.calibrate + budget.SAVE_SECONDS
         data_fp, ident, settings = crossfit.identity(images.pixels, cfg)
         models, results, sizes = crossfit.train_models(
-            images.pixels, plans, cfg, vae_cfg, device, world, ident, hooks, rng
+            images.pixels, plans, cfg, vae_cfg, device, world, ident, hooks, rng, (fit_plan.epochs, deadline, reserve)
         )
         self.models_, self.preprocessing_, self.device_ = models, prep, device
         trained = (plans, results, sizes)
         self.metadata_ = crossfit.training_metadata(vae_cfg, images, cfg, trained, settings, data_fp, device, world)
         self.calibration_folds_ = np.concatenate([np.full(len(c), k, np.int64) for k, (_, c) in enumerate(plans)])
-        noise = {name: self._noise(n) for name, n in cfg.samples.items()}
         folds = [c for _, c in plans]
         self.calibration_ = inference.calibration_scores(
             models, images.pixels, folds, noise, device, world, images.bits
         )
+        self.metadata_["training"]["plan"] = {**fit_plan.to_dict(), "seconds": time.perf_counter() - started}
         self.checksum_ = None
         return self
 

@@ -78,6 +78,15 @@ def elbo_loss(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor | None = None) 
     return neg_elbo.mean(), kl.mean()
 
 
+def default_epochs(n_train: int, batch_size: int, min_steps: int) -> int:
+    """50 epochs, or more on small sets so that training takes at least `min_steps` optimiser steps.
+
+    30 epochs of 100 images would be only 30 steps: too few for Adam to
+    converge, whatever early stopping says.
+    """
+    return max(50, math.ceil(min_steps / max(1, math.ceil(n_train / batch_size))))
+
+
 class _Objective(nn.Module):
     """The per-image loss as one module call. DDP reduces the gradients of what its module's
     forward computes; the decoder scale enters the loss outside `ConvVAE.forward`."""
@@ -210,7 +219,7 @@ def train(
     if n == 0:
         raise TrainingError("no training images left after the calibration split")
     steps_per_epoch = max(1, math.ceil(n / config.batch_size))
-    epochs = config.epochs or max(50, math.ceil(config.min_steps / steps_per_epoch))
+    epochs = config.epochs or default_epochs(n, config.batch_size, config.min_steps)
     best_val, best_epoch, best_state = math.inf, 0, None
     history: list[dict[str, Any]] = []
     stopped, seen, stale, first_epoch, before = "epochs", 0, 0, 1, 0.0

@@ -14,7 +14,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .. import artifact, distributed
 from ..batching import DecodeOptions
-from ..config import CROSS_FIT_BELOW, DEFAULT_FOLDS, LIKELIHOODS, FitConfig
+from ..budget import FitPlan
+from ..config import CROSS_FIT_BELOW, DEFAULT_FOLDS, DEFAULT_TIME_BUDGET, LIKELIHOODS, FitConfig
 from ..detector import Detector
 from ..errors import FitInterrupted, OutputError
 from ..pipeline import fit_summary
@@ -50,7 +51,12 @@ FIT_DEFAULTS = FitConfig()  # the CLI shows and uses the library's defaults; one
     help="Upper bound; early stopping on held-out images usually ends sooner. "
     "Default: 50, or enough for 600 steps on small data sets.",
 )
-@click.option("--time-budget", type=click.FloatRange(0, min_open=True), help="Stop training after this many seconds.")
+@click.option(
+    "--time-budget",
+    type=click.FloatRange(0, min_open=True),
+    help=f"Seconds for the whole fit (reading images, every model, calibration); epochs are capped to fit and "
+    f"training stops at it. 'inf': no limit. Default: {DEFAULT_TIME_BUDGET:.0f}, or no limit with --epochs.",
+)
 @click.option("--batch-size", type=click.IntRange(1), default=FIT_DEFAULTS.batch_size, show_default=True)
 @click.option(
     "--learning-rate",
@@ -194,6 +200,7 @@ def _fit(
                 resume=resume,
                 checkpoint_every=checkpoint_every,
                 on_model=progress.new_model,
+                on_plan=progress.plan if main_rank else None,
             )
             seconds = time.perf_counter() - t0
             if main_rank:
@@ -298,6 +305,24 @@ class _FitProgress:
             self.bar.start()
             self.task = self.bar.add_task("fit", total=None, epoch="-", loss="-", kl="-", val="-", rate="-")
         return self
+
+    def plan(self, p: FitPlan) -> None:
+        """Before training: what will run and how long the whole command should take."""
+        if self.quiet:
+            return
+        models = f"{p.models} models" if p.models > 1 else "1 model"
+        limit = "no time limit" if p.budget is None else f"the {p.budget:.0f} s budget"
+        capped = (
+            f"; {limit} allows {p.epochs} of {p.default_epochs} epochs (--time-budget to change it)"
+            if p.capped
+            else f", within {limit}"
+        )
+        err.print(
+            f"plan: {models}, up to {p.epochs} epochs of {p.train_images:,} images, training at "
+            f"{1 / p.speed.train:,.0f} images/s on this machine; expected {p.expected:,.0f} s for the whole fit "
+            f"({p.spent:.1f} s of it reading images){capped}",
+            highlight=False,
+        )
 
     def new_model(self, k: int, folds: int) -> None:
         self.last_line = -1e9  # each model's clock starts at zero

@@ -1,0 +1,164 @@
+"""How long `fit` will take on this machine, and how it keeps to its time budget.
+
+The budget is for the whole command: decoding, every cross-fitted model's
+training and held-out passes, and the calibration scores. After decoding, a
+few optimiser steps of the real network on real images measure this
+machine's speed; the plan then caps each model's epochs so that the rest
+fits in what is left, and gives each model a hard stop at its share of the
+time. Models that stop early (early stopping) leave their time to the next.
+Measured speeds are estimates (the machine may be shared), so the hard stop,
+not the estimate, is what holds the budget.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .distributed import World
+from .inference import calibration_scores
+from .model import ConvVAE, VAEConfig
+from .train import default_epochs, elbo_loss, held_out_loss
+
+PROBE_SECONDS = 0.3  # of timed training steps, after one warm-up step; a fraction of a second of the budget
+SAVE_SECONDS = 1.0  # writing the model file, kept aside from the budget
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Seconds per image on this machine, measured on the real network and images."""
+
+    train: float  # one optimiser step's share (forward, backward, Adam)
+    held_out: float  # the held-out loss of early stopping (forward only)
+    calibrate: float  # every score type of one calibration image
+
+    def epoch_seconds(self, n_train: int, n_validation: int) -> float:
+        return n_train * self.train + n_validation * self.held_out
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """What `fit` will do and how long it expects to take; shown before training starts."""
+
+    models: int
+    train_images: int  # per model
+    validation_images: int  # per model
+    calibration_images: int  # all models together
+    epochs: int  # per model: the most it will run (early stopping usually ends sooner)
+    default_epochs: int  # what it would run without a budget
+    budget: float | None  # seconds for the whole command; None: no limit
+    spent: float  # seconds already gone (decoding the images, measuring the speed)
+    expected: float  # seconds for the whole command if every epoch runs
+    speed: Speed
+
+    @property
+    def capped(self) -> bool:
+        """True when the budget, not the epoch count, limits training."""
+        return self.epochs < self.default_epochs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "capped": self.capped}
+
+
+def _sample(pixels: np.ndarray, n: int) -> torch.Tensor:
+    idx = np.linspace(0, len(pixels) - 1, min(n, len(pixels))).astype(np.int64)
+    return torch.from_numpy(np.require(pixels[idx], requirements=["W"]))
+
+
+def measure_speed(
+    vae_cfg: VAEConfig,
+    pixels: np.ndarray,
+    batch_size: int,
+    noise: Mapping[str, torch.Tensor],
+    device: torch.device,
+) -> Speed:
+    """Time training steps, a held-out pass and calibration scoring of a throwaway model.
+
+    The model is the one `fit` will train (same shape, batch size and
+    device), so the figure includes everything the network's size costs;
+    its weights are thrown away and no random stream of training is touched.
+    """
+    state = torch.get_rng_state()
+    try:
+        model = ConvVAE(vae_cfg).to(device).train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        x = _sample(pixels, batch_size).to(device).float().div_(255.0)
+
+        def step() -> None:
+            loss, _ = elbo_loss(model, x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+
+        step()  # warm-up: the first step allocates and picks kernels
+        steps, t0 = 0, time.perf_counter()
+        while steps < 2 or time.perf_counter() - t0 < PROBE_SECONDS:
+            step()
+            steps += 1
+        train_s = (time.perf_counter() - t0) / (steps * len(x))
+        model.eval()
+        held = _sample(pixels, 128)
+        t0 = time.perf_counter()
+        held_out_loss(model, held, device)
+        held_s = (time.perf_counter() - t0) / len(held)
+        cal = _sample(pixels, 16).numpy()
+        t0 = time.perf_counter()
+        calibration_scores([model], cal, [np.arange(len(cal))], noise, device, World(), np.zeros(len(cal)))
+        cal_s = (time.perf_counter() - t0) / len(cal)
+    finally:
+        torch.set_rng_state(state)
+    return Speed(train_s, held_s, cal_s)
+
+
+def plan_fit(
+    sizes: list[tuple[int, int]],
+    calibration_images: int,
+    batch_size: int,
+    min_steps: int,
+    epochs: int | None,
+    budget: float | None,
+    spent: float,
+    speed: Speed,
+) -> FitPlan:
+    """Epochs per model so that the models, their held-out passes and calibration fit in `budget`.
+
+    `sizes` are the (training, validation) image counts of each model;
+    `epochs` is the user's own bound (None: the default, `default_epochs`).
+    """
+    n_train, n_val = sizes[0]
+    natural = epochs or default_epochs(n_train, batch_size, min_steps)
+    per_epoch = sum(speed.epoch_seconds(t, v) for t, v in sizes)  # one epoch of every model
+    fixed = spent + calibration_images * speed.calibrate + SAVE_SECONDS
+    planned = natural
+    if budget is not None:
+        affordable = math.floor((budget - fixed) / per_epoch) if per_epoch > 0 else natural
+        planned = max(1, min(natural, affordable))
+    return FitPlan(
+        models=len(sizes),
+        train_images=n_train,
+        validation_images=n_val,
+        calibration_images=calibration_images,
+        epochs=planned,
+        default_epochs=natural,
+        budget=budget,
+        spent=spent,
+        expected=fixed + planned * per_epoch,
+        speed=speed,
+    )
+
+
+def model_time(deadline: float | None, models_left: int, reserve: float) -> float | None:
+    """The hard stop of the next model: its share of what is left before `deadline` (perf_counter time).
+
+    Never below one second, so that a model always trains a little and the
+    overrun, if decoding took the whole budget, stays small.
+    """
+    if deadline is None:
+        return None
+    return max(1.0, (deadline - time.perf_counter() - reserve) / models_left)
