@@ -36,6 +36,7 @@ RESIZE_RULE = "stretch-bilinear"  # resize to size x size, aspect not kept; Pill
 # benchmarks/photos.py (README, "Working size"): 48 px ranked photo anomalies as well as or better
 # than 32 and 64 px, and its network scores and trains several times faster than at 64 px.
 WORKING_SIZE = 48
+PNG_LEVEL = 9  # deflate level of the complexity term L(x) (png_bits)
 
 
 @dataclass(frozen=True)
@@ -285,8 +286,8 @@ def infer_preprocessing(
     return Preprocessing(channels or (3 if colour else 1), int(image_size), sides=sides), errors
 
 
-def png_bits(pixels: np.ndarray) -> np.ndarray:
-    """Lossless PNG length of each uint8 (C, H, W) image, in bits (deflate level 9).
+def png_bits(pixels: np.ndarray, level: int = PNG_LEVEL) -> np.ndarray:
+    """Lossless PNG length of each uint8 (C, H, W) image, in bits, at deflate `level`.
 
     The generic compressor of Serra et al. (2020): its code length L(x) is
     an estimate of the image's complexity that knows nothing of the data set.
@@ -297,7 +298,7 @@ def png_bits(pixels: np.ndarray) -> np.ndarray:
     for i, img in enumerate(pixels):
         arr = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
         buf = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=9)
+        Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=level)
         out[i] = 8 * buf.getbuffer().nbytes
     return out
 
