@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 from conftest import crosses, disks, write_pngs
-from vae_anomaly import Detector, scores
+from vae_anomaly import Detector, decoding, scores
 from vae_anomaly.batching import DecodeOptions, ImageBatch, iter_batches, read_images
-from vae_anomaly.decoding import Preprocessing, png_bits
+from vae_anomaly.decoding import Preprocessing, decode_image, png_bits
+from vae_anomaly.errors import ImageReadError
 from vae_anomaly.listing import find_images
 from vae_anomaly.pixel_cache import PixelCache
 from vae_anomaly.scores import latent_noise, score_batch
@@ -66,6 +67,17 @@ def test_png_bits_come_with_the_pixels_they_measure(mixed: list[Path]) -> None:
     for batch in iter_batches(mixed, GREY16, 8, options=DecodeOptions(workers=1, cache=False), bits=True):
         assert batch.bits is not None
         np.testing.assert_array_equal(batch.bits, png_bits(batch.pixels))
+
+
+def test_png_lengths_are_taken_at_the_level_the_model_was_calibrated_with(mixed: list[Path], tmp_path: Path) -> None:
+    legacy = Preprocessing(1, 16, png_level=9)
+    for cache in (False, True):  # the cache keeps one folder per level: a length at level 1 is never reused
+        options = DecodeOptions(workers=0, cache=cache, cache_dir=str(tmp_path))
+        for batch in iter_batches(mixed, GREY16, 8, options=options, bits=True):
+            np.testing.assert_array_equal(batch.bits, png_bits(batch.pixels, 1))
+        for batch in iter_batches(mixed, legacy, 8, options=options, bits=True):
+            np.testing.assert_array_equal(batch.bits, png_bits(batch.pixels, 9))
+    assert png_bits(disks(5, seed=1)[:, None], 9).sum() < png_bits(disks(5, seed=1)[:, None], 1).sum()
 
 
 def test_the_cache_returns_the_same_pixels_and_is_used_on_the_second_run(mixed: list[Path], tmp_path: Path) -> None:
@@ -217,3 +229,60 @@ def test_workers_start_only_if_the_caller_says_decoding_is_worth_moving(tmp_path
         _same(plain, got)
         assert len(asked) == 1 and asked[0] > 0
         assert started == ([2] if answer else [])
+
+
+@pytest.fixture
+def jpegs(tmp_path: Path) -> dict[str, Path]:
+    """JPEG files of the kinds photos come in, and a few that the fast path must leave to Pillow."""
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:300, 0:400]
+    rgb = np.stack([xx * 255 // 400, yy * 255 // 300, (xx + yy) % 256], -1).astype(np.uint8)
+    rgb = np.clip(rgb + rng.normal(0, 12, rgb.shape), 0, 255).astype(np.uint8)
+    img = Image.fromarray(rgb)
+    paths = {name: tmp_path / f"{name}.jpg" for name in ("big", "small", "progressive", "grey", "rotated", "cmyk")}
+    img.save(paths["big"], quality=90)  # 400x300: decoded at 1/4 scale for 48 px, 1/8 for 16 px
+    img.crop((0, 0, 130, 100)).save(paths["small"], quality=90)
+    img.save(paths["progressive"], quality=85, progressive=True)
+    img.convert("L").save(paths["grey"], quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    img.save(paths["rotated"], quality=90, exif=exif)
+    img.convert("CMYK").save(paths["cmyk"], quality=90)
+    return paths
+
+
+@pytest.mark.parametrize("prep", [Preprocessing(3, 48), Preprocessing(1, 48), Preprocessing(3, 16), GREY16])
+def test_the_fast_jpeg_path_gives_exactly_the_pixels_pillow_gives(
+    jpegs: dict[str, Path], prep: Preprocessing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fast = {name: decode_image(path, prep) for name, path in jpegs.items()}
+    monkeypatch.setattr(decoding, "_simplejpeg", None)
+    for name, path in jpegs.items():
+        np.testing.assert_array_equal(fast[name], decode_image(path, prep), err_msg=name)
+    assert fast["rotated"].shape == (prep.channels, prep.size, prep.size)
+
+
+def test_plain_jpegs_take_the_fast_path_and_rotated_or_cmyk_ones_do_not(
+    jpegs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = decoding._simplejpeg.decode_jpeg
+    calls: list[int] = []
+
+    def counting(data: bytes, **kw: object) -> np.ndarray:
+        calls.append(len(data))
+        return original(data, **kw)
+
+    monkeypatch.setattr(decoding._simplejpeg, "decode_jpeg", counting)
+    for name in ("big", "small", "progressive", "grey"):
+        decode_image(jpegs[name], Preprocessing(3, 48))
+    assert len(calls) == 4
+    for name in ("rotated", "cmyk"):
+        decode_image(jpegs[name], Preprocessing(3, 48))
+    assert len(calls) == 4
+
+
+def test_a_truncated_jpeg_is_explained_as_pillow_explains_it(jpegs: dict[str, Path]) -> None:
+    data = jpegs["big"].read_bytes()
+    jpegs["big"].write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match="truncated or corrupt image data"):
+        decode_image(jpegs["big"], Preprocessing(3, 48))

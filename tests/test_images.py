@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from vae_anomaly.batching import iter_batches
-from vae_anomaly.decoding import WORKING_SIZE, Preprocessing, decode_image, infer_preprocessing, unlike_kinds
+from vae_anomaly.decoding import PNG_LEVEL, WORKING_SIZE, Preprocessing, decode_image, infer_preprocessing, unlike_kinds
 from vae_anomaly.errors import InputPathError
 from vae_anomaly.listing import find_images
 
@@ -112,6 +112,10 @@ def test_photos_larger_than_the_working_size_are_worked_on_at_it_and_small_image
     prep, _ = infer_preprocessing(sorted(tmp_path.glob("p*.jpg")))
     assert (prep.size, prep.channels, prep.sides) == (WORKING_SIZE, 3, (96, 300))
     assert Preprocessing.from_dict(prep.to_dict()) == prep
+    # A model file from before the PNG level was stored was calibrated at level 9, and is scored at it.
+    old = {k: v for k, v in prep.to_dict().items() if k not in ("png_level", "sides")}
+    assert Preprocessing.from_dict(old) == Preprocessing(3, WORKING_SIZE, png_level=9)
+    assert prep.png_level == PNG_LEVEL
     Image.fromarray(np.zeros((30, 30), np.uint8)).save(tmp_path / "small.png")
     assert infer_preprocessing([tmp_path / "small.png"])[0].size == 30
     # Far from the training files' sides, not from the working size: a 300 px photo is not "far" from them.

@@ -114,7 +114,7 @@ def _decode_chunk(files: Sequence[Path], prep: Preprocessing, bits: bool) -> _De
         w, h = source.get("size", (prep.size, prep.size))
         sources.append((int(w), int(h), bool(source.get("colour", False))))
     pixels = np.stack(arrays) if arrays else np.zeros((0, prep.channels, prep.size, prep.size), np.uint8)
-    return _Decoded(index, pixels, sources, png_bits(pixels) if bits else None, errors)
+    return _Decoded(index, pixels, sources, png_bits(pixels, prep.png_level) if bits else None, errors)
 
 
 def _worker_init(max_image_pixels: int | None) -> None:
@@ -211,7 +211,7 @@ def _assemble(p: _Pending, prep: Preprocessing, bits: bool, cache: PixelCache | 
     if bits:
         missing = np.nonzero(ok & np.isnan(out_bits))[0]
         if len(missing):  # cached without them
-            out_bits[missing] = png_bits(pixels[missing])
+            out_bits[missing] = png_bits(pixels[missing], prep.png_level)
             if cache is not None:
                 keyed = [int(i) for i in missing if int(i) in p.keys]
                 cache.set_bits([p.keys[i] for i in keyed], out_bits[keyed])

@@ -57,7 +57,7 @@ def read_training_images(data: ImageInput, cfg: FitConfig, warn: Callable[[str],
         prep = Preprocessing(pixels.shape[1], pixels.shape[2])
         if cfg.image_size is not None and cfg.image_size != prep.size:
             raise FitError(f"image_size {cfg.image_size} given, but the array's images are {prep.size} px")
-        return TrainingImages(pixels, prep, None, [], 0)
+        return TrainingImages(pixels, prep, None, [], 0)  # a fresh fit's level is PNG_LEVEL, scores' default
     listing = find_images(as_paths(data))
     prep, _ = infer_preprocessing(require_images(listing), cfg.image_size)
     batch = read_images(listing.files, prep, options=cfg.decode, bits=True, on_warning=warn)

@@ -36,7 +36,10 @@ RESIZE_RULE = "stretch-bilinear"  # resize to size x size, aspect not kept; Pill
 # benchmarks/photos.py (README, "Working size"): 48 px ranked photo anomalies as well as or better
 # than 32 and 64 px, and its network scores and trains several times faster than at 64 px.
 WORKING_SIZE = 48
-PNG_LEVEL = 9  # deflate level of the complexity term L(x) (png_bits)
+LEGACY_PNG_LEVEL = 9  # what model files without a png_level were calibrated with
+# Deflate level of the complexity term L(x) (png_bits): measured to rank as level 9 does at half its
+# cost (benchmarks/one_class.py and photos.py --png-levels, README).
+PNG_LEVEL = 1
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,9 @@ class Preprocessing:
     # The training files' shortest and longest side in pixels (None for arrays and older model files):
     # what "far from the training images' size" is measured against, not the working size.
     sides: tuple[int, int] | None = None
+    # Deflate level of the complexity term's PNG length (png_bits); model files written before it was
+    # stored used level 9, and are scored with it.
+    png_level: int = PNG_LEVEL
 
     def __post_init__(self) -> None:
         # Checked here, not only in fit: a model file can carry any values under a valid checksum.
@@ -70,6 +76,8 @@ class Preprocessing:
         )
         if not ok:
             raise ConfigError(f"preprocessing sides must be (shortest, longest) in pixels, got {self.sides!r}")
+        if isinstance(self.png_level, bool) or self.png_level not in range(10):
+            raise ConfigError(f"preprocessing png_level must be a whole number from 0 to 9, got {self.png_level!r}")
         if self.resize != RESIZE_RULE or self.scaling != "x/255":
             raise ConfigError(
                 f"preprocessing {self.resize!r} with scaling {self.scaling!r} is not one this version applies "
@@ -88,7 +96,8 @@ class Preprocessing:
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
         sides = d.get("sides")
         pair = None if sides is None else (int(sides[0]), int(sides[1]))
-        return cls(int(d["channels"]), int(d["size"]), str(d["resize"]), str(d["scaling"]), pair)
+        level = int(d.get("png_level", LEGACY_PNG_LEVEL))
+        return cls(int(d["channels"]), int(d["size"]), str(d["resize"]), str(d["scaling"]), pair, level)
 
 
 # What `_open` refuses to open, by the file type `os.stat` reports (after following links).

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .batching import DecodeOptions, ImageBatch, iter_batches
-from .decoding import Preprocessing, ReadError, Unlike, merge_unlike, unlike_warnings
+from .decoding import Preprocessing, ReadError, Unlike, merge_unlike, png_bits, unlike_warnings
 from .devices import ThreadShare, to_device
 from .distributed import World
 from .errors import ConfigError
@@ -105,7 +105,12 @@ def batches(
                 f"{(prep.channels, prep.size, prep.size)}; pass files to have them converted"
             )
         it = (
-            ImageBatch([f"[{i + j}]" for j in range(len(chunk))], chunk, [])
+            ImageBatch(
+                [f"[{i + j}]" for j in range(len(chunk))],
+                chunk,
+                [],
+                bits=png_bits(chunk, prep.png_level) if bits else None,
+            )
             for i in range(0, len(pixels), batch_size)
             for chunk in [pixels[i : i + batch_size]]
         )

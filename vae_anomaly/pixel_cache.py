@@ -75,7 +75,8 @@ class PixelCache:
         self.row_bytes = prep.channels * prep.size * prep.size
         scaling = "".join(c for c in prep.scaling if c.isalnum())
         self.dir = Path(root) / (
-            f"pixels-v{CACHE_FORMAT}-c{prep.channels}-s{prep.size}-{prep.resize}-{scaling}-pillow{PIL.__version__}"
+            f"pixels-v{CACHE_FORMAT}-c{prep.channels}-s{prep.size}-{prep.resize}-{scaling}-png{prep.png_level}"
+            f"-pillow{PIL.__version__}"
         )
         self._data = self.dir / "pixels.u8"
         self._mm: np.ndarray | None = None
