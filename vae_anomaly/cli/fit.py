@@ -26,6 +26,16 @@ from .render import err, warn
 FIT_DEFAULTS = FitConfig()  # the CLI shows and uses the library's defaults; one place to change them
 
 
+def _channels(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...]:
+    """'32,64,128' -> (32, 64, 128); FitConfig checks the counts."""
+    if value is None:
+        return ()
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"a comma-separated list of whole numbers, e.g. 32,64,128; got {value!r}") from None
+
+
 @click.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
@@ -38,6 +48,12 @@ FIT_DEFAULTS = FitConfig()  # the CLI shows and uses the library's defaults; one
 )
 @click.option("--image-size", type=click.IntRange(4, 1024), help="Square input side; default: from the data.")
 @click.option("--latent-dim", type=click.IntRange(1, 4096), default=FIT_DEFAULTS.latent_dim, show_default=True)
+@click.option(
+    "--hidden-channels",
+    callback=_channels,
+    help="Channels of each stride-2 convolution, e.g. 32,64,128. Default: from the working size "
+    "(32,64 at 28 px; 16,32,64 at 48 px).",
+)
 @click.option(
     "--likelihood",
     type=click.Choice(LIKELIHOODS),
@@ -123,6 +139,7 @@ def fit(
     output: Path,
     image_size: int | None,
     latent_dim: int,
+    hidden_channels: tuple[int, ...],
     likelihood: str,
     epochs: int,
     time_budget: float | None,
@@ -153,6 +170,7 @@ def fit(
     config = FitConfig(
         image_size=image_size,
         latent_dim=latent_dim,
+        hidden_channels=hidden_channels,
         likelihood=likelihood,
         epochs=epochs,
         time_budget=time_budget,

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from ..ci import verdict_lines
-from ..evaluation import Evaluation
 from ..report import Report
+
+if TYPE_CHECKING:  # scikit-learn is imported by `evaluate` alone, not by every `score`
+    from ..evaluation import Evaluation
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
