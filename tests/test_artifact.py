@@ -14,6 +14,7 @@ import torch
 
 from conftest import disks
 from vae_anomaly import Detector, artifact
+from vae_anomaly.decoding import PNG_LEVEL
 from vae_anomaly.errors import ModelFileError
 
 
@@ -29,7 +30,15 @@ def test_saved_and_reloaded_model_gives_identical_scores(fitted: Detector, model
 def test_model_file_holds_everything_design_lists(model_file: Path) -> None:
     info = Detector.load(model_file, device="cpu").info()
     assert info["config"]["latent_dim"] == 8
-    assert info["preprocessing"] == {"channels": 1, "size": 16, "resize": "stretch-bilinear", "scaling": "x/255"}
+    assert info["preprocessing"] == {
+        "channels": 1,
+        "size": 16,
+        "resize": "stretch-bilinear",
+        "scaling": "x/255",
+        "png_level": PNG_LEVEL,
+    }
+    plan = info["training"]["plan"]
+    assert plan["models"] == 1 and plan["epochs"] >= 1 and plan["expected"] > 0 and plan["seconds"] > 0
     tr = info["training"]
     assert tr["images"] == 1000 and tr["calibration_images"] == 400 and tr["seed"] == 0
     assert len(tr["data_fingerprint"]) == 16 and tr["epochs_run"] >= 1 and tr["final_train_loss"] is not None

@@ -214,6 +214,16 @@ def test_info_shows_training_data_and_settings(cli_model: Path) -> None:
     assert code == 0 and info["training"]["images"] == 900 and info["preprocessing"]["size"] == 16
     code, out, _ = run("info", cli_model)
     assert code == 0 and "fingerprint" in out and "calibration elbo" in out
+    flat = " ".join(out.replace("│", " ").split())  # the table wraps long values onto continuation rows
+    assert "training files 16-16 px a side; the working size is their native size up to 48 px" in flat
+    assert "time budget" in flat and "no limit; planned up to 100 epochs" in flat
+
+
+def test_hidden_channels_are_given_as_a_list_and_checked(tmp_path: Path) -> None:
+    code, _, err = run("fit", tmp_path, "--hidden-channels", "16,x")
+    assert code == 2 and "a comma-separated list of whole numbers" in err
+    code, _, err = run("fit", tmp_path, "--hidden-channels", "16,0")
+    assert code == 2 and "hidden_channels must be a whole number from 1 to 4096, got 0" in err
 
 
 @pytest.mark.slow

@@ -84,6 +84,18 @@ class Preprocessing:
                 f"({RESIZE_RULE!r}, 'x/255')"
             )
 
+    def describe(self) -> str:
+        """The working-size rule as applied to this model, in words (`info` shows it)."""
+        colour = "grey" if self.channels == 1 else "RGB"
+        text = f"{colour} {self.size}x{self.size}, stretched (bilinear, aspect not kept), pixels x/255"
+        if self.sides is not None:
+            shortest, longest = self.sides
+            text += (
+                f"; training files {shortest}-{longest} px a side; the working size is their native size "
+                f"up to {WORKING_SIZE} px unless --image-size set it"
+            )
+        return text + f"; complexity term: PNG at deflate level {self.png_level}"
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if self.sides is None:

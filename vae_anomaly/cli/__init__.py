@@ -67,4 +67,3 @@ def main() -> None:
       vae-anomaly fit ./normal_imgs -o model.vae
       vae-anomaly score ./incoming --model model.vae --threshold auto
     """
-

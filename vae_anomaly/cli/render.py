@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..ci import verdict_lines
+from ..decoding import Preprocessing
 from ..report import Report
 
 if TYPE_CHECKING:  # scikit-learn is imported by `evaluate` alone, not by every `score`
@@ -96,6 +97,15 @@ def evaluation_table(ev: Evaluation) -> None:
     )
 
 
+def _plan_row(plan: dict[str, Any], tr: dict[str, Any]) -> str:
+    budget = "no limit" if plan["budget"] is None else f"{plan['budget']:.0f} s"
+    capped = f", capped from {plan['default_epochs']}" if plan["capped"] else ""
+    return (
+        f"{budget}; planned up to {plan['epochs']} epochs{capped} at {1 / plan['speed']['train']:,.0f} training "
+        f"images/s, expected {plan['expected']:.0f} s; the fit took {plan['seconds']:.0f} s"
+    )
+
+
 def info_table(model: str, data: dict[str, Any]) -> None:
     """`vae-anomaly info` for people: one row per fact about the model."""
     table = Table(show_header=False, title=f"model {escape(model)}", title_justify="left")
@@ -107,10 +117,7 @@ def info_table(model: str, data: dict[str, Any]) -> None:
     rows = [
         ("fingerprint", data["fingerprint"]),
         ("created", data["created"]),
-        (
-            "input",
-            f"{prep['channels']} channel(s), {prep['size']}x{prep['size']} ({prep['resize']}, {prep['scaling']})",
-        ),
+        ("input", Preprocessing.from_dict(prep).describe()),
         ("network", f"latent {cfg['latent_dim']}, channels {cfg['hidden_channels']}, {cfg['likelihood']} decoder"),
         (
             "images",
@@ -130,6 +137,7 @@ def info_table(model: str, data: dict[str, Any]) -> None:
             f"{tr['seconds']:.1f} s, seed {tr['seed']}, {tr['device']}"
             + (f", {tr['processes']} processes" if tr.get("processes", 1) > 1 else ""),
         ),
+        *([("time budget", _plan_row(tr["plan"], tr))] if "plan" in tr else []),
         (
             "final losses",
             f"train {tr['final_train_loss']:.4g}, held-out "
