@@ -26,7 +26,7 @@ import torch
 
 from . import __version__, artifact
 from .batching import read_images
-from .budget import FitPlan, model_time
+from .budget import model_time
 from .calibration import calibration_needed
 from .config import CROSS_FIT_BELOW, DEFAULT_FOLDS, MIN_TRAINING_IMAGES, MIN_VALIDATION_IMAGES, FitConfig, check_float
 from .decision import DecisionRule
@@ -174,7 +174,6 @@ class Hooks:
     resume: bool = False
     checkpoint_every: float = 30.0
     on_warning: Callable[[str], None] | None = None
-    on_plan: Callable[[FitPlan], None] | None = None
 
     def __post_init__(self) -> None:
         check_float("checkpoint_every", self.checkpoint_every, 0, math.inf, hi_open=True)
@@ -190,7 +189,7 @@ def train_models(
     ident: str,
     hooks: Hooks,
     rng: np.random.Generator,
-    schedule: tuple[int, float | None, float] = (50, None, 0.0),
+    schedule: tuple[int, float | None, float],
 ) -> tuple[list[ConvVAE], list[TrainResult], list[tuple[int, int]]]:
     """Train one model per plan; returns the models, their results and (train, validation) sizes.
 

@@ -81,9 +81,7 @@ class Detector:
         """
         started = time.perf_counter()
         cfg, world = self.config, current()
-        hooks = crossfit.Hooks(
-            on_epoch, on_model, should_stop, checkpoint, resume, checkpoint_every, on_warning, on_plan
-        )
+        hooks = crossfit.Hooks(on_epoch, on_model, should_stop, checkpoint, resume, checkpoint_every, on_warning)
         warn = on_warning or (lambda _msg: None)
         images = crossfit.read_training_images(data, cfg, warn)
         rng = np.random.default_rng(cfg.seed)
