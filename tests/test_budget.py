@@ -91,7 +91,7 @@ def test_the_hard_stop_holds_the_budget_when_the_measured_speed_was_wrong(monkey
     plan = det.metadata_["training"]["plan"]
     assert not plan["capped"]  # the plan believed every epoch fits
     assert {m["stopped"] for m in det.metadata_["training"]["per_model"]} == {"time-budget"}
-    assert plan["seconds"] < 2.0 + 3.0
+    assert plan["seconds"] < 2.0 + 5.0  # calibration comes after the stop; without it, training alone runs ~10 s
 
 
 @pytest.mark.slow
