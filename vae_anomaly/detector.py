@@ -113,8 +113,9 @@ class Detector:
         deadline = None if cfg.budget is None else started + cfg.budget
         reserve = n_calibration * speed.calibrate + budget.SAVE_SECONDS
         data_fp, ident, settings = crossfit.identity(images.pixels, cfg)
+        schedule = (fit_plan.default_epochs, deadline, reserve)
         models, results, sizes = crossfit.train_models(
-            images.pixels, plans, cfg, vae_cfg, device, world, ident, hooks, rng, (fit_plan.epochs, deadline, reserve)
+            images.pixels, plans, cfg, vae_cfg, device, world, ident, hooks, rng, schedule
         )
         self.models_, self.preprocessing_, self.device_ = models, prep, device
         trained = (plans, results, sizes)

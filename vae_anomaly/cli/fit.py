@@ -70,8 +70,8 @@ def _channels(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option(
     "--time-budget",
     type=click.FloatRange(0, min_open=True),
-    help=f"Seconds for the whole fit (reading images, every model, calibration); epochs are capped to fit and "
-    f"training stops at it. 'inf': no limit. Default: {DEFAULT_TIME_BUDGET:.0f}, or no limit with --epochs.",
+    help=f"Seconds for the whole fit (reading images, every model, calibration); each model stops at its share of "
+    f"it. 'inf': no limit. Default: {DEFAULT_TIME_BUDGET:.0f}, or no limit with --epochs.",
 )
 @click.option("--batch-size", type=click.IntRange(1), default=FIT_DEFAULTS.batch_size, show_default=True)
 @click.option(
@@ -331,12 +331,12 @@ class _FitProgress:
         models = f"{p.models} models" if p.models > 1 else "1 model"
         limit = "no time limit" if p.budget is None else f"the {p.budget:.0f} s budget"
         capped = (
-            f"; {limit} allows {p.epochs} of {p.default_epochs} epochs (--time-budget to change it)"
+            f"; {limit} should allow about {p.epochs} of them, and training stops at it (--time-budget to change it)"
             if p.capped
             else f", within {limit}"
         )
         err.print(
-            f"plan: {models}, up to {p.epochs} epochs of {p.train_images:,} images, training at "
+            f"plan: {models}, up to {p.default_epochs} epochs of {p.train_images:,} images, training at "
             f"{1 / p.speed.train:,.0f} images/s on this machine; expected {p.expected:,.0f} s for the whole fit "
             f"({p.spent:.1f} s of it reading images){capped}",
             highlight=False,
