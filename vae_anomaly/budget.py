@@ -58,7 +58,7 @@ class FitPlan:
     epochs: int  # per model: the epochs expected to fit in the budget (the clock, not this, stops training)
     default_epochs: int  # the most each model runs: --epochs, or the default (early stopping ends most sooner)
     budget: float | None  # seconds for the whole command; None: no limit
-    spent: float  # seconds already gone (decoding the images, measuring the speed)
+    spent: float  # seconds already gone (start-up, decoding the images, measuring the speed)
     expected: float  # seconds for the whole command if every epoch runs
     speed: Speed
 

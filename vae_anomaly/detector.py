@@ -68,6 +68,7 @@ class Detector:
         resume: bool = False,
         checkpoint_every: float = 30.0,
         on_plan: Callable[[FitPlan], None] | None = None,
+        started: float | None = None,
     ) -> Detector:
         """Train on normal images (paths, folders, or a uint8 array) and calibrate.
 
@@ -77,9 +78,11 @@ class Detector:
         after every step) ends training early (see `crossfit.train_models`).
         Under torchrun every process calls `fit` alike (see `distributed.py`).
         Before training, `on_plan` receives the `FitPlan`: the epochs that fit
-        the time budget and the expected seconds (see `budget.py`).
+        the time budget and the expected seconds (see `budget.py`), counted
+        from `started` (a `time.perf_counter()` value; default: now), so
+        that a command's budget can include its own start-up.
         """
-        started = time.perf_counter()
+        started = time.perf_counter() if started is None else started
         cfg, world = self.config, current()
         hooks = crossfit.Hooks(on_epoch, on_model, should_stop, checkpoint, resume, checkpoint_every, on_warning)
         warn = on_warning or (lambda _msg: None)

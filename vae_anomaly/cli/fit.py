@@ -12,7 +12,7 @@ import click
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .. import artifact, distributed
+from .. import artifact, distributed, launch
 from ..batching import DecodeOptions
 from ..budget import FitPlan
 from ..config import CROSS_FIT_BELOW, DEFAULT_FOLDS, DEFAULT_TIME_BUDGET, LIKELIHOODS, FitConfig
@@ -219,6 +219,7 @@ def _fit(
                 checkpoint_every=checkpoint_every,
                 on_model=progress.new_model,
                 on_plan=progress.plan if main_rank else None,
+                started=launch.STARTED,  # the budget counts the whole command, torch's import included
             )
             seconds = time.perf_counter() - t0
             if main_rank:
@@ -338,7 +339,7 @@ class _FitProgress:
         err.print(
             f"plan: {models}, up to {p.default_epochs} epochs of {p.train_images:,} images, training at "
             f"{1 / p.speed.train:,.0f} images/s on this machine; expected {p.expected:,.0f} s for the whole fit "
-            f"({p.spent:.1f} s of it reading images){capped}",
+            f"({p.spent:.1f} s of it already spent starting and reading images){capped}",
             highlight=False,
         )
 
