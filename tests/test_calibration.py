@@ -13,8 +13,11 @@ from conftest import BACKGROUND, SIZE, crosses, disks
 from vae_anomaly import Detector
 from vae_anomaly.calibration import (
     Calibration,
+    _ranks,
+    bag_quantiles,
     calibration_needed,
     cross_conformal_p_values,
+    deviation,
     p_values,
     smallest_p_value,
     typicality_p_values,
@@ -272,3 +275,48 @@ def test_fit_warns_when_the_default_decision_cannot_flag_at_one_percent() -> Non
         disks(1000, seed=3), on_warning=warnings.append
     )
     assert any("50 calibration images" in w and "default decision" in w and "99" in w for w in warnings)
+
+
+def _typicality_pairwise(cal: np.ndarray, folds: np.ndarray, scores: np.ndarray, tail: str) -> np.ndarray:
+    """The previous implementation: every new image against every member of its model's fold, O(m n)."""
+    n_stats, n = cal.shape
+    own = np.stack([_ranks(c, c, tail) for c in cal])
+    count = np.zeros(scores.shape[-1])
+    for k in range(scores.shape[0]):
+        in_fold = folds == k
+        c_k, own_k, x = cal[:, in_fold], own[:, :, in_fold], scores[k]
+        rho_x = np.min([_ranks(cal[j], x[j], tail) for j in range(n_stats)], axis=(0, 1)) + 1
+        rho = np.full((x.shape[1], c_k.shape[1]), np.iinfo(np.int64).max)
+        d, d_x = np.full(rho.shape, -np.inf), np.full(x.shape[1], -np.inf)
+        for j in range(n_stats):
+            pushed = [x[j][:, None] >= c_k[j][None], x[j][:, None] <= c_k[j][None]]
+            for side in range(own.shape[1]):
+                rho = np.minimum(rho, own_k[j, side][None] + pushed[side])
+            q = bag_quantiles(cal[j], x[j])
+            d = np.maximum(d, deviation(c_k[j][None], q[:, None], tail))
+            d_x = np.maximum(d_x, deviation(x[j], q, tail))
+        ahead = (rho < rho_x[:, None]) | ((rho == rho_x[:, None]) & (d >= d_x[:, None]))
+        count += ahead.sum(axis=1)
+    return (1.0 + count) / (n + 1.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(6, 60),
+    m=st.integers(1, 30),
+    k=st.integers(1, 5),
+    seed=st.integers(0, 2**31),
+    tail=st.sampled_from(["upper", "two-sided"]),
+    ties=st.booleans(),
+)
+def test_the_fast_count_equals_comparing_every_image_with_every_member(
+    n: int, m: int, k: int, seed: int, tail: str, ties: bool
+) -> None:
+    """Only members within one rank of the new image's need comparing; cross-fitted models and ties included."""
+    rng = np.random.default_rng(seed)
+    cal, scores = rng.standard_normal((2, n)), rng.standard_normal((k, 2, m)) * 1.5
+    if ties:
+        cal, scores = np.round(cal * 2) / 2, np.round(scores * 2) / 2
+    folds = np.arange(n) % k
+    got = typicality_p_values(cal, folds, scores, tail)
+    np.testing.assert_allclose(got, _typicality_pairwise(cal, folds, scores, tail))

@@ -10,7 +10,7 @@ fraction alpha of normal images. `decision.py` turns p-values into flags;
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -140,6 +140,21 @@ def _ranks(cal: np.ndarray, values: np.ndarray, tail: str) -> np.ndarray:
     return np.stack([up, np.searchsorted(srt, values, side="right")])  # and #{s_i <= v}
 
 
+def _pairs(
+    lo: np.ndarray, hi: np.ndarray, members: np.ndarray, limit: int = 2_000_000
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(image, member) index pairs, image i with members[lo[i]:hi[i]], in chunks of about `limit` pairs."""
+    sizes = hi - lo
+    ends = np.cumsum(sizes)
+    start = 0
+    while start < len(lo):
+        stop = max(start + 1, int(np.searchsorted(ends, (ends[start - 1] if start else 0) + limit, side="right")))
+        i = np.repeat(np.arange(start, stop), sizes[start:stop])
+        offset = np.arange(len(i)) - np.repeat(np.cumsum(sizes[start:stop]) - sizes[start:stop], sizes[start:stop])
+        yield i, members[lo[i] + offset]
+        start = stop
+
+
 def typicality_p_values(
     calibration: np.ndarray,
     folds: np.ndarray,
@@ -190,30 +205,40 @@ def _typicality(
     if scores.ndim != 3 or scores.shape[1] != n_stats or scores.shape[0] != int(folds.max()) + 1:
         models = int(folds.max()) + 1
         raise ValueError(f"scores of shape {scores.shape} given for {n_stats} statistics, {models} models")
-    # Each calibration image's rank among the calibration images alone (itself included), (J, sides, n).
+    # Each calibration image's rank among the calibration images alone (itself included), (J, sides, n),
+    # and its smallest, r. A new image x moves a member's rank by at most one, so rho(b) is r(b) or
+    # r(b) + 1: members with r(b) <= rho(x) - 2 are all ahead of x, those with r(b) > rho(x) never, and
+    # only the few with r(b) in {rho(x) - 1, rho(x)} need x's own comparison. O((n + m) log n) in all,
+    # instead of comparing every new image with every member.
     own = np.stack([_ranks(c, c, tail) for c in cal])
+    r = own.min(axis=(0, 1))
+    quartiles = [bag_quantiles(cal[j], scores[:, j].ravel()).reshape(*scores[:, j].shape, 3) for j in range(n_stats)]
     count = np.zeros(m)
     d_new = np.empty((scores.shape[0], m))
-    chunk = max(1, 2_000_000 // n)  # (chunk, n) arrays of a few tens of MB
     for k in range(scores.shape[0]):
-        in_fold = folds == k
-        c_k, own_k = cal[:, in_fold], own[:, :, in_fold]
-        for start in range(0, m, chunk):
-            x = scores[k, :, start : start + chunk]  # (J, c)
-            # The new image's rank in the bag, and each calibration image's, which it may push back by one.
-            rho_x = np.min([_ranks(cal[j], x[j], tail) for j in range(n_stats)], axis=(0, 1)) + 1
-            rho = np.full((x.shape[1], c_k.shape[1]), np.iinfo(np.int64).max)
-            d, d_x = np.full(rho.shape, -np.inf), np.full(x.shape[1], -np.inf)
+        members = np.nonzero(folds == k)[0]
+        members = members[np.argsort(r[members], kind="stable")]
+        r_sorted = r[members]
+        x = scores[k]  # (J, m)
+        rho_x = np.min([_ranks(cal[j], x[j], tail) for j in range(n_stats)], axis=(0, 1)) + 1
+        d_x = np.max([deviation(x[j], quartiles[j][k], tail) for j in range(n_stats)], axis=0)
+        d_new[k] = d_x
+        count += np.searchsorted(r_sorted, rho_x - 2, side="right")
+        lo = np.searchsorted(r_sorted, rho_x - 1, side="left")
+        hi = np.searchsorted(r_sorted, rho_x, side="right")
+        for i, b in _pairs(lo, hi, members):
+            rb = r[b]
+            stays = np.zeros(len(b), dtype=bool)  # some side at rank r(b) that x does not push back
+            d_b = np.full(len(b), -np.inf)
             for j in range(n_stats):
-                pushed = [x[j][:, None] >= c_k[j][None], x[j][:, None] <= c_k[j][None]]
+                c, xj = cal[j, b], x[j, i]
+                pushed = (xj >= c, xj <= c)
                 for side in range(own.shape[1]):
-                    rho = np.minimum(rho, own_k[j, side][None] + pushed[side])
-                q = bag_quantiles(cal[j], x[j])  # (c, 3)
-                d = np.maximum(d, deviation(c_k[j][None], q[:, None], tail))  # (c, n_k)
-                d_x = np.maximum(d_x, deviation(x[j], q, tail))  # as `deviations` gives
-            ahead = (rho < rho_x[:, None]) | ((rho == rho_x[:, None]) & (d >= d_x[:, None]))
-            count[start : start + chunk] += ahead.sum(axis=1)
-            d_new[k, start : start + chunk] = d_x
+                    stays |= (own[j, side, b] == rb) & ~pushed[side]
+                d_b = np.maximum(d_b, deviation(c, quartiles[j][k][i], tail))
+            rho_b = rb + ~stays
+            ahead = (rho_b < rho_x[i]) | ((rho_b == rho_x[i]) & (d_b >= d_x[i]))
+            count += np.bincount(i, weights=ahead, minlength=m)
     p: np.ndarray = (1.0 + count) / (n + 1.0)
     return p, d_new
 
