@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import pytest
 import torch
 
 from vae_anomaly.model import ConvVAE, VAEConfig
@@ -150,3 +152,25 @@ def test_kl_score_is_the_closed_form_kl_of_the_encoding() -> None:
         torch.testing.assert_close(
             score_images(model, x, "kl", latent_noise(4, 1, 0)), kl_to_standard_normal(mu, logvar)
         )
+
+
+def test_calibration_batches_are_bounded_by_decoded_values_and_change_no_score(monkeypatch: pytest.MonkeyPatch) -> None:
+    """16 draws of 48x48 RGB images would hold GBs of activations at 512 a batch; the bound changes no score."""
+    from vae_anomaly import inference
+    from vae_anomaly.distributed import World
+    from vae_anomaly.model import ConvVAE, VAEConfig
+
+    torch.manual_seed(0)
+    model = ConvVAE(VAEConfig(3, 16, 4)).eval()
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 3, 16, 16), dtype=np.uint8)
+    noise = {"elbo": latent_noise(4, 1, 0), "iwae": latent_noise(4, 16, 0)}
+    args = (pixels, [np.arange(40)], noise, torch.device("cpu"), World())
+    whole = inference.calibration_scores([model], *args)
+    seen: list[int] = []
+    original = inference.score_pixels
+    monkeypatch.setattr(inference, "score_pixels", lambda m, x, *a: seen.append(len(x)) or original(m, x, *a))
+    monkeypatch.setattr(inference, "DECODED_PER_BATCH", 16 * 3 * 16 * 16 * 7)  # 7 images of 16 draws
+    small = inference.calibration_scores([model], *args)
+    assert seen == [7, 7, 7, 7, 7, 5]
+    for name in noise:
+        np.testing.assert_allclose(small[name], whole[name], rtol=1e-6)

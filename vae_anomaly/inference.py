@@ -145,6 +145,9 @@ def score_pixels(
     return {k: v.double().cpu().numpy() for k, v in score_batch(model, x, noise, b).items()}
 
 
+DECODED_PER_BATCH = 2**24  # decoded pixel values per calibration batch (64 MB per float32 activation)
+
+
 def calibration_scores(
     models: Sequence[ConvVAE],
     pixels: np.ndarray,
@@ -164,6 +167,10 @@ def calibration_scores(
     """
     offsets = np.cumsum([0] + [len(c) for c in folds])
     names = list(noise)
+    # Every score type of a batch comes from one encoder pass and one decoder pass per draw: the
+    # decoder's activations grow with draws x batch x pixels (1 GB at 512 48x48 RGB images x 16 draws).
+    draws = max(len(e) for e in noise.values())
+    batch_size = max(1, min(batch_size, DECODED_PER_BATCH // (draws * int(np.prod(pixels.shape[1:])))))
     out = {name: np.zeros(offsets[-1]) for name in names}
     task = 0
     for k, idx in enumerate(folds):
