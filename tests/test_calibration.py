@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -320,3 +321,23 @@ def test_the_fast_count_equals_comparing_every_image_with_every_member(
     folds = np.arange(n) % k
     got = typicality_p_values(cal, folds, scores, tail)
     np.testing.assert_allclose(got, _typicality_pairwise(cal, folds, scores, tail))
+
+
+def test_the_tail_model_is_fitted_only_where_an_image_reaches_the_floor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fitting it imports SciPy (about half a second of every `score`); typical batches never need it."""
+    rng = np.random.default_rng(4)
+    calibration = Calibration({"elbo-ic": rng.standard_normal(300), "kl": rng.standard_normal(300)}, np.zeros(300), 1)
+    fitted: list[tuple[str, ...]] = []
+    original = Calibration.tail_model
+
+    def counting(self: Calibration, names: Sequence[str], tail: str = "two-sided") -> object:
+        fitted.append(tuple(names))
+        return original(self, names, tail)
+
+    monkeypatch.setattr(Calibration, "tail_model", counting)
+    typical = [rng.standard_normal(50) * 0.5, rng.standard_normal(50) * 0.5]
+    p = calibration.p_values(["elbo-ic", "kl"], typical, [None, None])
+    assert p.min() > 1 / 301 and fitted == []
+    far = [np.r_[typical[0], 9.0], np.r_[typical[1], 0.0]]
+    p = calibration.p_values(["elbo-ic", "kl"], far, [None, None])
+    assert p[-1] < 1 / 301 and fitted == [("elbo-ic", "kl")]

@@ -349,5 +349,7 @@ class Calibration:
             per_model = np.stack([np.atleast_2d(np.asarray(ms, dtype=np.float64)) for ms in model_scores], axis=1)
             folds = self.folds
         p, d_new = _typicality(cal, folds, per_model, tail)
-        model = None if exact else self.tail_model(names, tail)
+        if exact or not np.any(p <= 1.0 / (cal.shape[1] + 1.0) + 1e-15):
+            return p  # no image at the floor: nothing for the tail model to refine (nor to fit it for)
+        model = self.tail_model(names, tail)
         return p if model is None else refine(p, cal.shape[1], d_new, model)

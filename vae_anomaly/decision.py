@@ -233,9 +233,13 @@ class DecisionRule:
     ) -> Decision:
         """The rule applied to a batch, from its scores and the rule's p-values (`p_values`)."""
         cal = calibration.stacked(self.statistics)
-        tail_model = None if self.strict else calibration.tail_model(self.statistics, self.tail)
-        threshold = self.threshold_for(p, cal, calibration.models, tail_model)
-        n, flags = cal.shape[1], flag(scores, p, threshold)
+        n = cal.shape[1]
+        threshold = self.threshold_for(p, cal, calibration.models)
+        if not self.strict and threshold.p_cutoff is not None and threshold.p_cutoff < self.floor(n):
+            # Below the floor the tail model decides; fitted only then (SciPy's import alone costs ~0.5 s).
+            tail_model = calibration.tail_model(self.statistics, self.tail)
+            threshold = self.threshold_for(p, cal, calibration.models, tail_model)
+        flags = flag(scores, p, threshold)
         return Decision(p, flags, threshold, n, list(warnings), self.floor(n), guarantee(threshold, n))
 
     def decide(self, calibration: Calibration, result: ScoreResult, calibrated_samples: int) -> Decision:
