@@ -11,7 +11,7 @@ import torch
 
 from conftest import cli_run, disks, write_pngs
 from vae_anomaly import Detector, FitConfig, budget
-from vae_anomaly.budget import SAVE_SECONDS, Speed, measure_speed, model_time, plan_fit
+from vae_anomaly.budget import CALIBRATION_MARGIN, SAVE_SECONDS, Speed, measure_speed, model_time, plan_fit
 from vae_anomaly.config import DEFAULT_TIME_BUDGET
 from vae_anomaly.errors import ConfigError
 from vae_anomaly.model import VAEConfig
@@ -24,7 +24,7 @@ SPEED = Speed(train=1e-3, held_out=2e-4, calibrate=5e-3)
 def test_the_plan_caps_epochs_so_that_every_model_and_the_calibration_fit_the_budget() -> None:
     sizes = [(800, 100)]  # one epoch: 0.8 s of training + 0.02 s held out
     plan = plan_fit(sizes, 200, 128, 0, None, 30.0, spent=2.0, speed=SPEED)
-    fixed = 2.0 + 200 * 5e-3 + SAVE_SECONDS
+    fixed = 2.0 + CALIBRATION_MARGIN * 200 * 5e-3 + SAVE_SECONDS
     assert plan.epochs == math.floor((30.0 - fixed) / 0.82) and plan.capped
     assert plan.expected <= 30.0 < plan.expected + 0.82  # one more epoch would not fit
     assert plan.default_epochs == 50
@@ -40,7 +40,7 @@ def test_cross_fitted_models_share_the_budget() -> None:
 def test_without_a_budget_the_plan_runs_every_epoch_and_says_how_long_it_takes() -> None:
     plan = plan_fit([(100, 0)], 50, 128, 600, None, None, spent=1.0, speed=SPEED)
     assert plan.epochs == plan.default_epochs == 600 and not plan.capped  # 1 step per epoch: 600 steps
-    assert plan.expected == pytest.approx(1.0 + 50 * 5e-3 + SAVE_SECONDS + 600 * 0.1)
+    assert plan.expected == pytest.approx(1.0 + CALIBRATION_MARGIN * 50 * 5e-3 + SAVE_SECONDS + 600 * 0.1)
     assert plan_fit([(100, 0)], 50, 128, 600, 7, None, spent=0.0, speed=SPEED).epochs == 7
 
 
@@ -74,7 +74,7 @@ def test_a_fit_stops_at_its_budget_and_records_the_plan() -> None:
     assert plan["capped"] and plan["epochs"] < plan["default_epochs"] and plan["models"] == 5
     per_model = det.metadata_["training"]["per_model"]
     assert {m["stopped"] for m in per_model} == {"time-budget"}
-    assert plan["seconds"] < 3.0 + 3.0  # the hard stop per model holds the budget to within its last step
+    assert plan["seconds"] < 3.0 + 5.0  # each model stops at its share; calibration and a busy machine add a little
 
 
 def test_each_model_stops_at_its_share_of_the_time_left() -> None:

@@ -114,9 +114,8 @@ class Detector:
         if on_plan is not None:
             on_plan(fit_plan)
         deadline = None if cfg.budget is None else started + cfg.budget
-        reserve = n_calibration * speed.calibrate + budget.SAVE_SECONDS
         data_fp, ident, settings = crossfit.identity(images.pixels, cfg)
-        schedule = (fit_plan.default_epochs, deadline, reserve)
+        schedule = (fit_plan.default_epochs, deadline, budget.reserve(n_calibration, speed))
         models, results, sizes = crossfit.train_models(
             images.pixels, plans, cfg, vae_cfg, device, world, ident, hooks, rng, schedule
         )
