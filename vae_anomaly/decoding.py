@@ -34,7 +34,7 @@ DEFAULT_MAX_IMAGE_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
 RESIZE_RULE = "stretch-bilinear"  # resize to size x size, aspect not kept; Pillow antialiases
 # The largest side the global model sees by default (`fit --image-size` overrides). Measured on
 # benchmarks/photos.py (README, "Working size"): 48 px ranks photo anomalies as 32 px does and 0.02
-# ROC-AUC below 64 px, while its network scores 3.4x faster than at 64 px, which keeps `score` at
+# ROC-AUC below 64 px, while its network scores 2.7x faster than at 64 px, which keeps `score` at
 # 1,000 photos/s on 2 cores.
 WORKING_SIZE = 48
 LEGACY_PNG_LEVEL = 9  # what model files without a png_level were calibrated with

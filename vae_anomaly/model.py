@@ -34,7 +34,7 @@ def default_hidden_channels(image_size: int) -> tuple[int, ...]:
     28x28 digits get two of 32 and 64 channels (28 -> 14 -> 7, the layout
     measured best on MNIST). Above 32 px channels start at 16 and double up
     to 128: at the 48 px working size of photos that network (16, 32, 64)
-    scores 4.5x faster than one starting at 32 and trains 2x faster, at
+    scores 3x faster than one starting at 32 and trains 2.8x faster, at
     0.006 lower ROC-AUC on benchmarks/photos.py (README, "Working size").
     """
     channels = [32 if image_size <= 32 else 16]
