@@ -117,11 +117,11 @@ def score_bounds(calibration: np.ndarray, alpha: float, tail: str = "two-sided")
         scale = (q[2] - q[1]) if sign > 0 else (q[1] - q[0])
         crossings = q[1] + sign * d * max(scale, 1e-9 * max(1.0, abs(q[1])))
         points = np.concatenate([extreme, crossings])
-        # Just past each point; a computed crossing may be a few units in the last place short of it.
-        nudged = [points]
-        for _ in range(6):
-            nudged.append(np.nextafter(nudged[-1], sign * math.inf))
-        candidates = np.unique(np.concatenate(nudged))
+        # Just past each point; a computed crossing may be a few units in the last place short of it, in
+        # units of the deviation's own arithmetic (m - s is rounded at the size of |m| + |s|, not of s:
+        # a score near 0 moved by its own ulps never changes a deviation near 1).
+        unit = np.spacing(np.abs(points) + abs(q[1]) + abs(scale))
+        candidates = np.unique(np.concatenate([points + sign * j * unit for j in range(8)]))
         candidates = candidates[sign * (candidates - q[1]) > 0]
         if len(candidates) == 0:
             bounds.append(None)
