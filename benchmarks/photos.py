@@ -51,6 +51,7 @@ from sklearn.neighbors import NearestNeighbors
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance, write_results
+from throughput import _memory_kb, _tree
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FPR = 0.01
@@ -175,16 +176,8 @@ def peak_rss(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess[str], f
     def poll() -> None:
         nonlocal peak
         while proc.poll() is None:
-            pids, i = [proc.pid], 0
-            while i < len(pids):
-                for task in Path(f"/proc/{pids[i]}/task").glob("*"):
-                    with contextlib.suppress(OSError):
-                        pids += [int(c) for c in (task / "children").read_text().split()]
-                i += 1
-            for pid in pids:
-                with contextlib.suppress(OSError, IndexError, ValueError):
-                    status = Path(f"/proc/{pid}/status").read_text().splitlines()
-                    peak = max(peak, int(next(v for v in status if v.startswith("VmHWM")).split()[1]))
+            with contextlib.suppress(OSError, ValueError):  # a process that ends mid-walk
+                peak = max([peak, *(_memory_kb(pid, "VmHWM") for pid in _tree(proc.pid))])
             time.sleep(0.05)
 
     watcher = threading.Thread(target=poll)
