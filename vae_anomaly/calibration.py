@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 
 from .errors import CalibrationError, ConfigError
-from .tail_model import TailModel, covers, fit_tail, refine
+from .tail_model import TailModel, at_floor, covers, fit_tail, refine
 
 Tail = Literal["two-sided", "upper"]
 TAILS: tuple[str, ...] = ("two-sided", "upper")
@@ -349,7 +349,7 @@ class Calibration:
             per_model = np.stack([np.atleast_2d(np.asarray(ms, dtype=np.float64)) for ms in model_scores], axis=1)
             folds = self.folds
         p, d_new = _typicality(cal, folds, per_model, tail)
-        if exact or not np.any(p <= 1.0 / (cal.shape[1] + 1.0) + 1e-15):
+        if exact or not np.any(at_floor(p, cal.shape[1])):
             return p  # no image at the floor: nothing for the tail model to refine (nor to fit it for)
         model = self.tail_model(names, tail)
         return p if model is None else refine(p, cal.shape[1], d_new, model)

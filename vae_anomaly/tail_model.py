@@ -93,6 +93,12 @@ def fit_tail(deviations: np.ndarray) -> TailModel | None:
     return TailModel(n, k, u, float(shape), float(scale), fit_p)
 
 
+def at_floor(p: np.ndarray, n: int) -> np.ndarray:
+    """Which exact p-values are the conformal floor 1/(n+1): the only ones the tail model refines."""
+    floor: np.ndarray = p <= 1.0 / (n + 1.0) + 1e-15
+    return floor
+
+
 def refine(p: np.ndarray, n: int, deviations: np.ndarray, model: TailModel | None) -> np.ndarray:
     """The floor's p-values replaced by (1) where it is smaller; all others as they were.
 
@@ -101,7 +107,6 @@ def refine(p: np.ndarray, n: int, deviations: np.ndarray, model: TailModel | Non
     """
     if model is None:
         return p
-    at_floor = p <= 1.0 / (n + 1.0) + 1e-15
     tail_p = np.mean([model.survival(d) for d in np.atleast_2d(deviations)], axis=0)
-    refined: np.ndarray = np.where(at_floor, np.minimum(p, tail_p), p)
+    refined: np.ndarray = np.where(at_floor(p, n), np.minimum(p, tail_p), p)
     return refined
