@@ -30,6 +30,7 @@ from vae_anomaly.batching import iter_batches
 from vae_anomaly.cli import main
 from vae_anomaly.decoding import Preprocessing, decode_image
 from vae_anomaly.errors import ImageReadError, ModelFileError
+from vae_anomaly.launch import Terminated, signals_held
 from vae_anomaly.listing import find_images
 
 GREY16 = Preprocessing(1, 16)
@@ -761,6 +762,25 @@ def test_ctrl_c_while_starting_up_exits_130_without_a_traceback(model_file: Path
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(("signum", "raised"), [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
+def test_a_signal_during_a_held_import_is_raised_only_after_it(signum: int, raised: type[BaseException]) -> None:
+    finished = []
+    before = signal.getsignal(signum)
+    with pytest.raises(raised):
+        with signals_held():
+            os.kill(os.getpid(), signum)
+            time.sleep(0.05)  # the handler runs here, between two bytecodes
+            finished.append(True)  # torch's C++ start-up would have been cut short here
+    assert finished == [True] and signal.getsignal(signum) is before
+
+
+def test_a_held_block_that_fails_keeps_its_own_error_and_the_handlers() -> None:
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(ImportError), signals_held():
+        raise ImportError("no such module")
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_a_raw_byte_and_its_escape_are_two_names_in_every_report(model_file: Path, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import click
 
 from .. import __version__
 from ..errors import VaeAnomalyError
-from ..launch import Terminated, terminate
+from ..launch import Terminated, signals_held, terminate
 
 # Each command's module, imported when the command runs (click's lazy-loading pattern): `score`
 # then starts without `evaluate`'s scikit-learn, about 0.7 s of every CI job's start-up.
@@ -35,7 +35,9 @@ class _Group(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in _COMMANDS:
             return None
-        command: click.Command = getattr(importlib.import_module(f".{_COMMANDS[cmd_name]}", __name__), cmd_name)
+        with signals_held():  # the command's module imports torch
+            module = importlib.import_module(f".{_COMMANDS[cmd_name]}", __name__)
+        command: click.Command = getattr(module, cmd_name)
         return command
 
     def invoke(self, ctx: click.Context) -> Any:
