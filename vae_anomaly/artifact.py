@@ -8,8 +8,11 @@ it loads with `weights_only=True` and never unpickles arbitrary objects):
     metadata        JSON text: VAEConfig, preprocessing, training summary,
                     calibration settings, library versions, and "models": K
     state_dict      {"model<k>.<name>": tensor}  the weights of model k, k = 0..K-1
-    calibration     {score: tensor}  held-out normal scores per score type, and
-                    {"fold": int64 tensor}: the model that did not see each image
+    calibration     {score: tensor}  held-out normal scores per score type, the
+                    property checks' values ("property:NAME", same images),
+                    {"fold": int64 tensor}: the model that did not see each image,
+                    and "train:exact", "train:near": every training image's
+                    duplicate fingerprints (int64 bits of uint64 hashes)
     checksum        SHA-256 over all of the above, to catch bit flips and edits
 
 K = 1 is one model trained on a split (calibration = the held-out part);
@@ -39,6 +42,10 @@ from .errors import ModelFileError, OutputError
 FORMAT_NAME = "vae-anomaly-model"
 FORMAT_VERSION = 2
 FOLD_KEY = "fold"  # in `calibration`: the fold (= model) of each calibration score
+# In `calibration`: every training image's duplicate fingerprints (duplicates.py), uint64 bits as
+# int64; their names are the metadata's checks.training_files. Older files have neither.
+TRAIN_EXACT_KEY = "train:exact"
+TRAIN_NEAR_KEY = "train:near"
 
 
 def model_prefix(k: int) -> str:

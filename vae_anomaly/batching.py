@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .decoding import Preprocessing, ReadError, Unlike, decode_image, merge_unlike, png_bits, unlike_kinds
+from . import properties
+from .decoding import Preprocessing, ReadError, Source, Unlike, decode_image, merge_unlike, png_bits, unlike_kinds
+from .duplicates import Fingerprints, fingerprints
 from .errors import ConfigError, ImageReadError
 from .listing import display_path
 from .pixel_cache import CacheHit, FileKey, PixelCache, default_cache_dir
@@ -39,6 +41,17 @@ class ImageBatch:
     # Images unlike what the model expects, converted anyway: kind -> (count, an example path).
     unlike: Unlike = field(default_factory=dict)
     bits: np.ndarray | None = None  # png_bits of each image's pixels, when asked for
+    # Each readable file's header (width, height, colour, format), its properties (properties.py)
+    # and its duplicate fingerprints (duplicates.py), in the order of `paths`.
+    sources: list[Source] = field(default_factory=list)
+    properties: dict[str, np.ndarray] = field(default_factory=dict)
+    fingerprints: Fingerprints = field(default_factory=Fingerprints.empty)
+
+    def measured(self) -> ImageBatch:
+        """This batch with its properties and fingerprints computed from its pixels and sources."""
+        self.properties = properties.measure(self.pixels, self.sources)
+        self.fingerprints = fingerprints(self.pixels, self.sources)
+        return self
 
 
 # ---------------------------------------------------------------- decoding in worker processes
@@ -93,7 +106,7 @@ class _Decoded:
 
     index: list[int]  # positions in the chunk of the readable files
     pixels: np.ndarray  # uint8 (len(index), C, H, W)
-    sources: list[tuple[int, int, bool]]  # each readable file's own width, height, colour
+    sources: list[Source]  # each readable file's own width, height, colour, format
     bits: np.ndarray | None
     errors: list[tuple[int, str]]  # (position, reason)
 
@@ -101,7 +114,7 @@ class _Decoded:
 def _decode_chunk(files: Sequence[Path], prep: Preprocessing, bits: bool) -> _Decoded:
     index: list[int] = []
     arrays: list[np.ndarray] = []
-    sources: list[tuple[int, int, bool]] = []
+    sources: list[Source] = []
     errors: list[tuple[int, str]] = []
     for i, path in enumerate(files):
         source: dict[str, Any] = {}
@@ -112,7 +125,7 @@ def _decode_chunk(files: Sequence[Path], prep: Preprocessing, bits: bool) -> _De
             continue
         index.append(i)
         w, h = source.get("size", (prep.size, prep.size))
-        sources.append((int(w), int(h), bool(source.get("colour", False))))
+        sources.append((int(w), int(h), bool(source.get("colour", False)), str(source.get("format", ""))))
     pixels = np.stack(arrays) if arrays else np.zeros((0, prep.channels, prep.size, prep.size), np.uint8)
     return _Decoded(index, pixels, sources, png_bits(pixels, prep.png_level) if bits else None, errors)
 
@@ -153,7 +166,7 @@ def _assemble(p: _Pending, prep: Preprocessing, bits: bool, cache: PixelCache | 
     pixels = np.empty((n, prep.channels, prep.size, prep.size), np.uint8)
     ok = np.zeros(n, bool)
     out_bits = np.full(n, np.nan)
-    sources: dict[int, tuple[int, int, bool]] = {}
+    sources: dict[int, Source] = {}
     reasons: dict[int, str] = {}
     hits = p.hits
     if hits:
@@ -223,10 +236,11 @@ def _assemble(p: _Pending, prep: Preprocessing, bits: bool, cache: PixelCache | 
             errors.append(ReadError(display_path(path), reasons.get(i, "cannot decode image")))
             continue
         paths.append(display_path(path))
-        for kind in unlike_kinds(*sources[i], prep):
+        for kind in unlike_kinds(*sources[i][:3], prep):
             count, example = unlike.get(kind, (0, paths[-1]))
             unlike[kind] = (count + 1, example)
-    return ImageBatch(paths, pixels[ok], errors, unlike, out_bits[ok] if bits else None)
+    readable = [sources[i] for i in range(n) if ok[i]]
+    return ImageBatch(paths, pixels[ok], errors, unlike, out_bits[ok] if bits else None, readable).measured()
 
 
 def iter_batches(
@@ -341,4 +355,7 @@ def read_images(
         [e for b in batches for e in b.errors],
         merge_unlike(b.unlike for b in batches),
         (np.concatenate([b.bits for b in batches if b.bits is not None]) if batches else np.zeros(0)) if bits else None,
+        [s for b in batches for s in b.sources],
+        {k: np.concatenate([b.properties[k] for b in batches]) for k in (batches[0].properties if batches else {})},
+        Fingerprints.concat([b.fingerprints for b in batches]),
     )

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import __version__, artifact
-from .batching import read_images
+from .batching import ImageBatch, read_images
 from .budget import model_time
 from .calibration import calibration_needed
 from .config import CROSS_FIT_BELOW, DEFAULT_FOLDS, MIN_TRAINING_IMAGES, MIN_VALIDATION_IMAGES, FitConfig, check_float
@@ -33,7 +33,7 @@ from .decision import DecisionRule
 from .decoding import Preprocessing, ReadError, infer_preprocessing
 from .distributed import World
 from .errors import FitError, FitInterrupted, ModelFileError
-from .inference import ImageInput, as_paths, as_uint8_images
+from .inference import ImageFacts, ImageInput, as_paths, as_uint8_images
 from .listing import find_images, require_images
 from .model import ConvVAE, VAEConfig
 from .train import EpochStats, TrainResult, train
@@ -48,6 +48,9 @@ class TrainingImages:
     bits: np.ndarray | None  # PNG lengths, for the complexity-corrected score
     unreadable: list[ReadError]
     ignored: int
+    # Each image's name, properties, format and duplicate fingerprints, for the checks (checks.py).
+    facts: ImageFacts
+    paths: list[str]
 
 
 def read_training_images(data: ImageInput, cfg: FitConfig, warn: Callable[[str], None]) -> TrainingImages:
@@ -57,7 +60,11 @@ def read_training_images(data: ImageInput, cfg: FitConfig, warn: Callable[[str],
         prep = Preprocessing(pixels.shape[1], pixels.shape[2])
         if cfg.image_size is not None and cfg.image_size != prep.size:
             raise FitError(f"image_size {cfg.image_size} given, but the array's images are {prep.size} px")
-        return TrainingImages(pixels, prep, None, [], 0)  # a fresh fit's level is PNG_LEVEL, scores' default
+        source = (prep.size, prep.size, prep.channels == 3, "")
+        measured = ImageBatch([], pixels, [], sources=[source] * len(pixels)).measured()
+        names = [f"[{i}]" for i in range(len(pixels))]
+        # A fresh fit's level is PNG_LEVEL, scores' default.
+        return TrainingImages(pixels, prep, None, [], 0, ImageFacts.of([measured]), names)
     listing = find_images(as_paths(data))
     prep, _ = infer_preprocessing(require_images(listing), cfg.image_size)
     batch = read_images(listing.files, prep, options=cfg.decode, bits=True, on_warning=warn)
@@ -73,7 +80,9 @@ def read_training_images(data: ImageInput, cfg: FitConfig, warn: Callable[[str],
             f"{len(unreadable)} of {total} training images are unreadable, more than "
             f"--max-unreadable-fraction {cfg.max_unreadable_fraction:g}; fix or remove them, or raise the limit"
         )
-    return TrainingImages(batch.pixels, prep, batch.bits, unreadable, listing.ignored)
+    return TrainingImages(
+        batch.pixels, prep, batch.bits, unreadable, listing.ignored, ImageFacts.of([batch]), batch.paths
+    )
 
 
 def _smaller(n: int, fraction: float) -> int:

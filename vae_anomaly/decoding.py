@@ -43,6 +43,10 @@ LEGACY_PNG_LEVEL = 9  # what model files without a png_level were calibrated wit
 PNG_LEVEL = 1
 
 
+# What the decoder read from each file's header: width, height, colour, format (Pillow's name, "" for arrays).
+Source = tuple[int, int, bool, str]
+
+
 @dataclass(frozen=True)
 class ReadError:
     """One file that could not be used, and why."""
@@ -202,8 +206,9 @@ def decode_image(path: Path, prep: Preprocessing, source: dict[str, Any] | None 
     """One file -> uint8 (C, size, size). EXIF orientation applied, first frame only.
 
     Raises `ImageReadError` with a human reason on any failure. If `source`
-    is given, it receives the file's own size and whether it was colour, so
-    callers can warn about images unlike the training ones.
+    is given, it receives the file's own size, whether it was colour and its
+    format, so callers can warn about images unlike the training ones and
+    measure their properties (properties.py).
     """
     try:
         with _open(path) as img, warnings.catch_warnings():
@@ -212,6 +217,7 @@ def decode_image(path: Path, prep: Preprocessing, source: dict[str, Any] | None 
             if source is not None:
                 source["size"] = img.size
                 source["colour"] = img.mode not in GREY_MODES
+                source["format"] = img.format or ""
             fast = None
             if img.format == "JPEG":
                 # Decode a big JPEG at a reduced DCT scale straight away (still >= the target size):

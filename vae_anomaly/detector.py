@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import artifact, budget, crossfit, inference
+from . import artifact, budget, checks, crossfit, inference
 from .batch_tests import BatchTest, run_batch_tests
 from .batching import DecodeOptions
 from .budget import FitPlan
@@ -33,6 +33,7 @@ from .decision import Decision, DecisionRule
 from .decoding import Preprocessing
 from .devices import ThreadShare, resolve_device, training_device
 from .distributed import current
+from .duplicates import NEAR_BITS, Fingerprints
 from .errors import ModelFileError, UsageError
 from .inference import HeatMaps, ImageInput, ScoreResult
 from .listing import FileListing
@@ -48,8 +49,9 @@ class Detector:
         self.config = config or FitConfig()
         self.models_: list[ConvVAE] = []  # K models: 1, or K cross-fitted ones
         self.calibration_folds_: np.ndarray = np.zeros(0, np.int64)  # fold (= model) of each calibration score
-        self.preprocessing_: Preprocessing | None = None
         self.calibration_: dict[str, np.ndarray] = {}
+        # Every training image's duplicate fingerprints (None for model files written before them).
+        self.training_fingerprints_: Fingerprints | None = None
         self.metadata_: dict[str, Any] = {}
         self.checksum_: str | None = None
         self.device_ = torch.device("cpu")
@@ -127,9 +129,21 @@ class Detector:
         self.calibration_ = inference.calibration_scores(
             models, images.pixels, folds, noise, device, world, images.bits
         )
+        self._calibrate_checks(images, np.concatenate(folds))
         self.metadata_["training"]["plan"] = {**fit_plan.to_dict(), "seconds": time.perf_counter() - started}
         self.checksum_ = None
         return self
+
+    def _calibrate_checks(self, images: crossfit.TrainingImages, order: np.ndarray) -> None:
+        """The property checks' calibration values (same images, same order as the scores), the format
+        shares, and every training image's name and duplicate fingerprints (checks.py, duplicates.py)."""
+        facts = images.facts
+        formats = [facts.formats[i] for i in order]
+        shares = checks.format_shares(formats)
+        calibrated = checks.values({k: v[order] for k, v in facts.properties.items()}, formats, shares)
+        self.calibration_.update({checks.key(name): v for name, v in calibrated.items()})
+        self.metadata_["checks"] = {"formats": shares, "near_bits": NEAR_BITS, "training_files": list(images.paths)}
+        self.training_fingerprints_ = facts.fingerprints
 
     # ---------------------------------------------------------------- state
     @property
@@ -220,8 +234,10 @@ class Detector:
         it, ignored = inference.batches(
             data, prep, batch_size, self.decode, bits=bits, on_warning=on_warning, threads=threads
         )
-        per_model, paths, errors, unlike = inference.score_all(self.models_, it, noise, self.device_, threads, on_batch)
-        return inference.results(per_model, paths, errors, unlike, counts, ignored)
+        per_model, paths, errors, unlike, facts = inference.score_all(
+            self.models_, it, noise, self.device_, threads, on_batch
+        )
+        return inference.results(per_model, paths, errors, unlike, counts, ignored, facts)
 
     def heatmap(
         self, data: ImageInput, *, score: str = "elbo", samples: int | None = None, batch_size: int = 256
@@ -298,6 +314,10 @@ class Detector:
         if len(folds) != n_cal:  # calibration scores set by hand: all from one model
             folds = np.zeros(n_cal, np.int64)
         cal[artifact.FOLD_KEY] = torch.from_numpy(np.asarray(folds, dtype=np.int64))
+        fp = self.training_fingerprints_
+        if fp is not None:  # uint64 stored bit for bit as int64 (torch has no uint64 tensors to save)
+            cal[artifact.TRAIN_EXACT_KEY] = torch.from_numpy(fp.exact.view(np.int64).copy())
+            cal[artifact.TRAIN_NEAR_KEY] = torch.from_numpy(fp.near.view(np.int64).copy())
         state = {
             f"{artifact.model_prefix(k)}{name}": t
             for k, m in enumerate(self.models_)
@@ -329,7 +349,16 @@ class Detector:
                 model = ConvVAE(vae_cfg)
                 model.load_state_dict(state, strict=True)
                 models.append(model)
-            cal = {k: v.double().numpy() for k, v in mf.calibration.items() if k != artifact.FOLD_KEY}
+            hashes = {k: mf.calibration.get(k) for k in (artifact.TRAIN_EXACT_KEY, artifact.TRAIN_NEAR_KEY)}
+            exact, near = hashes[artifact.TRAIN_EXACT_KEY], hashes[artifact.TRAIN_NEAR_KEY]
+            fingerprints = None
+            if exact is not None and near is not None:
+                fingerprints = Fingerprints(exact.numpy().view(np.uint64), near.numpy().view(np.uint64))
+                names = meta.get("checks", {}).get("training_files", [])
+                if len(names) != len(fingerprints.exact) or len(fingerprints.near) != len(names):
+                    raise ValueError(f"{len(names)} training file names for {len(fingerprints.exact)} fingerprints")
+            skip = {artifact.FOLD_KEY, *hashes}
+            cal = {k: v.double().numpy() for k, v in mf.calibration.items() if k not in skip}
             n_cal = len(next(iter(cal.values())))
             fold_t = mf.calibration.get(artifact.FOLD_KEY)
             folds = np.zeros(n_cal, np.int64) if fold_t is None else fold_t.long().numpy()
@@ -346,17 +375,25 @@ class Detector:
         det.models_ = [m.to(det.device_).eval() for m in models]
         det.preprocessing_, det.metadata_, det.checksum_ = prep, meta, mf.checksum
         det.calibration_, det.calibration_folds_ = cal, folds
+        det.training_fingerprints_ = fingerprints
         return det
 
     def info(self) -> dict[str, Any]:
         """What the model was trained on and how, for `vae-anomaly info`."""
         self._check_fitted()
+        meta = dict(self.metadata_)
+        if "checks" in meta:  # the training files' names are counted, not listed (100,000 of them)
+            meta["checks"] = {**meta["checks"], "training_files": len(meta["checks"].get("training_files", []))}
         return {
             "fingerprint": self.fingerprint,
-            **self.metadata_,
+            **meta,
             "models": self.n_models,
             "calibration": {
-                k: {"n": len(v), "samples": self.default_samples(k), "median": float(np.median(v)) if len(v) else None}
+                k: {
+                    "n": len(v),
+                    "samples": self.default_samples(k) if k in SCORE_SPECS else None,
+                    "median": float(np.median(v)) if len(v) else None,
+                }
                 for k, v in self.calibration_.items()
             },
         }

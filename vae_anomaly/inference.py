@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from .batching import DecodeOptions, ImageBatch, iter_batches
 from .decoding import Preprocessing, ReadError, Unlike, merge_unlike, png_bits, unlike_warnings
 from .devices import ThreadShare, to_device
 from .distributed import World
+from .duplicates import Fingerprints
 from .errors import ConfigError
 from .listing import FileListing, find_images, require_images
 from .model import ConvVAE
@@ -47,6 +48,26 @@ class ScoreResult:
     # Inputs unlike the training images, converted anyway. `warnings` says the same in words;
     # `vae-anomaly merge` adds up the shards' counts.
     unlike: Unlike = field(default_factory=dict)
+    # Each scored image's properties, file format and duplicate fingerprints (checks.py reads them).
+    facts: ImageFacts | None = None
+
+
+@dataclass
+class ImageFacts:
+    """What the checks read of each scored image, in the order of the scored paths."""
+
+    properties: dict[str, np.ndarray]  # properties.measure
+    formats: list[str]  # each file's format, "" for arrays
+    fingerprints: Fingerprints
+
+    @classmethod
+    def of(cls, batches: Sequence[ImageBatch]) -> ImageFacts:
+        keys = batches[0].properties if batches else {}
+        return cls(
+            {k: np.concatenate([b.properties[k] for b in batches]) for k in keys},
+            [s[3] for b in batches for s in b.sources],
+            Fingerprints.concat([b.fingerprints for b in batches]),
+        )
 
 
 @dataclass
@@ -104,13 +125,16 @@ def batches(
                 f"array images are {pixels.shape[1:]}, the model expects "
                 f"{(prep.channels, prep.size, prep.size)}; pass files to have them converted"
             )
+        # Arrays have no file: their size is the working size, their format "".
+        source = (prep.size, prep.size, prep.channels == 3, "")
         it = (
             ImageBatch(
                 [f"[{i + j}]" for j in range(len(chunk))],
                 chunk,
                 [],
                 bits=png_bits(chunk, prep.png_level) if bits else None,
-            )
+                sources=[source] * len(chunk),
+            ).measured()
             for i in range(0, len(pixels), batch_size)
             for chunk in [pixels[i : i + batch_size]]
         )
@@ -195,15 +219,18 @@ def score_all(
     device: torch.device,
     threads: ThreadShare,
     on_batch: Callable[[int, int], None] | None = None,
-) -> tuple[dict[str, np.ndarray], list[str], list[ReadError], Unlike]:
-    """(K, N) scores of every asked-for type, the scored paths, the unreadable files and the unlike counts."""
+) -> tuple[dict[str, np.ndarray], list[str], list[ReadError], Unlike, ImageFacts]:
+    """(K, N) scores of every asked-for type, the scored paths, the unreadable files, the unlike counts
+    and what the checks read of each image."""
     paths: list[str] = []
     parts: dict[str, list[np.ndarray]] = {name: [] for name in noise}
     errors: list[ReadError] = []
     unlike: list[Unlike] = []
+    measured: list[ImageBatch] = []
     with threads:
         for batch in batches:
             unlike.append(batch.unlike)
+            measured.append(replace(batch, pixels=batch.pixels[:0], bits=None))  # keep the facts, not the pixels
             if len(batch.pixels):
                 t0 = time.perf_counter()
                 x = to_device(torch.from_numpy(np.require(batch.pixels, requirements=["W"])), device)
@@ -217,7 +244,7 @@ def score_all(
                 on_batch(len(batch.paths), len(batch.errors))
     k = len(models)
     scores = {name: np.concatenate(p, axis=1) if p else np.zeros((k, 0)) for name, p in parts.items()}
-    return scores, paths, errors, merge_unlike(unlike)
+    return scores, paths, errors, merge_unlike(unlike), ImageFacts.of(measured)
 
 
 def results(
@@ -227,6 +254,7 @@ def results(
     unlike: Unlike,
     samples: Mapping[str, int],
     ignored: int,
+    facts: ImageFacts | None = None,
 ) -> dict[str, ScoreResult]:
     """One `ScoreResult` per score type from the (K, N) scores of `score_all`."""
     warnings = unlike_warnings(unlike)
@@ -243,6 +271,7 @@ def results(
             model_scores=per_model if k > 1 else None,
             warnings=list(warnings),
             unlike=dict(unlike),
+            facts=facts,
         )
     return out
 

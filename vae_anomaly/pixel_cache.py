@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import PIL
 
-from .decoding import Preprocessing
+from .decoding import Preprocessing, Source
 from .listing import display_path
 
-CACHE_FORMAT = 2  # 2: inode, ctime and a digest per row (format 1 folders are left alone)
+# 2: inode, ctime and a digest per row; 3: each file's format (older folders are left alone)
+CACHE_FORMAT = 3
 
 
 def default_cache_dir() -> Path:
@@ -41,7 +42,7 @@ FileKey = tuple[bytes, int, int, int, int]
 class CacheHit:
     row: int
     bits: float | None
-    source: tuple[int, int, bool]
+    source: Source
     digest: bytes  # of the file's key and the row's pixels, checked on every read
 
 
@@ -92,7 +93,7 @@ class PixelCache:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS files (path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
                 "ino INTEGER, ctime_ns INTEGER, row INTEGER, digest BLOB, bits REAL, width INTEGER, height INTEGER, "
-                "colour INTEGER)"
+                "colour INTEGER, format TEXT)"
             )
             self._db = db
         except (OSError, sqlite3.Error) as exc:
@@ -128,7 +129,7 @@ class PixelCache:
         try:
             marks = ",".join("?" * len(keys))
             rows = self._db.execute(
-                "SELECT path, size, mtime_ns, ino, ctime_ns, row, digest, bits, width, height, colour FROM files "
+                "SELECT path, size, mtime_ns, ino, ctime_ns, row, digest, bits, width, height, colour, format FROM files "
                 f"WHERE path IN ({marks})",
                 [k[0] for k in keys.values()],
             ).fetchall()
@@ -140,7 +141,7 @@ class PixelCache:
         for i, key in keys.items():
             r = found.get(key[0])
             if r is not None and tuple(r[:5]) == key and 0 <= r[5] < on_disk and isinstance(r[6], bytes):
-                hits[i] = CacheHit(int(r[5]), r[7], (int(r[8]), int(r[9]), bool(r[10])), r[6])
+                hits[i] = CacheHit(int(r[5]), r[7], (int(r[8]), int(r[9]), bool(r[10]), str(r[11] or "")), r[6])
         self.hits += len(hits)
         self.misses += len(files) - len(hits)
         return hits, keys
@@ -168,7 +169,7 @@ class PixelCache:
         keys: Sequence[FileKey],
         pixels: np.ndarray,
         bits: np.ndarray | None,
-        sources: Sequence[tuple[int, int, bool]],
+        sources: Sequence[Source],
     ) -> None:
         if self._db is None or not len(keys):
             return
@@ -183,10 +184,10 @@ class PixelCache:
                     f.write(np.ascontiguousarray(pixels).tobytes())
                     f.flush()
                     db.executemany(
-                        "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         [
-                            (*k, first + j, row_digest(k, pixels[j]), None if bits is None else float(bits[j]), w, h, c)
-                            for j, (k, (w, h, c)) in enumerate(zip(keys, sources, strict=True))
+                            (*k, first + j, row_digest(k, pixels[j]), None if bits is None else float(bits[j]), *source)
+                            for j, (k, source) in enumerate(zip(keys, sources, strict=True))
                         ],
                     )
                     db.execute("COMMIT")

@@ -1,0 +1,113 @@
+"""Calibrated property checks and the reasons a record gives: "darker than 99.6% of normal images".
+
+Each property of `properties.py` is tested like the model's score: its
+values on the calibration images (normal, never trained on) are kept in the
+model file, and a new image's value gets a conformal p-value against them,
+
+    p_low  = (1 + #{i : v_i <= v}) / (n + 1),   p_high = (1 + #{i : v_i >= v}) / (n + 1),
+
+one-sided where only one side is odd (`Property.tail`), else
+p = min(1, 2 min(p_low, p_high)). Under normal data each is uniform, so a
+property named atypical at p <= alpha is named on a normal image with
+probability at most alpha. The file format is categorical: its value is
+the share of calibration images in that format, tested on its lower side.
+
+A flagged record's reasons are every check at p <= the decision's cut-off,
+most atypical first; the model's own ("unlike the normal images to the
+model: score too high") is one of them, and when no check reaches the
+cut-off the most atypical one is named, so a flagged record always has one.
+No torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .calibration import p_values as conformal_p_values
+from .properties import BY_NAME, Property
+
+PREFIX = "property:"  # calibration entries of the properties in the model file: "property:brightness"
+MODEL_CHECK = "model"
+
+
+def key(name: str) -> str:
+    return PREFIX + name
+
+
+def format_shares(formats: Sequence[str]) -> dict[str, float]:
+    """Each file format's share of the calibration images."""
+    if not formats:
+        return {}
+    names, counts = np.unique(np.asarray(formats, dtype=object).astype(str), return_counts=True)
+    return {str(f): float(c) / len(formats) for f, c in zip(names, counts, strict=True)}
+
+
+def values(
+    properties: Mapping[str, np.ndarray], formats: Sequence[str], shares: Mapping[str, float]
+) -> dict[str, np.ndarray]:
+    """Every checked property of each image: the measured ones, and its format's share of the normal images."""
+    out = {name: np.asarray(v, dtype=np.float64) for name, v in properties.items()}
+    out["format"] = np.array([shares.get(f, 0.0) for f in formats], dtype=np.float64)
+    return out
+
+
+def p_value(prop: Property, calibration: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The conformal p-value of each value against the calibration values, on the property's side(s)."""
+    if prop.tail == "lower":
+        return conformal_p_values(-np.asarray(calibration), -np.asarray(v), "upper")
+    return conformal_p_values(calibration, v, "upper" if prop.tail == "upper" else "two-sided")
+
+
+@dataclass(frozen=True)
+class Reason:
+    """One check that found an image atypical: the check, its value, its p-value, and the words."""
+
+    check: str
+    value: float | None
+    p_value: float
+    text: str
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _number(prop: Property, v: float) -> str:
+    return f"{v:,.{prop.digits}f}{prop.unit}"
+
+
+def describe(
+    prop: Property, calibration: np.ndarray, v: float, fmt: str = "", shares: Mapping[str, float] | None = None
+) -> str:
+    """A check's finding in words: which side, beyond what share of normal images, against what range."""
+    cal = np.asarray(calibration, dtype=np.float64)
+    if prop.name == "format":
+        normal = ", ".join(f"{f or 'arrays'} {s * 100:.3g}%" for f, s in sorted((shares or {}).items()))
+        return f"a {fmt or 'non-file'} image, a format {v * 100:.3g}% of normal images have (normal: {normal})"
+    below = float(np.mean(cal > v)) if len(cal) else 0.0
+    above = float(np.mean(cal < v)) if len(cal) else 0.0
+    low_side = prop.tail == "lower" or (prop.tail == "two-sided" and below >= above)
+    words, share = (prop.low, below) if low_side else (prop.high, above)
+    lo, hi = np.percentile(cal, [5, 95]) if len(cal) else (v, v)
+    return (
+        f"{words} than {share * 100:.1f}% of normal images: {prop.what} {_number(prop, v)} "
+        f"against {_number(prop, float(lo))}-{_number(prop, float(hi))}"
+    )
+
+
+def property_p_values(
+    calibration: Mapping[str, np.ndarray], checked: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Each property's p-values for the images, for the properties the model file calibrated."""
+    return {
+        name: p_value(BY_NAME[name], calibration[key(name)], v)
+        for name, v in checked.items()
+        if name in BY_NAME and key(name) in calibration
+    }
+
+
+def model_reason(score: float, p: float, median: float) -> Reason:
+    side = "too high" if score >= median else "too low"
+    return Reason(MODEL_CHECK, score, p, f"unlike the normal images to the model: score {side}")

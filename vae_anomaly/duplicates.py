@@ -1,0 +1,167 @@
+"""Exact and near duplicates, within a batch and against the training images (train/test leakage).
+
+Each image gets two 64-bit fingerprints where it is decoded:
+
+- exact: BLAKE2b of the file's own width and height and its decoded pixels
+  at the working size; equal for byte-identical files and for lossless
+  re-encodings of one picture.
+- near: the perceptual hash of `imagehash.phash` (the 8x8 lowest DCT
+  frequencies of a 32x32 grey version, each above or below their median),
+  computed from the working-size pixels. Two images are near duplicates when
+  their hashes differ in at most `NEAR_BITS` of 64 bits (Hamming distance),
+  a bound measured by benchmarks/quality_checks.py: re-encoded, resized and
+  slightly brightened copies fall within it, distinct images do not.
+
+The model file keeps the training images' fingerprints and names, never
+their pixels. Comparisons are vectorised: XOR and a popcount
+(`np.bitwise_count`) of one block of new images against every stored hash,
+so 100,000 training images cost milliseconds per batch, not a Python loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import imagehash
+import numpy as np
+from PIL import Image
+
+from .decoding import Source
+
+# Hamming distance (of 64 bits) up to which two perceptual hashes are the same picture. Measured on
+# benchmarks/quality_checks.py (README, "Duplicates").
+NEAR_BITS = 8
+_BLOCK = 2**22  # hash pairs compared at once (32 MB of uint64)
+
+
+@dataclass(frozen=True)
+class Fingerprints:
+    """The exact and near fingerprints of a run of images, as uint64 arrays (N,)."""
+
+    exact: np.ndarray
+    near: np.ndarray
+
+    @classmethod
+    def empty(cls) -> Fingerprints:
+        return cls(np.zeros(0, np.uint64), np.zeros(0, np.uint64))
+
+    @classmethod
+    def concat(cls, parts: Sequence[Fingerprints]) -> Fingerprints:
+        if not parts:
+            return cls.empty()
+        return cls(np.concatenate([p.exact for p in parts]), np.concatenate([p.near for p in parts]))
+
+
+def fingerprints(pixels: np.ndarray, sources: Sequence[Source]) -> Fingerprints:
+    """Both fingerprints of each uint8 (C, H, W) image of a batch at the working size."""
+    exact = np.empty(len(pixels), np.uint64)
+    near = np.empty(len(pixels), np.uint64)
+    for i, img in enumerate(pixels):
+        h = hashlib.blake2b(digest_size=8)
+        h.update(np.array(sources[i][:2], dtype="<i8").tobytes())
+        h.update(np.ascontiguousarray(img).tobytes())
+        exact[i] = np.frombuffer(h.digest(), dtype="<u8")[0]
+        arr = img[0] if img.shape[0] == 1 else np.ascontiguousarray(img.transpose(1, 2, 0))
+        bits = imagehash.phash(Image.fromarray(arr)).hash.ravel()
+        near[i] = np.frombuffer(np.packbits(bits).tobytes(), dtype=">u8")[0]
+    return Fingerprints(exact, near)
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Bits that differ between each hash of `a` (m,) and each of `b` (n,): (m, n)."""
+    out: np.ndarray = np.bitwise_count(np.bitwise_xor.outer(a, b)).astype(np.int64)
+    return out
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """The earlier image a scored one copies: its name, `exact` or `near`, and where it is."""
+
+    of: str
+    kind: str  # "exact" or "near"
+    training: bool  # a training image (leakage) rather than an earlier image of the batch
+    distance: int  # Hamming distance of the perceptual hashes (0 for exact)
+
+
+@dataclass
+class DuplicateFinder:
+    """Finds, for each scored image, a training image or an earlier image of the run it copies.
+
+    Training images come first (a leak is the worse finding); within the
+    run, the earliest copy in input order is named, so the first of a group
+    of copies is never itself a duplicate.
+    """
+
+    training: Fingerprints
+    training_names: list[str]
+    near_bits: int = NEAR_BITS
+    _exact_seen: dict[int, str] = field(default_factory=dict, init=False)
+    _near_seen: list[np.ndarray] = field(default_factory=list, init=False)
+    _names_seen: list[str] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        if len(self.training_names) != len(self.training.exact):
+            raise ValueError(f"{len(self.training_names)} names for {len(self.training.exact)} training fingerprints")
+        order = np.argsort(self.training.exact, kind="stable")
+        self._train_exact_sorted = self.training.exact[order]
+        self._train_exact_order = order
+
+    def find(self, fp: Fingerprints, names: Sequence[str]) -> list[Duplicate | None]:
+        """Each image's duplicate, or None; then the images join the run's seen set."""
+        out: list[Duplicate | None] = [None] * len(names)
+        # Exact against training: a sorted search.
+        pos = np.searchsorted(self._train_exact_sorted, fp.exact)
+        pos = np.minimum(pos, max(len(self._train_exact_sorted) - 1, 0))
+        if len(self._train_exact_sorted):
+            hit = self._train_exact_sorted[pos] == fp.exact
+            for i in np.nonzero(hit)[0].tolist():
+                out[i] = Duplicate(self.training_names[int(self._train_exact_order[pos[i]])], "exact", True, 0)
+        todo = [i for i in range(len(names)) if out[i] is None]
+        if todo and len(self.training.near):
+            dist, idx = _nearest(fp.near[todo], [self.training.near])
+            for i, d, j in zip(todo, dist.tolist(), idx.tolist(), strict=True):
+                if d <= self.near_bits:
+                    out[i] = Duplicate(self.training_names[j], "near", True, int(d))
+        # Within the run: earlier batches, then earlier images of this batch.
+        for i, name in enumerate(names):
+            key = int(fp.exact[i])
+            if out[i] is None and key in self._exact_seen:
+                out[i] = Duplicate(self._exact_seen[key], "exact", False, 0)
+        todo = [i for i in range(len(names)) if out[i] is None]
+        if todo:
+            earlier = self._near_seen
+            dist, idx = _nearest(fp.near[todo], earlier) if earlier else (np.full(len(todo), 65), np.zeros(0, int))
+            within = hamming(fp.near[todo], fp.near) if len(todo) else np.zeros((0, 0))
+            for row, i in enumerate(todo):
+                best, who = (int(dist[row]), self._names_seen[int(idx[row])]) if earlier else (65, "")
+                prior = within[row, :i]
+                if len(prior) and int(prior.min()) < best:
+                    j = int(np.argmin(prior))
+                    best, who = int(prior[j]), names[j]
+                if best <= self.near_bits:
+                    out[i] = Duplicate(who, "near", False, best)
+        for i, name in enumerate(names):
+            self._exact_seen.setdefault(int(fp.exact[i]), name)
+        self._near_seen.append(fp.near.copy())
+        self._names_seen += list(names)
+        return out
+
+
+def _nearest(queries: np.ndarray, stores: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The smallest Hamming distance of each query to the stored hashes (several arrays, in order),
+    and the index of the first hash at that distance in their concatenation."""
+    best = np.full(len(queries), 65, np.int64)
+    where = np.zeros(len(queries), np.int64)
+    offset = 0
+    for store in stores:
+        step = max(1, _BLOCK // max(len(queries), 1))
+        for start in range(0, len(store), step):
+            block = hamming(queries, store[start : start + step])
+            j = np.argmin(block, axis=1)
+            d = block[np.arange(len(queries)), j]
+            better = d < best
+            best[better], where[better] = d[better], offset + start + j[better]
+        offset += len(store)
+    return best, where
