@@ -125,7 +125,7 @@ class DuplicateFinder:
                 if d <= self.near_bits:
                     out[i] = Duplicate(self.training_names[j], "near", True, int(d))
         # Within the run: earlier batches, then earlier images of this batch.
-        for i, name in enumerate(names):
+        for i in range(len(names)):
             key = int(fp.exact[i])
             if out[i] is None and key in self._exact_seen:
                 out[i] = Duplicate(self._exact_seen[key], "exact", False, 0)

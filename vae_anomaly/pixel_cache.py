@@ -129,8 +129,8 @@ class PixelCache:
         try:
             marks = ",".join("?" * len(keys))
             rows = self._db.execute(
-                "SELECT path, size, mtime_ns, ino, ctime_ns, row, digest, bits, width, height, colour, format FROM files "
-                f"WHERE path IN ({marks})",
+                "SELECT path, size, mtime_ns, ino, ctime_ns, row, digest, bits, width, height, colour, format "
+                f"FROM files WHERE path IN ({marks})",
                 [k[0] for k in keys.values()],
             ).fetchall()
             on_disk = self._data.stat().st_size // self.row_bytes
