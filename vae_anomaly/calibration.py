@@ -21,6 +21,17 @@ from .tail_model import TailModel, at_floor, covers, fit_tail, refine
 
 Tail = Literal["two-sided", "upper"]
 TAILS: tuple[str, ...] = ("two-sided", "upper")
+# One tail for every statistic of a test, or one per statistic (the score's, then the guard's and the
+# property checks', which are always two-sided).
+Tails = str | Sequence[str]
+
+
+def tails_of(tail: Tails, n_stats: int) -> list[str]:
+    """Each statistic's tail; one string applies to all."""
+    out = [tail] * n_stats if isinstance(tail, str) else list(tail)
+    if len(out) != n_stats or any(t not in TAILS for t in out):
+        raise ConfigError(f"tails must be {n_stats} of {', '.join(TAILS)}, got {tail!r}")
+    return out
 
 
 def p_values(calibration: np.ndarray, scores: np.ndarray, tail: str = "two-sided") -> np.ndarray:
@@ -123,20 +134,24 @@ def deviation(scores: np.ndarray, quartiles: np.ndarray, tail: str) -> np.ndarra
     return np.where(s >= m, up, (m - s) / np.maximum(m - q1, tiny))
 
 
-def deviations(calibration: np.ndarray, values: np.ndarray, tail: str) -> np.ndarray:
+def deviations(calibration: np.ndarray, values: np.ndarray, tail: Tails) -> np.ndarray:
     """Each image's largest deviation over the J statistics, quartiles from its bag: (m,) from (J, m)."""
     cal = np.atleast_2d(np.asarray(calibration, dtype=np.float64))
     x = np.atleast_2d(np.asarray(values, dtype=np.float64))
-    d: np.ndarray = np.max([deviation(x[j], bag_quantiles(cal[j], x[j]), tail) for j in range(len(cal))], axis=0)
+    tails = tails_of(tail, len(cal))
+    d: np.ndarray = np.max([deviation(x[j], bag_quantiles(cal[j], x[j]), tails[j]) for j in range(len(cal))], axis=0)
     return d
 
 
 def _ranks(cal: np.ndarray, values: np.ndarray, tail: str) -> np.ndarray:
-    """How many calibration scores are at least as extreme as each value, per side: (sides, len(values))."""
+    """How many calibration scores are at least as extreme as each value, per side: (2, len(values)).
+
+    An upper-tailed statistic has no lower side: its second row is n + 1, more than any rank.
+    """
     srt = np.sort(cal)
     up = len(srt) - np.searchsorted(srt, values, side="left")  # #{s_i >= v}
     if tail == "upper":
-        return up[None]
+        return np.stack([up, np.full_like(up, len(srt) + 1)])
     return np.stack([up, np.searchsorted(srt, values, side="right")])  # and #{s_i <= v}
 
 
@@ -159,7 +174,7 @@ def typicality_p_values(
     calibration: np.ndarray,
     folds: np.ndarray,
     model_scores: np.ndarray,
-    tail: str = "two-sided",
+    tail: Tails = "two-sided",
 ) -> np.ndarray:
     """The p-values of `_typicality` (see there)."""
     return _typicality(calibration, folds, model_scores, tail)[0]
@@ -169,7 +184,7 @@ def _typicality(
     calibration: np.ndarray,
     folds: np.ndarray,
     model_scores: np.ndarray,
-    tail: str = "two-sided",
+    tail: Tails = "two-sided",
 ) -> tuple[np.ndarray, np.ndarray]:
     """One conformal p-value per image for J statistics taken together (the score and its guard).
 
@@ -190,14 +205,14 @@ def _typicality(
     Vovk 2015), ranks and quartiles taken over all n.
 
     calibration: (J, n) held-out scores; folds: (n,) the model of each;
-    model_scores: (K, J, m) the new images' scores under each model. Returns the p-values (m,)
-    and each new image's deviation d under each model (K, m), which the tail model reads.
+    model_scores: (K, J, m) the new images' scores under each model; tail: one for all statistics
+    or one each. Returns the p-values (m,) and each new image's deviation d under each model (K, m),
+    which the tail model reads.
     """
-    if tail not in TAILS:
-        raise ConfigError(f"tail must be one of {', '.join(TAILS)}, got {tail!r}")
     cal = np.atleast_2d(np.asarray(calibration, dtype=np.float64))
     scores = np.asarray(model_scores, dtype=np.float64)
     n_stats, n = cal.shape
+    tails = tails_of(tail, n_stats)
     m = scores.shape[-1]
     if n == 0:
         raise CalibrationError("no calibration scores: the model file holds none for this score")
@@ -210,7 +225,7 @@ def _typicality(
     # r(b) + 1: members with r(b) <= rho(x) - 2 are all ahead of x, those with r(b) > rho(x) never, and
     # only the few with r(b) in {rho(x) - 1, rho(x)} need x's own comparison. O((n + m) log n) in all,
     # instead of comparing every new image with every member.
-    own = np.stack([_ranks(c, c, tail) for c in cal])
+    own = np.stack([_ranks(c, c, t) for c, t in zip(cal, tails, strict=True)])
     r = own.min(axis=(0, 1))
     quartiles = [bag_quantiles(cal[j], scores[:, j].ravel()).reshape(*scores[:, j].shape, 3) for j in range(n_stats)]
     count = np.zeros(m)
@@ -220,8 +235,8 @@ def _typicality(
         members = members[np.argsort(r[members], kind="stable")]
         r_sorted = r[members]
         x = scores[k]  # (J, m)
-        rho_x = np.min([_ranks(cal[j], x[j], tail) for j in range(n_stats)], axis=(0, 1)) + 1
-        d_x = np.max([deviation(x[j], quartiles[j][k], tail) for j in range(n_stats)], axis=0)
+        rho_x = np.min([_ranks(cal[j], x[j], tails[j]) for j in range(n_stats)], axis=(0, 1)) + 1
+        d_x = np.max([deviation(x[j], quartiles[j][k], tails[j]) for j in range(n_stats)], axis=0)
         d_new[k] = d_x
         count += np.searchsorted(r_sorted, rho_x - 2, side="right")
         lo = np.searchsorted(r_sorted, rho_x - 1, side="left")
@@ -235,7 +250,7 @@ def _typicality(
                 pushed = (xj >= c, xj <= c)
                 for side in range(own.shape[1]):
                     stays |= (own[j, side, b] == rb) & ~pushed[side]
-                d_b = np.maximum(d_b, deviation(c, quartiles[j][k][i], tail))
+                d_b = np.maximum(d_b, deviation(c, quartiles[j][k][i], tails[j]))
             rho_b = rb + ~stays
             ahead = (rho_b < rho_x[i]) | ((rho_b == rho_x[i]) & (d_b >= d_x[i]))
             count += np.bincount(i, weights=ahead, minlength=m)
@@ -292,7 +307,7 @@ class Calibration:
     folds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     models: int = 1
     # Tail models fitted so far, by (statistics, tail): a decision asks twice (p-values, guarantee).
-    _tails: dict[tuple[tuple[str, ...], str], TailModel | None] = field(
+    _tails: dict[tuple[tuple[str, ...], tuple[str, ...]], TailModel | None] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -310,9 +325,9 @@ class Calibration:
         """The (J, n) calibration scores of the statistics `names`, in that order."""
         return np.stack([np.asarray(self.of(name), dtype=np.float64) for name in names])
 
-    def tail_model(self, names: Sequence[str], tail: str = "two-sided") -> TailModel | None:
+    def tail_model(self, names: Sequence[str], tail: Tails = "two-sided") -> TailModel | None:
         """The tail model (`tail_model.fit_tail`) of the calibration images' deviations, where n is in its range."""
-        key = (tuple(names), tail)
+        key = (tuple(names), tuple(tails_of(tail, len(names))))
         if key not in self._tails:
             cal = self.stacked(names)
             self._tails[key] = fit_tail(deviations(cal, cal, tail)) if covers(cal.shape[1]) else None
@@ -323,7 +338,7 @@ class Calibration:
         names: Sequence[str],
         scores: Sequence[np.ndarray],
         model_scores: Sequence[np.ndarray | None],
-        tail: str = "two-sided",
+        tail: Tails = "two-sided",
         *,
         exact: bool = False,
     ) -> np.ndarray:

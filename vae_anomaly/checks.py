@@ -108,6 +108,40 @@ def property_p_values(
     }
 
 
-def model_reason(score: float, p: float, median: float) -> Reason:
-    side = "too high" if score >= median else "too low"
-    return Reason(MODEL_CHECK, score, p, f"unlike the normal images to the model: score {side}")
+def explain(
+    which: Sequence[int],
+    cutoff: float,
+    model: Mapping[str, tuple[np.ndarray, np.ndarray, str]],
+    calibration: Mapping[str, np.ndarray],
+    checked: Mapping[str, np.ndarray],
+    formats: Sequence[str],
+    shares: Mapping[str, float],
+) -> list[list[Reason]]:
+    """The reasons of the images `which`: every check at p <= `cutoff`, most atypical first, else the
+    most atypical check alone, so that each has at least one.
+
+    `model` maps the model's statistics (the score, the guard) to (their values, their calibration
+    values, their tail); they make one reason, "unlike the normal images to the model", at the
+    smaller of their own p-values. `checked` are the property values (`values`).
+    """
+    own = {name: conformal_p_values(cal, v, tail) for name, (v, cal, tail) in model.items()}
+    props = property_p_values(calibration, checked)
+    out: list[list[Reason]] = []
+    for i in which:
+        found: list[Reason] = []
+        if own:
+            name = min(own, key=lambda n: float(own[n][i]))
+            scores, cal, _ = model[name]
+            side = "too high" if scores[i] >= np.median(cal) else "too low"
+            what = "score" if name == next(iter(model)) else f"{name} (the guard)"
+            text = f"unlike the normal images to the model: {what} {side}"
+            found.append(Reason(MODEL_CHECK, float(scores[i]), float(own[name][i]), text))
+        for name, p in props.items():
+            prop = BY_NAME[name]
+            value = float(checked[name][i])
+            text = describe(prop, calibration[key(name)], value, formats[i] if i < len(formats) else "", shares)
+            found.append(Reason(name, value, float(p[i]), text))
+        found.sort(key=lambda r: r.p_value)
+        kept = [r for r in found if r.p_value <= cutoff + 1e-12]
+        out.append(kept or found[:1])
+    return out

@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 
 from .errors import OutputError
 from .gate import GateCheck
-from .report import Report
+from .report import Report, reasons_text
 
 
 def _gate_line(c: GateCheck) -> str:
@@ -27,6 +27,11 @@ def verdict_lines(report: Report) -> list[str]:
         f"rule: {s.rule}",
         f"guarantee: {s.guarantee}",
     ]
+    if s.duplicates or s.leaks:
+        lines.append(
+            f"duplicates: {s.leaks} cop{'y' if s.leaks == 1 else 'ies'} of training images (leaks), "
+            f"{s.duplicates} of earlier images of the batch"
+        )
     if s.smallest_p_value is not None:
         models = f"{s.models} cross-fitted models, " if s.models > 1 else ""
         lines.append(
@@ -83,8 +88,11 @@ def to_junit(report: Report) -> str:
             error = xml_text(r.error)
             ET.SubElement(case, "failure", type="unreadable", message=f"unreadable: {error}").text = error
         elif r.flagged:
-            msg = f"anomaly: score {r.score:.6g}, p-value {r.p_value:.4g}, rank {r.rank}"
+            why = xml_text(reasons_text(r))
+            msg = f"anomaly: {why}; score {r.score:.6g}, p-value {r.p_value:.4g}, rank {r.rank}"
             ET.SubElement(case, "failure", type="anomaly", message=msg).text = f"{msg}\nrule: {xml_text(s.rule)}"
+        elif r.duplicate_of is not None:
+            ET.SubElement(case, "system-out").text = xml_text(reasons_text(r))
     ET.indent(root)
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
 
@@ -100,24 +108,31 @@ def github_escape_property(text: str) -> str:
 
 
 def github_annotations(report: Report, limit: int = 50) -> list[str]:
-    """`::warning file=PATH,title=...::message` lines for flagged and unreadable files.
+    """`::warning file=PATH,title=...::message` lines for flagged, unreadable and duplicated files.
 
     GitHub shows at most 10 warnings a step inline, so more than `limit` are
     summed up in one last line rather than flooding the log.
     """
     lines = []
-    bad = [r for r in report.records if r.flagged or r.error]
+    bad = [r for r in report.records if r.flagged or r.error or r.duplicate_of is not None]
     for r in bad[:limit]:
         if r.error is not None:
             title, msg = "unreadable image", f"{r.path}: {r.error}"
+        elif r.flagged:
+            title = "anomalous image"
+            msg = f"{r.path}: {reasons_text(r)}; score {r.score:.6g}, p-value {r.p_value:.4g} (rank {r.rank})"
         else:
-            title, msg = "anomalous image", f"{r.path}: score {r.score:.6g}, p-value {r.p_value:.4g} (rank {r.rank})"
+            title = "training image in the batch" if r.leak else "duplicate image"
+            msg = f"{r.path}: {reasons_text(r)}"
         lines.append(
             f"::warning file={github_escape_property(r.path)},title={github_escape_property(title)}"
             f"::{github_escape_data(msg)}"
         )
     if len(bad) > limit:
-        lines.append(f"::warning title=vae-anomaly::{len(bad) - limit} more flagged or unreadable images (see report)")
+        lines.append(
+            f"::warning title=vae-anomaly::{len(bad) - limit} more flagged, unreadable or duplicated images "
+            "(see report)"
+        )
     return lines
 
 
@@ -136,8 +151,8 @@ def github_summary(report: Report, top: int = 20) -> str:
     lines = [
         f"### vae-anomaly: {head} (exit code {s.exit_code})",
         "",
-        f"{s.flagged} of {s.scored} scored images flagged, {s.unreadable} unreadable. "
-        f"Rule: {_md(s.rule)}. {_md(s.guarantee)}",
+        f"{s.flagged} of {s.scored} scored images flagged, {s.unreadable} unreadable, {s.leaks} copies of "
+        f"training images, {s.duplicates} duplicates within the batch. Rule: {_md(s.rule)}. {_md(s.guarantee)}",
         "",
     ]
     if s.gate:
@@ -147,14 +162,15 @@ def github_summary(report: Report, top: int = 20) -> str:
             for c in s.gate
         ]
         lines.append("")
-    bad = [r for r in report.records if r.flagged or r.error]
+    bad = [r for r in report.records if r.flagged or r.error or r.duplicate_of is not None]
     if bad:
-        lines += ["| # | image | score | p-value | |", "| --- | --- | --- | --- | --- |"]
+        lines += ["| # | image | score | p-value | why |", "| --- | --- | --- | --- | --- |"]
         for r in bad[:top]:
             if r.error is not None:
                 lines.append(f"| | {_md(r.path)} | | | unreadable: {_md(r.error)} |")
             else:
-                lines.append(f"| {r.rank} | {_md(r.path)} | {r.score:.4g} | {r.p_value:.4g} | anomaly |")
+                why = ("anomaly: " if r.flagged else "") + reasons_text(r)
+                lines.append(f"| {r.rank} | {_md(r.path)} | {r.score:.4g} | {r.p_value:.4g} | {_md(why)} |")
         if len(bad) > top:
             lines.append(f"\n{len(bad) - top} more in the JSON or JUnit report.")
         lines.append("")

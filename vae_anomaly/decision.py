@@ -14,13 +14,14 @@ all come from it (`thresholds.py` holds what it flags at). No torch.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .calibration import TAILS, Calibration, calibration_needed, smallest_p_value
+from .checks import PREFIX
 from .config import DEFAULT_GUARD, DEFAULT_SCORE, GUARDS, SCORE_NAMES, check_choice, check_float
 from .errors import CalibrationError, ConfigError
 from .tail_model import TailModel, covers
@@ -107,6 +108,9 @@ class DecisionRule:
     # Below the smallest reachable p-value, flag at that floor (the default; the rate that holds is
     # stated) or, strict, flag nothing at the level asked for (`--strict-fpr`).
     strict: bool = False
+    # The image-property checks (checks.py) join the one test, two-sided, where the model file
+    # calibrated them; measured to help (README, "Checks"). False: the model's statistics alone.
+    checks: bool = True
     statistics: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -124,9 +128,24 @@ class DecisionRule:
         check_float("fdr", self.fdr, 0, 1, lo_open=True, hi_open=True, none=True)
         if not isinstance(self.strict, bool):
             raise ConfigError(f"strict must be True or False, got {self.strict!r}")
+        if not isinstance(self.checks, bool):
+            raise ConfigError(f"checks must be True or False, got {self.checks!r}")
         guard = None if self.guard in (None, self.score) else self.guard
         object.__setattr__(self, "guard", guard)
         object.__setattr__(self, "statistics", (self.score,) if guard is None else (self.score, guard))
+
+    def statistics_in(self, calibration: Calibration) -> tuple[str, ...]:
+        """The statistics of the one test: the score, the guard and, with checks, every property the
+        model file calibrated (older files have none)."""
+        if not self.checks:
+            return self.statistics
+        return self.statistics + tuple(k for k in calibration.scores if k.startswith(PREFIX))
+
+    def tails_for(self, n_statistics: int) -> tuple[str, ...]:
+        """The tail of each of the test's statistics: the rule's for the score and the guard, two-sided
+        for the checks (too dark and too bright are both odd)."""
+        n = len(self.statistics)
+        return (self.tail,) * n + ("two-sided",) * (n_statistics - n)
 
     @property
     def level(self) -> float:
@@ -158,38 +177,49 @@ class DecisionRule:
         model_scores: np.ndarray | None = None,
         guard_scores: np.ndarray | None = None,
         guard_model_scores: np.ndarray | None = None,
+        checked: Mapping[str, np.ndarray] | None = None,
     ) -> np.ndarray:
         """The rule's p-value of each image: one conformal test of the score and, with a guard, the
-        guard together (`typicality_p_values`). `score`, `Detector.p_values` and `merge` (which
+        guard together, and with checks every calibrated property (`checked`: name -> values, see
+        `checks.values`) (`typicality_p_values`). `score`, `Detector.p_values` and `merge` (which
         recomputes every shard's p-values) all call this one."""
-        if self.guard is None:
-            return calibration.p_values([self.score], [scores], [model_scores], self.tail, exact=self.strict)
-        if guard_scores is None:
-            raise ConfigError(f"the rule has the guard {self.guard!r}, but no guard scores were given")
-        return calibration.p_values(
-            [self.score, self.guard],
-            [scores, guard_scores],
-            [model_scores, guard_model_scores],
-            self.tail,
-            exact=self.strict,
-        )
+        values: list[np.ndarray] = [scores]
+        per_model: list[np.ndarray | None] = [model_scores]
+        if self.guard is not None:
+            if guard_scores is None:
+                raise ConfigError(f"the rule has the guard {self.guard!r}, but no guard scores were given")
+            values.append(guard_scores)
+            per_model.append(guard_model_scores)
+        stats = self.statistics_in(calibration)
+        for name in stats[len(self.statistics) :]:
+            check = name[len(PREFIX) :]
+            if checked is None or check not in checked:
+                raise ConfigError(
+                    f"the rule tests the image property {check!r} with the model, but no such values were given; "
+                    "score files through Detector.score, or decide with checks=False (--no-checks)"
+                )
+            v = np.asarray(checked[check], dtype=np.float64)
+            values.append(v)
+            per_model.append(None if calibration.models == 1 else np.repeat(v[None], calibration.models, axis=0))
+        return calibration.p_values(stats, values, per_model, self.tails_for(len(stats)), exact=self.strict)
 
     def threshold_for(
         self, p: np.ndarray, calibration: np.ndarray, models: int = 1, tail_model: TailModel | None = None
     ) -> Threshold:
         """The rule as applied to a batch with these p-values: cut-off and, where they exist, score bounds.
 
-        `calibration` is (J, n), as `Calibration.stacked(self.statistics)` gives; `tail_model` is the
-        one the p-values used."""
+        `calibration` is (J, n), as `Calibration.stacked(self.statistics_in(...))` gives; `tail_model` is
+        the one the p-values used."""
         if self.threshold != "auto":
             return score_threshold(float(self.threshold))
         calibration = np.atleast_2d(calibration)
+        tails = self.tails_for(len(calibration))
         level = self.applied(calibration.shape[1])
         requested = None if level == self.level else self.level
         if self.fdr is not None:
-            rule = fdr_threshold(calibration, p, level, self.tail, models=models, guard=self.guard)
+            rule = fdr_threshold(calibration, p, level, tails, models=models, guard=self.guard)
         else:
-            rule = auto_threshold(calibration, level, self.tail)
+            rule = auto_threshold(calibration, level, tails)
         floor = self.floor(calibration.shape[1])
         cutoff = rule.p_cutoff
         if tail_model is not None and cutoff is not None and cutoff < floor:
@@ -199,7 +229,8 @@ class DecisionRule:
                 rule = replace(rule, low=low, high=high)
         if models > 1:
             rule = replace(rule, low=None, high=None, models=models)
-        return replace(rule, guard=self.guard, requested=requested)
+        checks = len(calibration) - len(self.statistics)
+        return replace(rule, guard=self.guard, requested=requested, checks=checks)
 
     def unreachable(self, n_calibration: int, models: int = 1) -> str | None:
         """The warning when n calibration scores cannot reach the level asked for, else None."""
@@ -232,18 +263,28 @@ class DecisionRule:
         self, scores: np.ndarray, p: np.ndarray, calibration: Calibration, warnings: Sequence[str] = ()
     ) -> Decision:
         """The rule applied to a batch, from its scores and the rule's p-values (`p_values`)."""
-        cal = calibration.stacked(self.statistics)
+        stats = self.statistics_in(calibration)
+        cal = calibration.stacked(stats)
         n = cal.shape[1]
         threshold = self.threshold_for(p, cal, calibration.models)
         if not self.strict and threshold.p_cutoff is not None and threshold.p_cutoff < self.floor(n):
             # Below the floor the tail model decides; fitted only then (SciPy's import alone costs ~0.5 s).
-            tail_model = calibration.tail_model(self.statistics, self.tail)
+            tail_model = calibration.tail_model(stats, self.tails_for(len(stats)))
             threshold = self.threshold_for(p, cal, calibration.models, tail_model)
         flags = flag(scores, p, threshold)
         return Decision(p, flags, threshold, n, list(warnings), self.floor(n), guarantee(threshold, n))
 
-    def decide(self, calibration: Calibration, result: ScoreResult, calibrated_samples: int) -> Decision:
-        """Conformal p-values of a scored batch against the calibration scores, and its flags."""
+    def decide(
+        self,
+        calibration: Calibration,
+        result: ScoreResult,
+        calibrated_samples: int,
+        checked: Mapping[str, np.ndarray] | None = None,
+    ) -> Decision:
+        """Conformal p-values of a scored batch against the calibration scores, and its flags.
+
+        `checked` are the images' property values (`checks.values`), which the one test takes in
+        where the rule has checks and the model file calibrated them."""
         if result.score != self.score:
             raise ConfigError(f"the rule decides on {self.score!r} scores, but {result.score!r} scores were given")
         for name in self.statistics:
@@ -268,6 +309,7 @@ class DecisionRule:
             result.model_scores,
             None if guard is None else guard.scores,
             None if guard is None else guard.model_scores,
+            checked,
         )
         warning = self.unreachable(len(calibration.of(self.score)), calibration.models)
         warnings += [warning] if warning else []
@@ -283,6 +325,7 @@ class DecisionRule:
             "fpr": self.fpr,
             "fdr": self.fdr,
             "strict_fpr": self.strict,
+            "checks": self.checks,
         }
 
     @classmethod
@@ -296,4 +339,5 @@ class DecisionRule:
             fpr=options["fpr"],
             fdr=options.get("fdr"),
             strict=bool(options.get("strict_fpr", False)),
+            checks=bool(options.get("checks", False)),  # shards written before the checks had none
         )

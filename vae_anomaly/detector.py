@@ -28,18 +28,21 @@ from .batch_tests import BatchTest, run_batch_tests
 from .batching import DecodeOptions
 from .budget import FitPlan
 from .calibration import Calibration
+from .checks import Reason
 from .config import DEFAULT_GUARD, DEFAULT_SCORE, SCORE_NAMES, SCORE_SPECS, FitConfig, TrainConfig, check_choice
 from .decision import Decision, DecisionRule
 from .decoding import Preprocessing
 from .devices import ThreadShare, resolve_device, training_device
 from .distributed import current
-from .duplicates import NEAR_BITS, Fingerprints
+from .duplicates import NEAR_BITS, Duplicate, DuplicateFinder, Fingerprints
 from .errors import ModelFileError, UsageError
 from .inference import HeatMaps, ImageInput, ScoreResult
 from .listing import FileListing
 from .model import ConvVAE, VAEConfig
 from .scores import latent_noise
 from .train import EpochStats
+
+DUPLICATE_BATCH = 1024  # images compared at once against the training images and the batch so far
 
 
 class Detector:
@@ -269,18 +272,57 @@ class Detector:
         if rule is not None and options:
             raise UsageError(f"give a DecisionRule or its options, not both (got {', '.join(options)})")
         rule = rule or self.rule(result, **options)
-        return rule.decide(self.calibration, result, self.default_samples(result.score))
+        return rule.decide(self.calibration, result, self.default_samples(result.score), self.checked(result))
 
-    def p_values(self, result: ScoreResult, tail: str = "two-sided") -> np.ndarray:
-        """The decision's p-values of a scored batch (with a guard: one test of the score and the guard)."""
+    def p_values(self, result: ScoreResult, tail: str = "two-sided", checks: bool = True) -> np.ndarray:
+        """The decision's p-values of a scored batch: one test of the score, the guard and the checks."""
         guard = result.guard
-        return self.rule(result, tail=tail).p_values(
+        return self.rule(result, tail=tail, checks=checks).p_values(
             self.calibration,
             result.scores,
             result.model_scores,
             None if guard is None else guard.scores,
             None if guard is None else guard.model_scores,
+            self.checked(result),
         )
+
+    def checked(self, result: ScoreResult) -> dict[str, np.ndarray] | None:
+        """The property checks' values of a scored batch (checks.py), or None where it has none."""
+        if result.facts is None:
+            return None
+        shares = self.metadata_.get("checks", {}).get("formats", {})
+        return checks.values(result.facts.properties, result.facts.formats, shares)
+
+    def explain(self, result: ScoreResult, decision: Decision, which: Sequence[int]) -> list[list[Reason]]:
+        """The reasons of the images `which` (positions in `result`): every check at p <= the decision's
+        cut-off, the model's own among them, most atypical first; at least one each (checks.explain)."""
+        rule = decision.threshold
+        model = {result.score: (result.scores, self.calibration.of(result.score), rule.tail)}
+        if result.guard is not None:
+            g = result.guard
+            model[g.score] = (g.scores, self.calibration.of(g.score), rule.tail)
+        checked = self.checked(result) or {}
+        formats = result.facts.formats if result.facts is not None else []
+        shares = self.metadata_.get("checks", {}).get("formats", {})
+        cutoff = rule.p_cutoff if rule.p_cutoff is not None else 0.0
+        return checks.explain(which, cutoff, model, self.calibration_, checked, formats, shares)
+
+    def duplicates(self, result: ScoreResult) -> list[Duplicate | None]:
+        """Each scored image's copy among the training images (a leak) or earlier in the batch, or None."""
+        if result.facts is None:
+            return [None] * len(result.paths)
+        meta = self.metadata_.get("checks", {})
+        training = self.training_fingerprints_
+        finder = DuplicateFinder(
+            training if training is not None else Fingerprints.empty(),
+            list(meta.get("training_files", [])) if training is not None else [],
+            int(meta.get("near_bits", NEAR_BITS)),
+        )
+        fp, found = result.facts.fingerprints, []
+        for start in range(0, len(result.paths), DUPLICATE_BATCH):
+            part = slice(start, start + DUPLICATE_BATCH)
+            found += finder.find(Fingerprints(fp.exact[part], fp.near[part]), result.paths[part])
+        return found
 
     def batch_tests(
         self,

@@ -124,11 +124,12 @@ class DuplicateFinder:
             for i, d, j in zip(todo, dist.tolist(), idx.tolist(), strict=True):
                 if d <= self.near_bits:
                     out[i] = Duplicate(self.training_names[j], "near", True, int(d))
-        # Within the run: earlier batches, then earlier images of this batch.
-        for i in range(len(names)):
+        # Within the run: earlier batches, then earlier images of this batch, in input order.
+        for i, name in enumerate(names):
             key = int(fp.exact[i])
             if out[i] is None and key in self._exact_seen:
                 out[i] = Duplicate(self._exact_seen[key], "exact", False, 0)
+            self._exact_seen.setdefault(key, name)
         todo = [i for i in range(len(names)) if out[i] is None]
         if todo:
             earlier = self._near_seen
@@ -142,8 +143,6 @@ class DuplicateFinder:
                     best, who = int(prior[j]), names[j]
                 if best <= self.near_bits:
                     out[i] = Duplicate(who, "near", False, best)
-        for i, name in enumerate(names):
-            self._exact_seen.setdefault(int(fp.exact[i]), name)
         self._near_seen.append(fp.near.copy())
         self._names_seen += list(names)
         return out

@@ -23,7 +23,10 @@ GATE_RULES: dict[str, tuple[str, str]] = {
     "shift-p": ("Mann-Whitney p: batch scores above the calibration scores", "p <= limit"),
     "binom-p": ("p of the number of images at p <= --fpr, beta-binomial", "p <= limit"),
     "drift-p": ("Mann-Whitney p: batch scores above the --baseline report's", "p <= limit"),
+    "max-duplicates": ("number of images that copy an earlier image of the batch", "value > limit"),
+    "max-leaks": ("number of images that copy a training image", "value > limit"),
 }
+COUNT_RULES = ("max-count", "max-duplicates", "max-leaks")  # whole numbers >= 0
 GATE_ALIASES = {"max-anomalies": "max-count", "max-anomaly-rate": "max-rate"}
 
 
@@ -63,20 +66,25 @@ def parse_gate(specs: list[str] | tuple[str, ...]) -> list[GateRule]:
                     raise ValueError(raw)
             except ValueError:
                 raise GateSpecError(f"gate rule {item!r}: the limit {raw.strip()!r} is not a finite number") from None
-            if name == "max-count" and (limit < 0 or limit != int(limit)):
-                raise GateSpecError(f"gate rule {item!r}: max-count takes a whole number >= 0")
-            if name != "max-count" and not 0 <= limit <= 1:
+            if name in COUNT_RULES and (limit < 0 or limit != int(limit)):
+                raise GateSpecError(f"gate rule {item!r}: {name} takes a whole number >= 0")
+            if name not in COUNT_RULES and not 0 <= limit <= 1:
                 raise GateSpecError(f"gate rule {item!r}: {name} takes a number between 0 and 1")
             rules = [r for r in rules if r.name != name]  # the last one given wins
-            rules.append(GateRule(name, int(limit) if name == "max-count" else limit))
+            rules.append(GateRule(name, int(limit) if name in COUNT_RULES else limit))
     return rules
 
 
 def evaluate_gate(
-    rules: list[GateRule], flagged: int, scored: int, tests: dict[str, BatchTest] | None = None
+    rules: list[GateRule],
+    flagged: int,
+    scored: int,
+    tests: dict[str, BatchTest] | None = None,
+    counts: dict[str, int] | None = None,
 ) -> list[GateCheck]:
-    """Every rule with its measured value and pass or fail."""
+    """Every rule with its measured value and pass or fail; `counts` has "duplicates" and "leaks"."""
     tests = tests or {}
+    counts = counts or {}
     by_rule = {"shift-p": "shift", "binom-p": "binomial", "drift-p": "drift"}
     checks = []
     for r in rules:
@@ -88,6 +96,8 @@ def evaluate_gate(
             value = float(flagged)
         elif name == "max-rate":
             value = flagged / scored if scored else 0.0
+        elif name in ("max-duplicates", "max-leaks"):
+            value = float(counts.get(name.removeprefix("max-"), 0))
         else:
             test = tests.get(by_rule[name])
             if test is None:

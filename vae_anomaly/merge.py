@@ -21,9 +21,11 @@ import numpy as np
 
 from .batch_tests import run_batch_tests
 from .calibration import Calibration
+from .checks import PREFIX, Reason
 from .decision import DecisionRule
 from .decoding import Unlike, merge_unlike, unlike_warnings
 from .documents import load_baseline, read_report
+from .duplicates import Duplicate, DuplicateFinder, Fingerprints
 from .errors import CalibrationError, ConfigError, MergeError
 from .gate import GateRule
 from .report import Report, build_report
@@ -43,6 +45,7 @@ class ShardReport:
     calibration: np.ndarray
     calibration_folds: np.ndarray | None  # None: written by a version that did not keep them
     guard_calibration: np.ndarray | None
+    checks_calibration: dict[str, np.ndarray]  # property check -> calibration values ({} without checks)
     unlike: list[tuple[str, int, str]]
     decision_warnings: list[str]
     summary: dict[str, Any]
@@ -88,6 +91,10 @@ def load_shard_report(path: str | os.PathLike[str]) -> ShardReport:
         guard_calibration=None
         if block.get("guard_calibration") is None
         else np.array([_number(v) for v in block["guard_calibration"]], dtype=np.float64),
+        checks_calibration={
+            k: np.array([_number(v) for v in values], dtype=np.float64)
+            for k, values in block.get("checks_calibration", {}).items()
+        },
         unlike=[(u["kind"], u["count"], u["example"]) for u in block["unlike"]],
         decision_warnings=list(block["decision_warnings"]),
         summary=summary,
@@ -227,6 +234,11 @@ def merge_reports(
     p = _recomputed_p(rule, carried, readable, scores, model_scores, p, origin)
     # The rule is applied again over the union: Benjamini-Hochberg needs every p-value of the batch.
     decision = rule.decision(scores, p, carried, first.decision_warnings)
+    # Each shard explained every image; the merged report keeps the reasons of the images it flags.
+    reasons = [
+        [_reason(d) for d in r.get("reasons", [])] if f else [] for r, f in zip(readable, decision.flags, strict=True)
+    ]
+    duplicates = _duplicates(readable)
     baseline_scores = None
     if baseline is not None:
         baseline_scores = load_baseline(baseline, s0["model_fingerprint"], s0["score"])
@@ -254,7 +266,32 @@ def merge_reports(
         tests=tests,
         models=models,
         baseline=None if baseline is None else os.fsdecode(baseline),
+        reasons=reasons,
+        duplicates=duplicates,
     )
+
+
+def _reason(d: dict[str, Any]) -> Reason:
+    value = d.get("value")
+    return Reason(str(d["check"]), None if value is None else float(value), float(d["p_value"]), str(d["text"]))
+
+
+def _duplicates(readable: list[dict[str, Any]]) -> list[Duplicate | None]:
+    """Each record's copy as one run finds it: the shards' leaks (each shard compared its images with
+    every training image), and copies within the batch found again over the union, in listing order,
+    from the records' fingerprints."""
+    if any(r.get("fingerprints") is None for r in readable):  # written before fingerprints: as the shards say
+        return [_leak(r) if r.get("duplicate_of") is not None else None for r in readable]
+    prints = [r["fingerprints"] for r in readable]
+    exact = np.array([int(p[0], 16) for p in prints], dtype=np.uint64)
+    near = np.array([int(p[1], 16) for p in prints], dtype=np.uint64)
+    finder = DuplicateFinder(Fingerprints.empty(), [])
+    within = finder.find(Fingerprints(exact, near), [r["path"] for r in readable])
+    return [_leak(r) if r.get("duplicate_in") == "training" else d for r, d in zip(readable, within, strict=True)]
+
+
+def _leak(r: dict[str, Any]) -> Duplicate:
+    return Duplicate(str(r["duplicate_of"]), str(r["duplicate_kind"]), r.get("duplicate_in") == "training", 0)
 
 
 def _carried_calibration(rule: DecisionRule, first: ShardReport, models: int) -> Calibration:
@@ -264,6 +301,8 @@ def _carried_calibration(rule: DecisionRule, first: ShardReport, models: int) ->
     cal = {rule.score: first.calibration}
     if rule.guard is not None and first.guard_calibration is not None:
         cal[rule.guard] = first.guard_calibration
+    if rule.checks:
+        cal.update({PREFIX + name: values for name, values in first.checks_calibration.items()})
     return Calibration(cal, first.calibration_folds, models)
 
 
@@ -285,7 +324,9 @@ def _recomputed_p(
             guard = np.array([_number(r["guard_score"]) for r in readable], dtype=np.float64)
             if models > 1:
                 guard_models = np.array([r["guard_model_scores"] for r in readable], dtype=np.float64).T
-        expected = rule.p_values(calibration, scores, model_scores, guard, guard_models)
+        names = [k.removeprefix(PREFIX) for k in rule.statistics_in(calibration)[len(rule.statistics) :]]
+        checked = {n: np.array([_number(r["checks"][n]) for r in readable], dtype=np.float64) for n in names}
+        expected = rule.p_values(calibration, scores, model_scores, guard, guard_models, checked)
     except (KeyError, TypeError, ValueError, CalibrationError) as exc:
         raise MergeError(f"the shard reports lack scores the p-values need ({exc}); score the shards again") from None
     wrong = np.nonzero(~np.isclose(expected, p, rtol=1e-9, atol=1e-12))[0]

@@ -18,8 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from . import distributed, outputs, visualize
 from .batching import DecodeOptions
+from .checks import Reason
 from .config import MAX_SAMPLES, check_device, check_int
 from .decision import Decision, DecisionRule
 from .detector import Detector
@@ -156,6 +159,12 @@ def score_report(config: ScoreConfig, *, on_message: Say = _quiet, on_warning: S
         on_warning(w)
     fpr = rule.applied_fpr(decision.n_calibration)
     tests = detector.batch_tests(result, decision, fpr=fpr, baseline=baseline)
+    # A shard explains every image: `merge` decides the flags again over the whole batch and keeps the
+    # reasons of the images it flags.
+    which = range(len(result.paths)) if shard is not None else [int(i) for i in np.nonzero(decision.flags)[0]]
+    reasons: list[list[Reason]] = [[] for _ in result.paths]
+    for i, why in zip(which, detector.explain(result, decision, which), strict=True):
+        reasons[i] = why
     report = build_report(
         result.paths,
         result.scores,
@@ -172,6 +181,8 @@ def score_report(config: ScoreConfig, *, on_message: Say = _quiet, on_warning: S
         tests=tests,
         models=detector.n_models,
         baseline=None if config.baseline is None else os.fsdecode(config.baseline),
+        reasons=reasons,
+        duplicates=detector.duplicates(result),
     )
     of_listing = ""
     if shard is not None:
@@ -182,6 +193,7 @@ def score_report(config: ScoreConfig, *, on_message: Say = _quiet, on_warning: S
             result=result,
             calibration=detector.calibration,
             decision_warnings=decision.warnings,
+            checked=detector.checked(result) if rule.checks else None,
         )
         of_listing = f" (shard {shard.index}/{shard.count} of a listing of {shard.total})"
     for e in result.errors:

@@ -5,7 +5,14 @@ Schema file `schemas/score-report.schema.json` shipped in this package:
 
     {"schema": "vae-anomaly/score", "schema_version": 1,
      "summary": {...}, "warnings": [...],
-     "records": [{"rank", "path", "score", "p_value", "flagged", "error"}, ...]}
+     "records": [{"rank", "path", "score", "p_value", "flagged", "error",
+                  "reasons", "duplicate_of", "duplicate_kind", "duplicate_in"}, ...]}
+
+A flagged record's `reasons` say why, in words (checks.py): the model's
+own finding and every image-property check at p <= the cut-off, at least
+one. `duplicate_of` names a training image (`duplicate_in` "training": a
+leak) or an earlier image of the batch ("batch") that the image copies,
+`duplicate_kind` "exact" or "near" (duplicates.py).
 
 Records come most anomalous first (by the decision's own statistic), then
 the unreadable files. CI writers live in `ci.py`; reading reports back in,
@@ -22,6 +29,7 @@ import csv
 import io
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,10 +37,12 @@ import numpy as np
 
 from .batch_tests import BatchTest
 from .calibration import decision_statistic
+from .checks import Reason
 from .gate import GateCheck, GateRule, evaluate_gate
 
 if TYPE_CHECKING:
     from .decision import Decision
+    from .duplicates import Duplicate
 
 SCHEMA_NAME = "vae-anomaly/score"
 SCHEMA_VERSION = 1
@@ -52,9 +62,22 @@ class ImageRecord:
     model_scores: tuple[float, ...] | None = None  # the score under each of K cross-fitted models
     guard_score: float | None = None  # the guard statistic's score, from which merge recomputes p
     guard_model_scores: tuple[float, ...] | None = None  # and under each cross-fitted model
+    checks: dict[str, float] | None = None  # the property checks' values, from which merge recomputes p
+    # The duplicate fingerprints (exact, near) as 16 hex digits each, from which merge finds the copies
+    # across shards.
+    fingerprints: tuple[str, str] | None = None
+    # Why a flagged image was flagged (checks.explain), most atypical first; empty for the others.
+    reasons: tuple[Reason, ...] = ()
+    duplicate_of: str | None = None  # the training image or earlier image of the batch it copies
+    duplicate_kind: str | None = None  # "exact" or "near"
+    duplicate_in: str | None = None  # "training" (a leak) or "batch"
+
+    @property
+    def leak(self) -> bool:
+        return self.duplicate_in == "training"
 
 
-OPTIONAL_RECORD_FIELDS = ("index", "model_scores", "guard_score", "guard_model_scores")
+OPTIONAL_RECORD_FIELDS = ("index", "model_scores", "guard_score", "guard_model_scores", "checks", "fingerprints")
 
 
 def record_dict(r: ImageRecord) -> dict[str, Any]:
@@ -64,6 +87,17 @@ def record_dict(r: ImageRecord) -> dict[str, Any]:
         if d[key] is None:
             del d[key]
     return d
+
+
+def reasons_text(r: ImageRecord, limit: int | None = None) -> str:
+    """A record's reasons (the first `limit`) and duplicate in one line, for tables, cells and CI messages."""
+    parts = [reason.text for reason in r.reasons[:limit]]
+    if limit is not None and len(r.reasons) > limit:
+        parts[-1] += f" (and {len(r.reasons) - limit} more)"
+    if r.duplicate_of is not None:
+        where = "a training image" if r.leak else "an earlier image of the batch"
+        parts.append(f"{r.duplicate_kind} copy of {where}: {r.duplicate_of}")
+    return "; ".join(parts)
 
 
 @dataclass
@@ -91,6 +125,8 @@ class Summary:
     # The level flags were decided at (--fpr or --fdr, raised to the smallest reachable p-value
     # unless --strict-fpr); None for a raw score threshold.
     effective_fpr: float | None = None
+    duplicates: int = 0  # images that copy an earlier image of the batch
+    leaks: int = 0  # images that copy a training image
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,20 +174,40 @@ def build_report(
     tests: dict[str, BatchTest] | None = None,
     models: int = 1,
     baseline: str | None = None,
+    reasons: Sequence[Sequence[Reason]] | None = None,
+    duplicates: Sequence[Duplicate | None] | None = None,
 ) -> Report:
-    """Records ranked by the decision's own statistic, the summary, and the gate's verdict."""
+    """Records ranked by the decision's own statistic, the summary, and the gate's verdict.
+
+    `reasons[i]` and `duplicates[i]` belong to `paths[i]` (Detector.explain, Detector.duplicates)."""
     threshold, p, flags = decision.threshold, decision.p_values, decision.flags
     # Most anomalous first, by the decision's own statistic (a raw threshold ranks by score).
     if threshold.rule == "score":
         order = np.argsort(-np.asarray(scores), kind="stable")
     else:
         order = np.argsort(-decision_statistic(calibration, scores, threshold.tail, p), kind="stable")
-    records = [
-        ImageRecord(rank + 1, paths[i], float(scores[i]), float(p[i]), bool(flags[i])) for rank, i in enumerate(order)
-    ]
+    records = []
+    for rank, i in enumerate(order):
+        dup = duplicates[i] if duplicates is not None else None
+        records.append(
+            ImageRecord(
+                rank + 1,
+                paths[i],
+                float(scores[i]),
+                float(p[i]),
+                bool(flags[i]),
+                reasons=tuple(reasons[i]) if reasons is not None else (),
+                duplicate_of=None if dup is None else dup.of,
+                duplicate_kind=None if dup is None else dup.kind,
+                duplicate_in=None if dup is None else ("training" if dup.training else "batch"),
+            )
+        )
     records += [ImageRecord(None, path, None, None, None, reason) for path, reason in errors]
     n_flagged = int(np.sum(flags))
-    checks = evaluate_gate(gate, n_flagged, len(scores), tests)
+    n_leaks = sum(1 for r in records if r.leak)
+    n_duplicates = sum(1 for r in records if r.duplicate_in == "batch")
+    counts = {"duplicates": n_duplicates, "leaks": n_leaks}
+    checks = evaluate_gate(gate, n_flagged, len(scores), tests, counts)
     summary = Summary(
         total=len(paths) + len(errors),
         scored=len(scores),
@@ -173,6 +229,8 @@ def build_report(
         tests={k: t.to_dict() for k, t in (tests or {}).items()},
         baseline=baseline,
         effective_fpr=None if threshold.rule == "score" else threshold.alpha,
+        duplicates=n_duplicates,
+        leaks=n_leaks,
     )
     report = Report(records, summary, list(warnings or []))
     summary.exit_code = report.return_code
@@ -239,7 +297,20 @@ def to_csv(report: Report) -> str:
     """One row per record; text cells that a spreadsheet would run as a formula are neutralised (csv_text)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["rank", "path", "score", "p_value", "flagged", "error"])
+    w.writerow(
+        [
+            "rank",
+            "path",
+            "score",
+            "p_value",
+            "flagged",
+            "error",
+            "reasons",
+            "duplicate_of",
+            "duplicate_kind",
+            "duplicate_in",
+        ]
+    )
     for r in report.records:
         w.writerow(
             [
@@ -249,6 +320,10 @@ def to_csv(report: Report) -> str:
                 "" if r.p_value is None else repr(r.p_value),
                 "" if r.flagged is None else str(r.flagged).lower(),
                 csv_text(r.error or ""),
+                csv_text("; ".join(reason.text for reason in r.reasons)),
+                csv_text(r.duplicate_of or ""),
+                r.duplicate_kind or "",
+                r.duplicate_in or "",
             ]
         )
     return buf.getvalue()

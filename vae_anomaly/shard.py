@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .calibration import Calibration
+from .checks import PREFIX
 from .decision import DecisionRule
 from .errors import ConfigError
 from .listing import FileListing, display_path, find_images, require_images
@@ -45,6 +46,7 @@ OPTION_FLAGS: dict[str, str] = {
     "fpr": "--fpr",
     "fdr": "--fdr",
     "guard": "--guard",
+    "checks": "--checks/--no-checks",
 }
 
 
@@ -117,13 +119,15 @@ def shard_report(
     result: ScoreResult,
     calibration: Calibration,
     decision_warnings: Sequence[str],
+    checked: dict[str, np.ndarray] | None = None,
 ) -> Report:
     """`report` (of this shard's files) with what `merge_reports` needs added.
 
     Each record keeps its listing position and, where they exist, the guard
-    statistic's score and each cross-fitted model's scores; the block keeps
-    the calibration scores of the score and the guard and the fold of each,
-    so that `merge` recomputes every p-value from its scores.
+    statistic's score, each cross-fitted model's scores and the property
+    checks' values; the block keeps the calibration scores of the score, the
+    guard and the checks and the fold of each, so that `merge` recomputes
+    every p-value from its scores.
     """
     where = shard.position_of()
     guard = result.guard
@@ -138,6 +142,12 @@ def shard_report(
         per_image(None if guard is None else guard.model_scores),
     )
     guard_of = {} if guard is None else {p: float(v) for p, v in zip(result.paths, guard.scores, strict=True)}
+    checks_of = {p: {name: float(v[j]) for name, v in (checked or {}).items()} for j, p in enumerate(result.paths)}
+    fp = result.facts.fingerprints if result.facts is not None else None
+    prints: dict[str, tuple[str, str]] = {}
+    if fp is not None:
+        pairs = zip(result.paths, fp.exact.tolist(), fp.near.tolist(), strict=True)
+        prints = {p: (f"{e:016x}", f"{n:016x}") for p, e, n in pairs}
     records = [
         replace(
             r,
@@ -145,6 +155,8 @@ def shard_report(
             model_scores=per_model.get(r.path),
             guard_score=guard_of.get(r.path),
             guard_model_scores=guard_per_model.get(r.path),
+            checks=checks_of.get(r.path) if checked else None,
+            fingerprints=prints.get(r.path),
         )
         for r in report.records
     ]
@@ -157,6 +169,9 @@ def shard_report(
         "calibration": [float(c) for c in calibration.of(result.score)],
         "calibration_folds": [int(k) for k in calibration.folds],
         "guard_calibration": None if guard is None else [float(c) for c in calibration.of(guard.score)],
+        "checks_calibration": {
+            k.removeprefix(PREFIX): [float(c) for c in v] for k, v in calibration.scores.items() if k.startswith(PREFIX)
+        },
         "unlike": [{"kind": k, "count": c, "example": e} for k, (c, e) in result.unlike.items()],
         "decision_warnings": list(decision_warnings),
     }

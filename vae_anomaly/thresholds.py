@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .calibration import bag_quantiles, deviation, typicality_p_values
+from .calibration import Tails, bag_quantiles, deviation, tails_of, typicality_p_values
 from .errors import ConfigError
 from .tail_model import TailModel
 
@@ -47,6 +47,7 @@ class Threshold:
     # The tail model (tail_model.TailModel.to_dict) where the rule flags below the conformal floor
     # 1/(n+1), so that its rate is approximate; None where every flag rests on exact p-values.
     tail_model: dict[str, Any] | None = None
+    checks: int = 0  # image-property checks in the same test (checks.py), two-sided
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,8 +68,11 @@ class Threshold:
             where = "no image (no p-value passed the step-up test)"
         else:
             where = "no score (too few calibration images)"
-        if self.guard is not None:
-            where += f", or {self.guard} as atypical (one test of the larger deviation of the two)"
+        if self.guard is not None or self.checks:
+            others = ([self.guard] if self.guard is not None else []) + (
+                [f"one of {self.checks} image properties"] if self.checks else []
+            )
+            where += f", or {' or '.join(others)} as atypical (one test of the largest deviation of them all)"
         raised = "" if self.requested is None else f" (the smallest reachable level; {self.requested:g} was asked for)"
         if self.tail_model is not None:
             where += "; p-values below 1/(n+1) from a generalised Pareto tail model"
@@ -81,7 +85,7 @@ class Threshold:
         return f"auto: conformal {self.tail} p <= {self.alpha:.4g}{raised}, i.e. {where}"
 
 
-def score_bounds(calibration: np.ndarray, alpha: float, tail: str = "two-sided") -> tuple[float | None, float | None]:
+def score_bounds(calibration: np.ndarray, alpha: float, tail: Tails = "two-sided") -> tuple[float | None, float | None]:
     """Score bounds (low, high) equivalent to p <= alpha for one model, read off the calibration scores.
 
     `calibration` is (J, n): the score's calibration scores first, then its
@@ -98,6 +102,7 @@ def score_bounds(calibration: np.ndarray, alpha: float, tail: str = "two-sided")
         raise ConfigError(f"the false-positive rate must be in (0, 1), got {alpha}")
     cal = np.atleast_2d(np.asarray(calibration, dtype=np.float64))
     n = cal.shape[1]
+    tails = tails_of(tail, len(cal))
     k = math.floor(alpha * (n + 1) + 1e-9) - 1  # bag members allowed ahead of the image
     if k < 0:
         return None, None
@@ -105,14 +110,14 @@ def score_bounds(calibration: np.ndarray, alpha: float, tail: str = "two-sided")
     srt = np.sort(cal[0])
     bounds: list[float | None] = []
     for sign in (1.0, -1.0):
-        if sign < 0 and tail == "upper":
+        if sign < 0 and tails[0] == "upper":
             bounds.append(None)
             continue
         extreme = srt[-(k + 2) :] if sign > 0 else srt[: k + 2]
         q = bag_quantiles(cal[0], np.array([sign * math.inf]))[0]
         # Where s's deviation passes that of a calibration image among the most extreme ones.
         qs = [q, *(bag_quantiles(c, np.array([v]))[0] for c, v in zip(cal[1:], others, strict=True))]
-        d = np.max([deviation(c, qj, tail) for c, qj in zip(cal, qs, strict=True)], axis=0)
+        d = np.max([deviation(c, qj, t) for c, qj, t in zip(cal, qs, tails, strict=True)], axis=0)
         d = np.sort(d)[-(len(cal) * 2 * (k + 2)) :]
         scale = (q[2] - q[1]) if sign > 0 else (q[1] - q[0])
         crossings = q[1] + sign * d * max(scale, 1e-9 * max(1.0, abs(q[1])))
@@ -152,17 +157,18 @@ def tail_bounds(
     return (float(m_low - d * max(m_low - q1, tiny)) if tail == "two-sided" else None), high
 
 
-def auto_threshold(calibration: np.ndarray, alpha: float, tail: str = "two-sided") -> Threshold:
-    """The `auto` rule at level alpha with its score bounds (`score_bounds`)."""
+def auto_threshold(calibration: np.ndarray, alpha: float, tail: Tails = "two-sided") -> Threshold:
+    """The `auto` rule at level alpha with its score bounds (`score_bounds`); `tail` is the score's, or
+    one per statistic of the test."""
     low, high = score_bounds(calibration, alpha, tail)
-    return Threshold("auto", tail, alpha, low, high, alpha)
+    return Threshold("auto", tails_of(tail, len(np.atleast_2d(calibration)))[0], alpha, low, high, alpha)
 
 
 def fdr_threshold(
     calibration: np.ndarray,
     p: np.ndarray,
     q: float,
-    tail: str = "two-sided",
+    tail: Tails = "two-sided",
     *,
     models: int = 1,
     guard: str | None = None,
@@ -176,7 +182,7 @@ def fdr_threshold(
     low = high = None
     if cutoff is not None and models == 1:
         low, high = score_bounds(calibration, min(cutoff, 1 - 1e-12), tail)
-    return Threshold("fdr", tail, q, low, high, cutoff, models, guard)
+    return Threshold("fdr", tails_of(tail, len(np.atleast_2d(calibration)))[0], q, low, high, cutoff, models, guard)
 
 
 def score_threshold(value: float) -> Threshold:

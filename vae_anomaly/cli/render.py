@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..ci import verdict_lines
 from ..decoding import Preprocessing
-from ..report import Report
+from ..report import Report, reasons_text
 
 if TYPE_CHECKING:  # scikit-learn is imported by `evaluate` alone, not by every `score`
     from ..evaluation import Evaluation
@@ -49,6 +49,7 @@ def report_table(report: Report, top: int) -> None:
     table.add_column("score", justify="right")
     table.add_column("p-value", justify="right")
     table.add_column("flag")
+    table.add_column("why", overflow="fold")
     for r in shown:
         table.add_row(
             str(r.rank),
@@ -56,6 +57,7 @@ def report_table(report: Report, top: int) -> None:
             f"{r.score:.4g}",
             _p_value(r.p_value),
             "[bold red]ANOMALY[/]" if r.flagged else "ok",
+            escape(reasons_text(r, limit=2)),
         )
     if shown:
         out.print(table)
