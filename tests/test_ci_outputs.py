@@ -128,7 +128,9 @@ def test_junit_has_one_case_per_image_with_failures_for_flagged_and_unreadable(
     assert failed == expected and {'a&b<"c">.png', "x:1,y%2.png", "broken.png"} <= failed
     assert int(suite.get("failures")) == len(failed)
     assert cases["broken.png"].find("failure").get("type") == "unreadable"
-    assert cases['a&b<"c">.png'].find("failure").get("message").startswith("anomaly: score")
+    message = cases['a&b<"c">.png'].find("failure").get("message")
+    reasons = next(r["reasons"] for r in doc["records"] if r["path"].endswith('a&b<"c">.png'))
+    assert message.startswith(f"anomaly: {reasons[0]['text']}") and "score " in message, "why, then the figures"
 
 
 def test_github_actions_get_a_step_summary_and_escaped_annotations(

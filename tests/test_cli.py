@@ -56,11 +56,14 @@ def test_json_output_field_by_field(cli_model: Path, data_dir: Path, tmp_path: P
         "tests",
         "baseline",
         "effective_fpr",
+        "duplicates",
+        "leaks",
     }
     assert (s["total"], s["scored"], s["unreadable"], s["ignored"]) == (80, 80, 0, 0)
     assert s["score"] == "elbo-ic" and s["samples"] == 1 and s["exit_code"] == code == 0
     assert s["threshold"]["rule"] == "auto" and s["threshold"]["tail"] == "two-sided"
-    assert s["threshold"]["guard"] == "kl" and "one test of the larger deviation" in s["rule"]
+    assert s["threshold"]["guard"] == "kl" and "one test of the largest deviation" in s["rule"]
+    assert s["threshold"]["checks"] == 10 and "one of 10 image properties" in s["rule"], "a grey model, from files"
     assert s["smallest_p_value"] == 1 / 406  # one test of score and guard, both sides, 405 calibration scores
     assert s["threshold"]["alpha"] == 0.01 and s["calibration_images"] == 405
     assert s["effective_fpr"] == 0.01 and s["threshold"]["requested"] is None, "405 scores reach 1%"
@@ -68,7 +71,9 @@ def test_json_output_field_by_field(cli_model: Path, data_dir: Path, tmp_path: P
     assert len(s["model_fingerprint"]) == 16 and s["gate"] == [] and s["gate_passed"] is True
     recs = doc["records"]
     assert [r["rank"] for r in recs] == list(range(1, 81))
-    assert all(set(r) == {"rank", "path", "score", "p_value", "flagged", "error"} for r in recs)
+    fields = {"rank", "path", "score", "p_value", "flagged", "error", "reasons"}
+    assert all(set(r) == fields | {"duplicate_of", "duplicate_kind", "duplicate_in"} for r in recs)
+    assert all(r["reasons"] for r in recs if r["flagged"]) and not any(r["reasons"] for r in recs if not r["flagged"])
     p = [r["p_value"] for r in recs]
     assert p == sorted(p), "ranked by the decision's own statistic"
     assert all(0 < v <= 1 for v in p) and all(isinstance(r["flagged"], bool) for r in recs)

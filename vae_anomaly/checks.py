@@ -16,6 +16,8 @@ A flagged record's reasons are every check at p <= the decision's cut-off,
 most atypical first; the model's own ("unlike the normal images to the
 model: score too high") is one of them, and when no check reaches the
 cut-off the most atypical one is named, so a flagged record always has one.
+Arrays (the Python API) have no file: their header checks (width, height,
+aspect, format) get the calibration median, a neutral value.
 No torch.
 """
 
@@ -110,18 +112,16 @@ def property_p_values(
 
 def explain(
     which: Sequence[int],
-    cutoff: float,
     model: Mapping[str, tuple[np.ndarray, np.ndarray, str]],
     calibration: Mapping[str, np.ndarray],
     checked: Mapping[str, np.ndarray],
     formats: Sequence[str],
     shares: Mapping[str, float],
 ) -> list[list[Reason]]:
-    """The reasons of the images `which`: every check at p <= `cutoff`, most atypical first, else the
-    most atypical check alone, so that each has at least one.
+    """Every check's finding for the images `which`, most atypical first (`kept` picks the reasons).
 
     `model` maps the model's statistics (the score, the guard) to (their values, their calibration
-    values, their tail); they make one reason, "unlike the normal images to the model", at the
+    values, their tail); they make one finding, "unlike the normal images to the model", at the
     smaller of their own p-values. `checked` are the property values (`values`).
     """
     own = {name: conformal_p_values(cal, v, tail) for name, (v, cal, tail) in model.items()}
@@ -142,6 +142,11 @@ def explain(
             text = describe(prop, calibration[key(name)], value, formats[i] if i < len(formats) else "", shares)
             found.append(Reason(name, value, float(p[i]), text))
         found.sort(key=lambda r: r.p_value)
-        kept = [r for r in found if r.p_value <= cutoff + 1e-12]
-        out.append(kept or found[:1])
+        out.append(found)
     return out
+
+
+def kept(found: Sequence[Reason], cutoff: float) -> list[Reason]:
+    """A flagged image's reasons: every finding at p <= the decision's cut-off, else the most atypical
+    one alone, so that a flagged image always has one. `found` is sorted, most atypical first."""
+    return [r for r in found if r.p_value <= cutoff + 1e-12] or list(found[:1])

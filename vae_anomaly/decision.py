@@ -183,6 +183,8 @@ class DecisionRule:
         guard together, and with checks every calibrated property (`checked`: name -> values, see
         `checks.values`) (`typicality_p_values`). `score`, `Detector.p_values` and `merge` (which
         recomputes every shard's p-values) all call this one."""
+        if len(scores) == 0:  # an empty shard: nothing to test (and no property values to test it on)
+            return np.zeros(0)
         values: list[np.ndarray] = [scores]
         per_model: list[np.ndarray | None] = [model_scores]
         if self.guard is not None:

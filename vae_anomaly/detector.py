@@ -39,6 +39,7 @@ from .errors import ModelFileError, UsageError
 from .inference import HeatMaps, ImageInput, ScoreResult
 from .listing import FileListing
 from .model import ConvVAE, VAEConfig
+from .properties import HEADER
 from .scores import latent_noise
 from .train import EpochStats
 
@@ -144,6 +145,8 @@ class Detector:
         formats = [facts.formats[i] for i in order]
         shares = checks.format_shares(formats)
         calibrated = checks.values({k: v[order] for k, v in facts.properties.items()}, formats, shares)
+        if all(f == "" for f in facts.formats):  # arrays: no file, so no header to check files against
+            calibrated = {k: v for k, v in calibrated.items() if k not in HEADER}
         self.calibration_.update({checks.key(name): v for name, v in calibrated.items()})
         self.metadata_["checks"] = {"formats": shares, "near_bits": NEAR_BITS, "training_files": list(images.paths)}
         self.training_fingerprints_ = facts.fingerprints
@@ -287,15 +290,24 @@ class Detector:
         )
 
     def checked(self, result: ScoreResult) -> dict[str, np.ndarray] | None:
-        """The property checks' values of a scored batch (checks.py), or None where it has none."""
+        """The property checks' values of a scored batch (checks.py), or None where it has none.
+
+        An array has no file: its header checks get the calibration median, so they never flag it."""
         if result.facts is None:
             return None
         shares = self.metadata_.get("checks", {}).get("formats", {})
-        return checks.values(result.facts.properties, result.facts.formats, shares)
+        out = checks.values(result.facts.properties, result.facts.formats, shares)
+        arrays = np.array([f == "" for f in result.facts.formats], dtype=bool)
+        if arrays.any() and "" not in shares:
+            for name in HEADER:
+                cal = self.calibration_.get(checks.key(name))
+                if cal is not None and len(cal):
+                    out[name] = np.where(arrays, float(np.median(cal)), out[name])
+        return out
 
     def explain(self, result: ScoreResult, decision: Decision, which: Sequence[int]) -> list[list[Reason]]:
-        """The reasons of the images `which` (positions in `result`): every check at p <= the decision's
-        cut-off, the model's own among them, most atypical first; at least one each (checks.explain)."""
+        """Every check's finding for the images `which` (positions in `result`), most atypical first;
+        `checks.kept` picks a flagged image's reasons at the decision's cut-off."""
         rule = decision.threshold
         model = {result.score: (result.scores, self.calibration.of(result.score), rule.tail)}
         if result.guard is not None:
@@ -304,8 +316,7 @@ class Detector:
         checked = self.checked(result) or {}
         formats = result.facts.formats if result.facts is not None else []
         shares = self.metadata_.get("checks", {}).get("formats", {})
-        cutoff = rule.p_cutoff if rule.p_cutoff is not None else 0.0
-        return checks.explain(which, cutoff, model, self.calibration_, checked, formats, shares)
+        return checks.explain(which, model, self.calibration_, checked, formats, shares)
 
     def duplicates(self, result: ScoreResult) -> list[Duplicate | None]:
         """Each scored image's copy among the training images (a leak) or earlier in the batch, or None."""

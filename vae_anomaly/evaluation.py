@@ -168,6 +168,7 @@ def evaluate_detector(
     tail: str = "two-sided",
     guard: str | None = DEFAULT_GUARD,
     strict: bool = False,
+    checks: bool = True,
     batch_size: int = 256,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> Evaluation:
@@ -175,8 +176,8 @@ def evaluate_detector(
 
     Each score's confusion matrix is taken at the rule `score` applies by
     default: the score's conformal p-value combined with the `guard`
-    statistic's (None: no guard), raised to the smallest reachable level unless
-    `strict`, as `score` does. Unreadable files are left out of the
+    statistic's and, with `checks`, the image-property checks' (one test), raised
+    to the smallest reachable level unless `strict`, as `score` does. Unreadable files are left out of the
     figures and listed. Raises `LabelsError` when what is left lacks normal
     or anomalous images.
     """
@@ -196,7 +197,7 @@ def evaluate_detector(
         result = scored[name]
         if guard is not None and guard != name:
             result = replace(result, guard=scored[guard])
-        decision = detector.decide(result, threshold="auto", fpr=fpr, tail=tail, strict=strict)
+        decision = detector.decide(result, threshold="auto", fpr=fpr, tail=tail, strict=strict, checks=checks)
         warnings += [w for w in decision.warnings if w not in warnings]
         results[name] = ScoreEvaluation(
             name,

@@ -21,7 +21,7 @@ import numpy as np
 
 from .batch_tests import run_batch_tests
 from .calibration import Calibration
-from .checks import PREFIX, Reason
+from .checks import PREFIX, Reason, kept
 from .decision import DecisionRule
 from .decoding import Unlike, merge_unlike, unlike_warnings
 from .documents import load_baseline, read_report
@@ -234,9 +234,11 @@ def merge_reports(
     p = _recomputed_p(rule, carried, readable, scores, model_scores, p, origin)
     # The rule is applied again over the union: Benjamini-Hochberg needs every p-value of the batch.
     decision = rule.decision(scores, p, carried, first.decision_warnings)
-    # Each shard explained every image; the merged report keeps the reasons of the images it flags.
+    # Each shard kept every image's findings; the merged report picks the reasons of the images it flags.
+    cutoff = decision.threshold.p_cutoff if decision.threshold.p_cutoff is not None else 0.0
     reasons = [
-        [_reason(d) for d in r.get("reasons", [])] if f else [] for r, f in zip(readable, decision.flags, strict=True)
+        kept([_reason(d) for d in r.get("reasons", [])], cutoff) if f else []
+        for r, f in zip(readable, decision.flags, strict=True)
     ]
     duplicates = _duplicates(readable)
     baseline_scores = None

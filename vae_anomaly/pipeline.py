@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import distributed, outputs, visualize
+from . import checks, distributed, outputs, visualize
 from .batching import DecodeOptions
 from .checks import Reason
 from .config import MAX_SAMPLES, check_device, check_int
@@ -159,12 +159,13 @@ def score_report(config: ScoreConfig, *, on_message: Say = _quiet, on_warning: S
         on_warning(w)
     fpr = rule.applied_fpr(decision.n_calibration)
     tests = detector.batch_tests(result, decision, fpr=fpr, baseline=baseline)
-    # A shard explains every image: `merge` decides the flags again over the whole batch and keeps the
-    # reasons of the images it flags.
+    # A shard keeps every image's findings: `merge` decides the flags again over the whole batch and
+    # picks the reasons of the images it flags at its own cut-off.
     which = range(len(result.paths)) if shard is not None else [int(i) for i in np.nonzero(decision.flags)[0]]
+    cutoff = decision.threshold.p_cutoff if decision.threshold.p_cutoff is not None else 0.0
     reasons: list[list[Reason]] = [[] for _ in result.paths]
-    for i, why in zip(which, detector.explain(result, decision, which), strict=True):
-        reasons[i] = why
+    for i, found in zip(which, detector.explain(result, decision, which), strict=True):
+        reasons[i] = found if shard is not None else checks.kept(found, cutoff)
     report = build_report(
         result.paths,
         result.scores,

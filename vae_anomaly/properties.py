@@ -55,6 +55,7 @@ PROPERTIES: tuple[Property, ...] = (
     Property("format", "share of normal images in its file format", "lower", "in a rarer file format", "", digits=3),
 )
 BY_NAME = {p.name: p for p in PROPERTIES}
+HEADER = ("width", "height", "aspect", "format")  # read from the file's header, not its pixels
 
 
 def names(channels: int) -> tuple[str, ...]:

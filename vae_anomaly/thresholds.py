@@ -126,7 +126,10 @@ def score_bounds(calibration: np.ndarray, alpha: float, tail: Tails = "two-sided
         # units of the deviation's own arithmetic (m - s is rounded at the size of |m| + |s|, not of s:
         # a score near 0 moved by its own ulps never changes a deviation near 1).
         unit = np.spacing(np.abs(points) + abs(q[1]) + abs(scale))
-        candidates = np.unique(np.concatenate([points + sign * j * unit for j in range(8)]))
+        # Past a calibration score itself, the count moves at the very next float (a score near 0 has
+        # ulps far below the deviation's units): that point is a candidate too.
+        past = np.nextafter(extreme, sign * math.inf)
+        candidates = np.unique(np.concatenate([past, *(points + sign * j * unit for j in range(8))]))
         candidates = candidates[sign * (candidates - q[1]) > 0]
         if len(candidates) == 0:
             bounds.append(None)

@@ -17,7 +17,7 @@ from ..detector import Detector
 from ..errors import UsageError
 from ..evaluation import evaluate_detector, labelled_folders, labels_csv
 from ..outputs import evaluation_plots
-from .options import decode_options, guard_option
+from .options import checks_option, decode_options, guard_option
 from .render import evaluation_table, say, warn
 
 
@@ -57,6 +57,7 @@ from .render import evaluation_table, say, warn
 @click.option("--skip-unreadable", is_flag=True, help="Unreadable inputs are listed but do not exit 3.")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@checks_option
 @decode_options
 def evaluate(
     path: Path | None,
@@ -72,6 +73,7 @@ def evaluate(
     skip_unreadable: bool,
     batch_size: int,
     device: str,
+    checks: bool,
     decode: DecodeOptions,
 ) -> None:
     """Measure detection quality on labelled images.
@@ -96,6 +98,8 @@ def evaluate(
         fpr=fpr,
         tail=tail,
         guard=None if guard == "none" else guard,
+        strict=strict_fpr,
+        checks=checks,
         batch_size=batch_size,
     )
     for e in ev.unreadable:

@@ -44,6 +44,18 @@ def guard_option(help: str) -> Callable[[F], F]:
     )
 
 
+def checks_option(fn: F) -> F:
+    """--checks/--no-checks, for `score` and `evaluate` alike."""
+    option = click.option(
+        "--checks/--no-checks",
+        default=True,
+        show_default=True,
+        help="Test the image properties (brightness, sharpness, size, format, ...) in the same one test as the "
+        "model's score; --no-checks decides on the model alone. Reasons name them either way.",
+    )
+    return option(fn)
+
+
 def decode_options(fn: Any) -> Any:
     """Shared by every command that reads image files: worker processes and the pixel cache.
 

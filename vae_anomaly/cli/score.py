@@ -16,6 +16,7 @@ from ..pipeline import MergeConfig, ScoreConfig, score_report
 from ..pipeline import merge as merge_reports
 from ..report import Report
 from .options import (
+    checks_option,
     decode_options,
     gate_rules,
     guard_option,
@@ -106,6 +107,7 @@ from .render import report_table, say, warn
     show_default=True,
     help="Most anomalous images shown, with pictures, in the HTML report.",
 )
+@checks_option
 @max_pixels_option
 @decode_options
 def score(
@@ -135,6 +137,7 @@ def score(
     plots: Path | None,
     html_path: Path | None,
     html_top: int,
+    checks: bool,
     decode: DecodeOptions,
 ) -> None:
     """Score INPUTS (folders or files) against a model; flag and gate.
@@ -153,6 +156,7 @@ def score(
             fpr=fpr,
             fdr=fdr,
             strict=strict_fpr,
+            checks=checks,
         ),
         samples=samples,
         gate=gate_rules(gate_specs, max_anomalies, max_anomaly_rate),
