@@ -13,7 +13,8 @@ settings, and through CleanVision (`Imagelab(data_path).find_issues()`, its defa
   the same photos, the clean images).
 
 Per set and kind: detection (share flagged; CleanVision: any of its quality issues) and the
-false-positive rate on clean images; duplicates: recall per kind (found, naming the right source)
+false-positive rate on clean images, with our model alone (`--no-checks`) beside our default
+decision, which measures what the checks add to it; duplicates: recall per kind (found, naming the right source)
 and precision (of images called copies, the share that are); CleanVision runs on the union of
 training and incoming folders for leaks, as a user would. Seconds per 10,000 images of `score`
 (the whole command) and of CleanVision. `--bounds` adds the near-duplicate bound sweep: per
@@ -51,11 +52,15 @@ WITHIN = ("exact copy in the batch", "re-encoded copy in the batch")
 
 
 def ours(work: Path, normal: Path, incoming: Path) -> tuple[dict[str, dict[str, Any]], float, Path]:
-    """`fit` and `score` with defaults; records by file name, the score command's seconds, the model."""
-    model = work / f"{normal.name}.vae"
+    """`fit` and `score` with defaults; records by file name (each with the model-alone flag of
+    `--no-checks` added as "model_alone"), the default score command's seconds, the model."""
+    model = work / f"{normal.parent.name}.vae"  # photos.vae, digits.vae
     photos.run([*photos.cli(), "fit", str(normal), "-o", str(model)])
     seconds, proc = photos.run([*photos.cli(), "score", str(incoming), "-m", str(model), "--format", "json"])
     records = {Path(r["path"]).name: r for r in json.loads(proc.stdout)["records"]}
+    cmd = [*photos.cli(), "score", str(incoming), "-m", str(model), "--format", "json", "--no-checks"]
+    for r in json.loads(photos.run(cmd)[1].stdout)["records"]:
+        records[Path(r["path"]).name]["model_alone"] = r["flagged"]
     return records, seconds, model
 
 
@@ -83,6 +88,7 @@ def quality_rows(kind_of: dict[str, str], records: dict[str, dict[str, Any]], la
         rows[kind] = {
             "images": len(names),
             "ours": float(np.mean([bool(records[n]["flagged"]) for n in names])),
+            "model alone": float(np.mean([bool(records[n]["model_alone"]) for n in names])),
             "cleanvision": float(np.mean([cv[n] for n in names])),
             "our first reasons": ", ".join(f"{k} {v}" for k, v in sorted(why.items(), key=lambda kv: -kv[1])[:3]),
         }
@@ -122,13 +128,15 @@ def digit_set(work: Path, data: str, seed: int) -> dict[str, Any]:
         for i, im in enumerate(x):
             Image.fromarray(im).save(incoming / f"{slug}_{i:04d}.png")
             kind_of[f"{slug}_{i:04d}.png"] = kind
-    records, seconds, _ = ours(work, normal, incoming)
+    records, seconds, model = ours(work, normal, incoming)
     lab, cv_seconds = cleanvision(incoming)
     n = len(kind_of)
     return {
         "rows": quality_rows(kind_of, records, lab),
         "ours_s_per_10k": seconds / n * 10_000,
         "cleanvision_s_per_10k": cv_seconds / n * 10_000,
+        "model": model,
+        "sets": {"normal": sorted(normal.iterdir()), "clean": sorted(incoming.glob("clean_*.png"))},
     }
 
 
@@ -149,10 +157,12 @@ def _copy(kind: str, src: Path, dst: Path) -> None:
             im.crop((dx, dy, im.width - dx, im.height - dy)).save(dst, quality=90)
 
 
-def duplicate_set(work: Path, model: Path, sets: dict[str, list[Path]], seed: int, bounds: bool) -> dict[str, Any]:
+def duplicate_set(
+    work: Path, name: str, model: Path, sets: dict[str, list[Path]], seed: int, bounds: bool
+) -> dict[str, Any]:
     """Copies of training images (leaks) and of incoming images (within the batch), and distinct look-alikes."""
     rng = np.random.default_rng(seed + 1)
-    incoming = work / "dups" / "incoming"
+    incoming = work / name / "incoming"
     incoming.mkdir(parents=True)
     truth: dict[str, tuple[str, str]] = {}  # file -> (kind, the source's name)
     train, clean = sets["normal"], sets["clean"]
@@ -161,18 +171,20 @@ def duplicate_set(work: Path, model: Path, sets: dict[str, list[Path]], seed: in
         truth[p.name] = ("distinct", "")
     for kind in COPIES:
         for j, i in enumerate(rng.choice(len(train), 60, replace=False)):
-            name = f"leak_{kind.split()[0]}_{j:03d}.jpg"
+            suffix = train[i].suffix if kind.startswith("exact") else ".jpg"
+            name = f"leak_{kind.split()[0]}_{j:03d}{suffix}"
             _copy(kind, train[i], incoming / name)
             truth[name] = (kind, train[i].name)
     for kind in WITHIN:
         for j, i in enumerate(rng.choice(len(clean), 30, replace=False)):
-            name = f"zz_{kind.split()[0]}_{j:03d}.jpg"  # listed after its source
+            suffix = clean[i].suffix if kind.startswith("exact") else ".jpg"
+            name = f"zz_{kind.split()[0]}_{j:03d}{suffix}"  # listed after its source
             _copy(kind, clean[i], incoming / name)
             truth[name] = (kind, clean[i].name)
     seconds, proc = photos.run([*photos.cli(), "score", str(incoming), "-m", str(model), "--format", "json"])
     records = {Path(r["path"]).name: r for r in json.loads(proc.stdout)["records"]}
     rows: dict[str, dict[str, Any]] = {}
-    union = work / "dups" / "union"  # CleanVision sees training and incoming images together
+    union = work / name / "union"  # CleanVision sees training and incoming images together
     union.mkdir()
     for p in train:
         (union / f"train_{p.name}").symlink_to(p)
@@ -251,8 +263,9 @@ def main() -> int:
         work = Path(tmp)
         photo = photo_set(work, args.seed)
         digits = digit_set(work, args.data, args.seed)
-        dups = duplicate_set(work, photo.pop("model"), photo.pop("sets"), args.seed, args.bounds)
-    doc = {**provenance(), "photos": photo, "digits": digits, "duplicates": dups}
+        dups = duplicate_set(work, "photo-dups", photo.pop("model"), photo.pop("sets"), args.seed, args.bounds)
+        digit_dups = duplicate_set(work, "digit-dups", digits.pop("model"), digits.pop("sets"), args.seed, args.bounds)
+    doc = {**provenance(), "photos": photo, "digits": digits, "duplicates": dups, "digit duplicates": digit_dups}
     write_results(args.out, doc, markdown(doc))
     return 0
 
@@ -274,12 +287,14 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{name}: detection per kind (clean: the false-positive rate); vae-anomaly default decision "
             f"(--fpr 0.01) against CleanVision's defaults (any quality issue)",
             "",
-            "| kind | images | vae-anomaly | CleanVision | our most frequent first reason |",
-            "| --- | ---: | ---: | ---: | --- |",
+            "| kind | images | vae-anomaly | its model alone (--no-checks) | CleanVision | our most frequent "
+            "first reason |",
+            "| --- | ---: | ---: | ---: | ---: | --- |",
         ]
         for kind, r in s["rows"].items():
             lines.append(
-                f"| {kind} | {r['images']} | {_pct(r['ours'])} | {_pct(r['cleanvision'])} | {r['our first reasons']} |"
+                f"| {kind} | {r['images']} | {_pct(r['ours'])} | {_pct(r['model alone'])} | {_pct(r['cleanvision'])} "
+                f"| {r['our first reasons']} |"
             )
         lines += [
             "",
@@ -287,37 +302,41 @@ def markdown(doc: dict[str, Any]) -> str:
             f"model included), CleanVision {s['cleanvision_s_per_10k']:.0f}",
             "",
         ]
-    d = doc["duplicates"]
-    lines += [
-        "duplicates: found (named as a copy) and right source, per kind; distinct images should find none",
-        "",
-        "| kind | images | vae-anomaly found | right source | CleanVision found | right source |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for kind, r in d["rows"].items():
-        lines.append(
-            f"| {kind} | {r['images']} | {_pct(r['ours found'])} | {_pct(r['ours right source'])} | "
-            f"{_pct(r['cleanvision found'])} | {_pct(r['cleanvision right source'])} |"
-        )
-    lines += [
-        "",
-        f"precision (of images called copies, the share that are): vae-anomaly {_pct(d['ours_precision'])}, "
-        f"CleanVision {_pct(d['cleanvision_precision'])}; seconds per 10,000 images: vae-anomaly score "
-        f"{d['ours_s_per_10k']:.0f}, CleanVision {d['cleanvision_s_per_10k']:.0f} (training and incoming images)",
-        "",
-    ]
-    if "bounds" in d:
-        kinds = list(d["bounds"])
+    for key, what in (
+        ("duplicates", "photo crops; the distinct images are other crops of the same photos, some overlapping"),
+        ("digit duplicates", "MNIST digits; the distinct images are other handwritten digits"),
+    ):
+        d = doc[key]
         lines += [
-            "near-duplicate bound: share within Hamming distance d (of 64 bits) of the source (distinct: of any "
-            "training image)",
+            f"{key} ({what}): found (named as a copy) and right source, per kind; distinct images should find none",
             "",
-            "| d | " + " | ".join(kinds) + " |",
-            "| ---: | " + " | ".join("---:" for _ in kinds) + " |",
+            "| kind | images | vae-anomaly found | right source | CleanVision found | right source |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
-        for b in range(0, 17):
-            lines.append(f"| {b} | " + " | ".join(_pct(d["bounds"][k][str(b)]) for k in kinds) + " |")
-        lines.append("")
+        for kind, r in d["rows"].items():
+            lines.append(
+                f"| {kind} | {r['images']} | {_pct(r['ours found'])} | {_pct(r['ours right source'])} | "
+                f"{_pct(r['cleanvision found'])} | {_pct(r['cleanvision right source'])} |"
+            )
+        lines += [
+            "",
+            f"precision (of images called copies, the share that are): vae-anomaly {_pct(d['ours_precision'])}, "
+            f"CleanVision {_pct(d['cleanvision_precision'])}; seconds per 10,000 images: vae-anomaly score "
+            f"{d['ours_s_per_10k']:.0f}, CleanVision {d['cleanvision_s_per_10k']:.0f} (training and incoming images)",
+            "",
+        ]
+        if "bounds" in d:
+            kinds = list(d["bounds"])
+            lines += [
+                "near-duplicate bound: share within Hamming distance d (of 64 bits) of the source (distinct: of any "
+                "training image)",
+                "",
+                "| d | " + " | ".join(kinds) + " |",
+                "| ---: | " + " | ".join("---:" for _ in kinds) + " |",
+            ]
+            for b in range(0, 17):
+                lines.append(f"| {b} | " + " | ".join(_pct(d["bounds"][k][str(b)]) for k in kinds) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 

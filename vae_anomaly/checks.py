@@ -80,22 +80,40 @@ def _number(prop: Property, v: float) -> str:
     return f"{v:,.{prop.digits}f}{prop.unit}"
 
 
+@dataclass(frozen=True)
+class NormalRange:
+    """A property's calibration values, sorted, and their 5th-95th percentile range: "normal" in words."""
+
+    values: np.ndarray
+    lo: float
+    hi: float
+
+    @classmethod
+    def of(cls, calibration: np.ndarray) -> NormalRange:
+        values = np.sort(np.asarray(calibration, dtype=np.float64))
+        lo, hi = np.percentile(values, [5, 95]) if len(values) else (np.nan, np.nan)
+        return cls(values, float(lo), float(hi))
+
+    def shares(self, v: float) -> tuple[float, float]:
+        """The share of normal values above v and below v."""
+        n = max(len(self.values), 1)
+        above = len(self.values) - np.searchsorted(self.values, v, side="right")
+        return float(above) / n, float(np.searchsorted(self.values, v, side="left")) / n
+
+
 def describe(
-    prop: Property, calibration: np.ndarray, v: float, fmt: str = "", shares: Mapping[str, float] | None = None
+    prop: Property, normal: NormalRange, v: float, fmt: str = "", shares: Mapping[str, float] | None = None
 ) -> str:
     """A check's finding in words: which side, beyond what share of normal images, against what range."""
-    cal = np.asarray(calibration, dtype=np.float64)
     if prop.name == "format":
-        normal = ", ".join(f"{f or 'arrays'} {s * 100:.3g}%" for f, s in sorted((shares or {}).items()))
-        return f"a {fmt or 'non-file'} image, a format {v * 100:.3g}% of normal images have (normal: {normal})"
-    below = float(np.mean(cal > v)) if len(cal) else 0.0
-    above = float(np.mean(cal < v)) if len(cal) else 0.0
-    low_side = prop.tail == "lower" or (prop.tail == "two-sided" and below >= above)
-    words, share = (prop.low, below) if low_side else (prop.high, above)
-    lo, hi = np.percentile(cal, [5, 95]) if len(cal) else (v, v)
+        seen = ", ".join(f"{f or 'arrays'} {s * 100:.3g}%" for f, s in sorted((shares or {}).items()))
+        return f"a {fmt or 'non-file'} image, a format {v * 100:.3g}% of normal images have (normal: {seen})"
+    higher, lower = normal.shares(v)  # normal images above v (v is lower than them), below v
+    low_side = prop.tail == "lower" or (prop.tail == "two-sided" and higher >= lower)
+    words, share = (prop.low, higher) if low_side else (prop.high, lower)
     return (
         f"{words} than {share * 100:.1f}% of normal images: {prop.what} {_number(prop, v)} "
-        f"against {_number(prop, float(lo))}-{_number(prop, float(hi))}"
+        f"against {_number(prop, normal.lo)}-{_number(prop, normal.hi)}"
     )
 
 
@@ -126,20 +144,22 @@ def explain(
     """
     own = {name: conformal_p_values(cal, v, tail) for name, (v, cal, tail) in model.items()}
     props = property_p_values(calibration, checked)
+    ranges = {name: NormalRange.of(calibration[key(name)]) for name in props}
+    medians = {name: float(np.median(cal)) for name, (_, cal, _) in model.items()}
     out: list[list[Reason]] = []
     for i in which:
         found: list[Reason] = []
         if own:
             name = min(own, key=lambda n: float(own[n][i]))
-            scores, cal, _ = model[name]
-            side = "too high" if scores[i] >= np.median(cal) else "too low"
+            scores = model[name][0]
+            side = "too high" if scores[i] >= medians[name] else "too low"
             what = "score" if name == next(iter(model)) else f"{name} (the guard)"
             text = f"unlike the normal images to the model: {what} {side}"
             found.append(Reason(MODEL_CHECK, float(scores[i]), float(own[name][i]), text))
         for name, p in props.items():
             prop = BY_NAME[name]
             value = float(checked[name][i])
-            text = describe(prop, calibration[key(name)], value, formats[i] if i < len(formats) else "", shares)
+            text = describe(prop, ranges[name], value, formats[i] if i < len(formats) else "", shares)
             found.append(Reason(name, value, float(p[i]), text))
         found.sort(key=lambda r: r.p_value)
         out.append(found)

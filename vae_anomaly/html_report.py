@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from . import __version__
-from .report import Report
+from .report import ImageRecord, Report
 
 MAX_UNREADABLE_ROWS = 1000  # beyond this the table says how many more; the JSON output has them all
 
@@ -61,6 +61,7 @@ img.px{width:72px;height:72px;image-rendering:pixelated;border:1px solid #d5d9e0
 img.chart{max-width:100%;height:auto}
 .flag{display:inline-block;padding:1px 7px;border-radius:10px;font-size:12px;font-weight:600}
 .flag.yes{background:#fdecea;color:#a3231a}.flag.no{background:#eef1f4;color:#566070}
+.why{margin:4px 0 0;padding-left:16px;font-size:12px;color:#3d4653;max-width:28em}
 ul.warnings{color:#7a5200}
 """
 
@@ -98,10 +99,13 @@ def _p_floor(report: Report) -> str:
     )
 
 
-def _side(score: float, report: Report) -> str:
-    """Which bound a flagged score crossed: too high (surprising), or too low (too simple to be normal)."""
-    low = report.summary.threshold.get("low")
-    return "score too low" if low is not None and score <= low else "score too high"
+def _why(r: ImageRecord) -> str:
+    """A record's reasons (checks.py) and the image it copies, as a short list beside its pictures."""
+    items = [_e(reason.text) for reason in r.reasons]
+    if r.duplicate_of is not None:
+        where = "a training image" if r.leak else "an earlier image of the batch"
+        items.append(f"{_e(r.duplicate_kind)} copy of {where}: {_e(r.duplicate_of)}")
+    return '<ul class="why">' + "".join(f"<li>{item}</li>" for item in items) + "</ul>" if items else ""
 
 
 def render_html(
@@ -144,6 +148,7 @@ def render_html(
         ("score", f"{s.score} ({s.samples} Monte Carlo sample(s))"),
         ("rule", s.rule),
         ("calibration", f"{s.calibration_images:,} held-out normal images"),
+        ("duplicates", f"{s.leaks:,} copies of training images, {s.duplicates:,} of earlier images of the batch"),
         ("p-value floor", _p_floor(report)),
         ("model fingerprint", s.model_fingerprint or "-"),
     ]
@@ -178,11 +183,7 @@ def render_html(
             if pics
             else ["", "", ""]
         )
-        flag = (
-            f'<span class="flag yes">ANOMALY</span><br><span class="meta">{_side(r.score, report)}</span>'
-            if r.flagged and r.score is not None
-            else '<span class="flag no">ok</span>'
-        )
+        flag = ('<span class="flag yes">ANOMALY</span>' if r.flagged else '<span class="flag no">ok</span>') + _why(r)
         parts.append(
             f'<tr><td class="num">{r.rank}</td><td>{cells[0]}</td><td>{cells[1]}</td><td>{cells[2]}</td>'
             f'<td class="num">{r.score:,.2f}</td><td class="num">{r.p_value:.4f}</td><td>{flag}</td>'
