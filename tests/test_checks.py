@@ -15,7 +15,7 @@ from PIL import Image, ImageFilter
 
 from conftest import cli_run as run
 from vae_anomaly import properties
-from vae_anomaly.checks import Reason, kept, p_value
+from vae_anomaly.checks import Reason, kept, p_value, side_p_value
 from vae_anomaly.duplicates import DuplicateFinder, Fingerprints, fingerprints, hamming
 from vae_anomaly.gate import evaluate_gate, parse_gate
 from vae_anomaly.properties import BY_NAME
@@ -24,11 +24,15 @@ SIDE = 32
 
 
 def photo(rng: np.random.Generator, side: int = SIDE) -> np.ndarray:
-    """A small colour 'photo': a smooth colour gradient, a bright disk, sensor noise."""
+    """A small colour 'photo': a smooth colour gradient, coarse texture, a bright disk, sensor noise.
+
+    The texture (an 8x8 random pattern, enlarged) makes two pictures differ in their low frequencies,
+    as two photos do; gradients alone would share perceptual hashes."""
     yy, xx = np.mgrid[0:side, 0:side] / side
     base = rng.uniform(60, 160, 3)
     tilt = rng.uniform(-40, 40, (2, 3))
     img = base + yy[..., None] * tilt[0] + xx[..., None] * tilt[1]
+    img += np.kron(rng.normal(0, 20, (8, 8, 1)), np.ones((side // 8, side // 8, 3)))
     cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.1, 0.25)
     img += (np.hypot(yy - cy, xx - cx) < r)[..., None] * rng.uniform(30, 80, 3)
     img += rng.normal(0, 5, img.shape)
@@ -112,6 +116,8 @@ def test_one_sided_checks_see_only_their_side() -> None:
     assert p_value(BY_NAME["highlights"], cal, np.array([-5.0]))[0] == pytest.approx(1 / 101)
     assert p_value(BY_NAME["highlights"], cal, np.array([500.0]))[0] == 1.0, "bright highlights are not dark"
     assert p_value(BY_NAME["brightness"], cal, np.array([500.0]))[0] == pytest.approx(2 / 101)
+    assert side_p_value(cal, np.array([500.0, -1.0, 10.0]))[:2].tolist() == [1 / 101, 1 / 101], "a reason's side"
+    assert side_p_value(cal, np.array([10.0]))[0] == pytest.approx(12 / 101), "11 normal values <= 10"
 
 
 def test_a_flagged_image_always_keeps_one_reason() -> None:
@@ -136,12 +142,13 @@ def test_hamming_counts_differing_bits() -> None:
 def test_duplicates_name_the_earliest_copy_and_prefer_a_training_image() -> None:
     train = _fp([11, 12], [0b0, 2**40])
     finder = DuplicateFinder(train, ["train/a.png", "train/b.png"], near_bits=3)
-    first = finder.find(_fp([11, 20, 21, 20], [0b0, 2**63, 2**63 + 0b111, 2**63]), ["x", "y", "z", "w"])
+    far = 0xFFFF_FFFF_0000_0000  # 32 bits from train/a's hash, 24 from train/b's
+    first = finder.find(_fp([11, 20, 21, 20], [0b0, far, far + 0b111, far]), ["x", "y", "z", "w"])
     assert first[0] is not None and (first[0].of, first[0].kind, first[0].training) == ("train/a.png", "exact", True)
     assert first[1] is None, "the first of a group is not a copy"
     assert first[2] is not None and (first[2].of, first[2].kind, first[2].distance) == ("y", "near", 3)
     assert first[3] is not None and (first[3].of, first[3].kind) == ("y", "exact")
-    later = finder.find(_fp([20, 30], [2**63, 2**40 + 1]), ["v", "u"])
+    later = finder.find(_fp([20, 30], [far, 2**40 + 1]), ["v", "u"])
     assert later[0] is not None and later[0].of == "y", "copies are found across batches"
     assert later[1] is not None and (later[1].of, later[1].kind) == ("train/b.png", "near")
 
@@ -230,12 +237,12 @@ def test_every_flagged_record_has_a_reason_in_every_output(
     text = summary.read_text()
     assert "darker" in text and "copy of a training image" in text
     html = page.read_text(encoding="utf-8")
-    assert '<ul class="why"><li>darker' in html and "exact copy of a training image" in html
+    assert '<ul class="why"><li>' in html and "darker" in html and "exact copy of a training image" in html
 
 
 def test_the_leak_gate_fails_the_batch(photos_dir: Path, photos_model: Path) -> None:
-    code, _, err = run("score", photos_dir / "in", "-m", photos_model, "--gate", "max-leaks=0", "--format", "json")
-    assert code == 1 and "gate max-leaks: 2 <= 0 FAIL" in err
+    code, out, err = run("score", photos_dir / "in", "-m", photos_model, "--gate", "max-leaks=0")
+    assert code == 1 and "gate max-leaks: 2 <= 0 FAIL" in out, out
     code, _, err = run("score", photos_dir / "in", "-m", photos_model, "--gate", "max-leaks=2,max-duplicates=1")
     assert code == 0, err
 

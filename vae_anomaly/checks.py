@@ -1,19 +1,21 @@
 """Calibrated property checks and the reasons a record gives: "darker than 99.6% of normal images".
 
-Each property of `properties.py` is tested like the model's score: its
+Each property of `properties.py` is calibrated like the model's score: its
 values on the calibration images (normal, never trained on) are kept in the
-model file, and a new image's value gets a conformal p-value against them,
+model file. The decision takes them into its one test, two-sided, with the
+score and the guard (`DecisionRule.checks`, `calibration._typicality`), so
+the flagged share of normal images stays at the rule's level whatever the
+number of checks. The file format is categorical: its value is the share of
+calibration images in that format.
+
+A reason states where an image lies on one check: the one-sided conformal
+p-value on its side,
 
     p_low  = (1 + #{i : v_i <= v}) / (n + 1),   p_high = (1 + #{i : v_i >= v}) / (n + 1),
 
-one-sided where only one side is odd (`Property.tail`), else
-p = min(1, 2 min(p_low, p_high)). Under normal data each is uniform, so a
-property named atypical at p <= alpha is named on a normal image with
-probability at most alpha. The file format is categorical: its value is
-the share of calibration images in that format, tested on its lower side.
-
-A flagged record's reasons are every check at p <= the decision's cut-off,
-most atypical first; the model's own ("unlike the normal images to the
+the smaller of the two for two-sided properties, the property's own side
+for one-sided ones (`Property.tail`). A flagged record's reasons are every
+check at p <= the decision's cut-off, most atypical first; the model's own ("unlike the normal images to the
 model: score too high") is one of them, and when no check reaches the
 cut-off the most atypical one is named, so a flagged record always has one.
 Arrays (the Python API) have no file: their header checks (width, height,
@@ -61,6 +63,18 @@ def p_value(prop: Property, calibration: np.ndarray, v: np.ndarray) -> np.ndarra
     if prop.tail == "lower":
         return conformal_p_values(-np.asarray(calibration), -np.asarray(v), "upper")
     return conformal_p_values(calibration, v, "upper" if prop.tail == "upper" else "two-sided")
+
+
+def side_p_value(calibration: np.ndarray, v: np.ndarray, tail: str = "two-sided") -> np.ndarray:
+    """The one-sided conformal p-value on the side each value lies, (1 + #{normal at least as far}) / (n + 1):
+    what a reason states. The decision has already tested all checks at once (the one test), so a
+    reason only says where the image lies, without a second multiplicity correction."""
+    cal, x = np.asarray(calibration, dtype=np.float64), np.asarray(v, dtype=np.float64)
+    high = conformal_p_values(cal, x, "upper")
+    if tail == "upper":
+        return high
+    low = conformal_p_values(-cal, -x, "upper")
+    return low if tail == "lower" else np.minimum(low, high)
 
 
 @dataclass(frozen=True)
@@ -120,9 +134,10 @@ def describe(
 def property_p_values(
     calibration: Mapping[str, np.ndarray], checked: Mapping[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
-    """Each property's p-values for the images, for the properties the model file calibrated."""
+    """Each property's one-sided p-value on the side each image lies (on its own side for one-sided
+    properties), for the properties the model file calibrated."""
     return {
-        name: p_value(BY_NAME[name], calibration[key(name)], v)
+        name: side_p_value(calibration[key(name)], v, BY_NAME[name].tail)
         for name, v in checked.items()
         if name in BY_NAME and key(name) in calibration
     }
@@ -142,7 +157,7 @@ def explain(
     values, their tail); they make one finding, "unlike the normal images to the model", at the
     smaller of their own p-values. `checked` are the property values (`values`).
     """
-    own = {name: conformal_p_values(cal, v, tail) for name, (v, cal, tail) in model.items()}
+    own = {name: side_p_value(cal, v, tail) for name, (v, cal, tail) in model.items()}
     props = property_p_values(calibration, checked)
     ranges = {name: NormalRange.of(calibration[key(name)]) for name in props}
     medians = {name: float(np.median(cal)) for name, (_, cal, _) in model.items()}
