@@ -158,11 +158,11 @@ def _copy(kind: str, src: Path, dst: Path) -> None:
 
 
 def duplicate_set(
-    work: Path, name: str, model: Path, sets: dict[str, list[Path]], seed: int, bounds: bool
+    work: Path, label: str, model: Path, sets: dict[str, list[Path]], seed: int, bounds: bool
 ) -> dict[str, Any]:
     """Copies of training images (leaks) and of incoming images (within the batch), and distinct look-alikes."""
     rng = np.random.default_rng(seed + 1)
-    incoming = work / name / "incoming"
+    incoming = work / label / "incoming"
     incoming.mkdir(parents=True)
     truth: dict[str, tuple[str, str]] = {}  # file -> (kind, the source's name)
     train, clean = sets["normal"], sets["clean"]
@@ -184,7 +184,7 @@ def duplicate_set(
     seconds, proc = photos.run([*photos.cli(), "score", str(incoming), "-m", str(model), "--format", "json"])
     records = {Path(r["path"]).name: r for r in json.loads(proc.stdout)["records"]}
     rows: dict[str, dict[str, Any]] = {}
-    union = work / name / "union"  # CleanVision sees training and incoming images together
+    union = work / label / "union"  # CleanVision sees training and incoming images together
     union.mkdir()
     for p in train:
         (union / f"train_{p.name}").symlink_to(p)

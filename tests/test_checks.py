@@ -11,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageFilter
 
 from conftest import cli_run as run
-from vae_anomaly import properties
+from vae_anomaly import Detector, properties
 from vae_anomaly.checks import Reason, kept, p_value, side_p_value
-from vae_anomaly.duplicates import DuplicateFinder, Fingerprints, fingerprints, hamming
+from vae_anomaly.duplicates import DuplicateFinder, Fingerprints, _nearest, fingerprints, hamming
 from vae_anomaly.gate import evaluate_gate, parse_gate
 from vae_anomaly.properties import BY_NAME
 
@@ -139,6 +141,24 @@ def test_hamming_counts_differing_bits() -> None:
     assert hamming(a, b).tolist() == [[3, 2], [64, 63]]
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 600), st.integers(0, 9000), st.integers(1, 3))
+def test_the_blocked_search_finds_the_nearest_hash_as_the_full_comparison_does(
+    seed: int, m: int, n: int, parts: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    store = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64) << np.uint64(rng.integers(0, 2))
+    queries = rng.integers(0, 2**63, m, dtype=np.int64).astype(np.uint64)
+    if n:
+        queries[: m // 2] = store[rng.integers(0, n, m // 2)] ^ np.uint64(rng.integers(0, 2**8))
+    d, where = _nearest(queries, np.array_split(store, parts))
+    if n == 0:
+        assert (d == 65).all()
+        return
+    full = hamming(queries, store)
+    assert np.array_equal(d, full.min(axis=1)) and np.array_equal(where, full.argmin(axis=1))
+
+
 def test_duplicates_name_the_earliest_copy_and_prefer_a_training_image() -> None:
     train = _fp([11, 12], [0b0, 2**40])
     finder = DuplicateFinder(train, ["train/a.png", "train/b.png"], near_bits=3)
@@ -253,3 +273,21 @@ def test_no_checks_decides_on_the_model_alone(photos_dir: Path, photos_model: Pa
     assert doc["summary"]["threshold"]["checks"] == 0 and "image properties" not in doc["summary"]["rule"]
     _, out, _ = run("score", photos_dir / "in", "-m", photos_model, "--format", "json")
     assert json.loads(out)["summary"]["threshold"]["checks"] == 12, "a colour model from files checks all twelve"
+
+
+def test_the_python_api_explains_and_finds_copies(fitted: Detector) -> None:
+    """Arrays: pixel checks only (no file header), copies of training images and within the batch."""
+    from conftest import disks
+
+    training = disks(1000, seed=10)  # the `fitted` detector's own training array
+    dark = (disks(1, seed=70).astype(np.float64) * 0.1).astype(np.uint8)
+    x = np.concatenate([disks(3, seed=71), training[5:6], dark, disks(3, seed=71)[:1]])
+    result = fitted.score(x)
+    decision = fitted.decide(result)
+    assert "property:width" not in fitted.calibration_, "an array has no file to check"
+    assert decision.flags[4], "the dark frame"
+    why = fitted.explain(result, decision, [4])[0]
+    assert any(r.check in ("brightness", "highlights") and "darker" in r.text for r in why)
+    dups = fitted.duplicates(result)
+    assert dups[3] is not None and dups[3].training and dups[3].of == "[5]" and dups[3].kind == "exact"
+    assert dups[5] is not None and not dups[5].training and (dups[5].of, dups[5].kind) == ("[0]", "exact")

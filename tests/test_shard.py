@@ -188,6 +188,24 @@ def test_more_shards_than_files_leaves_empty_shards_that_still_merge(
     assert empty["records"] == [] and empty["summary"]["total"] == 0 and empty["shard"]["listing"] == 2
 
 
+def test_copies_in_different_shards_and_leaks_are_found_as_one_run_finds_them(
+    cli_model: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "copies"
+    folder.mkdir()
+    disks_ = sorted((data_dir / "incoming").glob("disk_*.png"))[:6]
+    for p in disks_:
+        shutil.copy(p, folder / p.name)
+    shutil.copy(disks_[0], folder / "z_copy_of_first.png")  # listed last: another shard than its original
+    shutil.copy(sorted((data_dir / "normal").glob("*.png"))[3], folder / "leak.png")
+    code, whole = _same_as_one_run(cli_model, folder, tmp_path, (), ("--gate", "max-duplicates=0"), n=3)
+    by_name = {Path(r["path"]).name: r for r in whole["records"]}
+    copy, leak = by_name["z_copy_of_first.png"], by_name["leak.png"]
+    assert copy["duplicate_of"].endswith(disks_[0].name) and copy["duplicate_in"] == "batch"
+    assert leak["duplicate_in"] == "training" and leak["duplicate_kind"] == "exact"
+    assert code == 1 and whole["summary"]["duplicates"] == 1 and whole["summary"]["leaks"] == 1
+
+
 @settings(max_examples=200, deadline=None)
 @given(total=st.integers(0, 300), count=st.integers(1, 12))
 def test_round_robin_puts_every_file_in_exactly_one_shard(total: int, count: int) -> None:

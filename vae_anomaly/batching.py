@@ -49,9 +49,16 @@ class ImageBatch:
 
     def measured(self) -> ImageBatch:
         """This batch with its properties and fingerprints computed from its pixels and sources."""
-        self.properties = properties.measure(self.pixels, self.sources)
-        self.fingerprints = fingerprints(self.pixels, self.sources)
+        self.properties, self.fingerprints = _measure(self.pixels, self.sources)
         return self
+
+
+Facts = tuple[dict[str, np.ndarray], Fingerprints]
+
+
+def _measure(pixels: np.ndarray, sources: Sequence[Source]) -> Facts:
+    """The properties and duplicate fingerprints of decoded images (properties.py, duplicates.py)."""
+    return properties.measure(pixels, sources), fingerprints(pixels, sources)
 
 
 # ---------------------------------------------------------------- decoding in worker processes
@@ -109,6 +116,9 @@ class _Decoded:
     sources: list[Source]  # each readable file's own width, height, colour, format
     bits: np.ndarray | None
     errors: list[tuple[int, str]]  # (position, reason)
+    # Their properties and fingerprints, measured in the worker too: there they overlap the parent's
+    # scoring instead of adding to it (about 110 us an image at 48x48 RGB).
+    facts: Facts
 
 
 def _decode_chunk(files: Sequence[Path], prep: Preprocessing, bits: bool) -> _Decoded:
@@ -127,7 +137,8 @@ def _decode_chunk(files: Sequence[Path], prep: Preprocessing, bits: bool) -> _De
         w, h = source.get("size", (prep.size, prep.size))
         sources.append((int(w), int(h), bool(source.get("colour", False)), str(source.get("format", ""))))
     pixels = np.stack(arrays) if arrays else np.zeros((0, prep.channels, prep.size, prep.size), np.uint8)
-    return _Decoded(index, pixels, sources, png_bits(pixels, prep.png_level) if bits else None, errors)
+    lengths = png_bits(pixels, prep.png_level) if bits else None
+    return _Decoded(index, pixels, sources, lengths, errors, _measure(pixels, sources))
 
 
 def _worker_init(max_image_pixels: int | None) -> None:
@@ -166,6 +177,7 @@ def _assemble(p: _Pending, prep: Preprocessing, bits: bool, cache: PixelCache | 
     pixels = np.empty((n, prep.channels, prep.size, prep.size), np.uint8)
     ok = np.zeros(n, bool)
     out_bits = np.full(n, np.nan)
+    facts = _Rows(n)
     sources: dict[int, Source] = {}
     reasons: dict[int, str] = {}
     hits = p.hits
@@ -190,6 +202,7 @@ def _assemble(p: _Pending, prep: Preprocessing, bits: bool, cache: PixelCache | 
             fresh = [redo_pos[j] for j in redo.index]
             pixels[fresh] = redo.pixels
             ok[fresh] = True
+            facts.put(fresh, redo.facts)
             for j, i in enumerate(fresh):
                 sources[i] = redo.sources[j]
                 if redo.bits is not None:
@@ -207,6 +220,7 @@ def _assemble(p: _Pending, prep: Preprocessing, bits: bool, cache: PixelCache | 
         pos = [p.misses[j] for j in d.index]
         pixels[pos] = d.pixels
         ok[pos] = True
+        facts.put(pos, d.facts)
         for j, i in enumerate(pos):
             sources[i] = d.sources[j]
             if d.bits is not None:
@@ -240,7 +254,31 @@ def _assemble(p: _Pending, prep: Preprocessing, bits: bool, cache: PixelCache | 
             count, example = unlike.get(kind, (0, paths[-1]))
             unlike[kind] = (count + 1, example)
     readable = [sources[i] for i in range(n) if ok[i]]
-    return ImageBatch(paths, pixels[ok], errors, unlike, out_bits[ok] if bits else None, readable).measured()
+    unmeasured = [i for i in range(n) if ok[i] and not facts.have[i]]  # read from the cache: measured here
+    if unmeasured:
+        facts.put(unmeasured, _measure(pixels[unmeasured], [sources[i] for i in unmeasured]))
+    found, prints = facts.rows(ok)
+    return ImageBatch(paths, pixels[ok], errors, unlike, out_bits[ok] if bits else None, readable, found, prints)
+
+
+class _Rows:
+    """A batch's properties and fingerprints, row by row, as decoded and cached rows come in."""
+
+    def __init__(self, n: int) -> None:
+        self.have = np.zeros(n, bool)
+        self.values: dict[str, np.ndarray] = {}
+        self.exact = np.zeros(n, np.uint64)
+        self.near = np.zeros(n, np.uint64)
+
+    def put(self, rows: Sequence[int], facts: Facts) -> None:
+        found, prints = facts
+        for name, v in found.items():
+            self.values.setdefault(name, np.full(len(self.have), np.nan))[rows] = v
+        self.exact[rows], self.near[rows] = prints.exact, prints.near
+        self.have[rows] = True
+
+    def rows(self, ok: np.ndarray) -> Facts:
+        return {k: v[ok] for k, v in self.values.items()}, Fingerprints(self.exact[ok], self.near[ok])
 
 
 def iter_batches(

@@ -14,8 +14,11 @@ Each image gets two 64-bit fingerprints where it is decoded:
 
 The model file keeps the training images' fingerprints and names, never
 their pixels. Comparisons are vectorised: XOR and a popcount
-(`np.bitwise_count`) of one block of new images against every stored hash,
-so 100,000 training images cost milliseconds per batch, not a Python loop.
+(`np.bitwise_count`) of blocks of new hashes against every stored one, about
+47 us per image against 100,000 training images, with no Python loop over
+pairs. (Multi-index hashing, bound + 1 exact-match chunks, was tried: with
+7-bit chunks it gathers thousands of candidates per query and measured no
+faster.)
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from .decoding import Source
 # Hamming distance (of 64 bits) up to which two perceptual hashes are the same picture. Measured on
 # benchmarks/quality_checks.py (README, "Duplicates").
 NEAR_BITS = 8
-_BLOCK = 2**22  # hash pairs compared at once (32 MB of uint64)
+_QUERIES, _HASHES = 256, 4096  # one block of the Hamming search: 8 MB of XORs, 1 MB of counts
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,11 @@ class Duplicate:
 class DuplicateFinder:
     """Finds, for each scored image, a training image or an earlier image of the run it copies.
 
-    Training images come first (a leak is the worse finding); within the
-    run, the earliest copy in input order is named, so the first of a group
-    of copies is never itself a duplicate.
+    Exact copies come first (of a training image, then of an earlier image of
+    the run), then the nearest perceptual hash within `near_bits` (a training
+    image on a tie: a leak is the worse finding). Within the run the earliest
+    copy in input order is named, so the first of a group of copies is never
+    itself a duplicate.
     """
 
     training: Fingerprints
@@ -111,56 +116,68 @@ class DuplicateFinder:
     def find(self, fp: Fingerprints, names: Sequence[str]) -> list[Duplicate | None]:
         """Each image's duplicate, or None; then the images join the run's seen set."""
         out: list[Duplicate | None] = [None] * len(names)
-        # Exact against training: a sorted search.
-        pos = np.searchsorted(self._train_exact_sorted, fp.exact)
-        pos = np.minimum(pos, max(len(self._train_exact_sorted) - 1, 0))
-        if len(self._train_exact_sorted):
-            hit = self._train_exact_sorted[pos] == fp.exact
-            for i in np.nonzero(hit)[0].tolist():
+        if len(self._train_exact_sorted):  # exact, against the training images: a sorted search
+            pos = np.minimum(np.searchsorted(self._train_exact_sorted, fp.exact), len(self._train_exact_sorted) - 1)
+            for i in np.nonzero(self._train_exact_sorted[pos] == fp.exact)[0].tolist():
                 out[i] = Duplicate(self.training_names[int(self._train_exact_order[pos[i]])], "exact", True, 0)
-        todo = [i for i in range(len(names)) if out[i] is None]
-        if todo and len(self.training.near):
-            dist, idx = _nearest(fp.near[todo], [self.training.near])
-            for i, d, j in zip(todo, dist.tolist(), idx.tolist(), strict=True):
-                if d <= self.near_bits:
-                    out[i] = Duplicate(self.training_names[j], "near", True, int(d))
-        # Within the run: earlier batches, then earlier images of this batch, in input order.
-        for i, name in enumerate(names):
+        for i, name in enumerate(names):  # exact, against the run so far, in input order
             key = int(fp.exact[i])
             if out[i] is None and key in self._exact_seen:
                 out[i] = Duplicate(self._exact_seen[key], "exact", False, 0)
             self._exact_seen.setdefault(key, name)
         todo = [i for i in range(len(names)) if out[i] is None]
         if todo:
+            queries = fp.near[todo]
+            d_train, i_train = _nearest(queries, [self.training.near])
             earlier = self._near_seen
-            dist, idx = _nearest(fp.near[todo], earlier) if earlier else (np.full(len(todo), 65), np.zeros(0, int))
-            within = hamming(fp.near[todo], fp.near) if len(todo) else np.zeros((0, 0))
+            d_run, i_run = _nearest(queries, [np.concatenate(earlier)] if earlier else [])
+            within = hamming(queries, fp.near)
             for row, i in enumerate(todo):
-                best, who = (int(dist[row]), self._names_seen[int(idx[row])]) if earlier else (65, "")
+                best, who, training = int(d_train[row]), int(i_train[row]), True
+                if int(d_run[row]) < best:
+                    best, who, training = int(d_run[row]), int(i_run[row]), False
                 prior = within[row, :i]
                 if len(prior) and int(prior.min()) < best:
                     j = int(np.argmin(prior))
-                    best, who = int(prior[j]), names[j]
-                if best <= self.near_bits:
-                    out[i] = Duplicate(who, "near", False, best)
+                    best, who, training = int(prior[j]), -1 - j, False
+                if best > self.near_bits:
+                    continue
+                if training:
+                    of = self.training_names[who]
+                else:
+                    of = names[-1 - who] if who < 0 else self._names_seen[who]
+                out[i] = Duplicate(of, "near", training, best)
         self._near_seen.append(fp.near.copy())
         self._names_seen += list(names)
         return out
 
 
 def _nearest(queries: np.ndarray, stores: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """The smallest Hamming distance of each query to the stored hashes (several arrays, in order),
-    and the index of the first hash at that distance in their concatenation."""
-    best = np.full(len(queries), 65, np.int64)
-    where = np.zeros(len(queries), np.int64)
+    """The smallest Hamming distance of each query to the stored hashes (several arrays, in order; 65
+    when there are none), and the index of the first hash at that distance in their concatenation.
+
+    Blocks of 256 queries x 4,096 hashes, XORed and popcounted into reused uint8 buffers that stay
+    in cache: about 47 us per query against 100,000 hashes on one core, 3.4x the plain outer product.
+    """
+    q = np.asarray(queries, dtype=np.uint64)
+    best = np.full(len(q), 65, np.int64)
+    where = np.zeros(len(q), np.int64)
+    xor = np.empty((_QUERIES, _HASHES), np.uint64)
+    bits = np.empty((_QUERIES, _HASHES), np.uint8)
     offset = 0
     for store in stores:
-        step = max(1, _BLOCK // max(len(queries), 1))
-        for start in range(0, len(store), step):
-            block = hamming(queries, store[start : start + step])
-            j = np.argmin(block, axis=1)
-            d = block[np.arange(len(queries)), j]
-            better = d < best
-            best[better], where[better] = d[better], offset + start + j[better]
+        for i in range(0, len(q), _QUERIES):
+            block = q[i : i + _QUERIES]
+            rows = np.arange(len(block))
+            for j in range(0, len(store), _HASHES):
+                part = store[j : j + _HASHES]
+                x, c = xor[: len(block), : len(part)], bits[: len(block), : len(part)]
+                np.bitwise_xor(block[:, None], part[None, :], out=x)
+                np.bitwise_count(x, out=c)
+                k = c.argmin(axis=1)
+                d = c[rows, k].astype(np.int64)
+                better = d < best[i : i + len(block)]
+                best[i : i + len(block)][better] = d[better]
+                where[i : i + len(block)][better] = offset + j + k[better]
         offset += len(store)
     return best, where
