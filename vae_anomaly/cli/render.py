@@ -38,6 +38,19 @@ def say(msg: str) -> None:
         err.print(escape(msg), highlight=False)
 
 
+def _checks_row(data: dict[str, Any]) -> str:
+    """The property checks the model calibrated (with their normal medians), its file formats, and the
+    training images whose fingerprints it keeps for the duplicate search."""
+    checked = {k.split(":", 1)[1]: v for k, v in data["calibration"].items() if v["samples"] is None}
+    c = data["checks"]
+    formats = ", ".join(f"{f or 'arrays'} {s:.0%}" for f, s in c.get("formats", {}).items())
+    medians = "; ".join(f"{k} {v['median']:.4g}" for k, v in checked.items())
+    return (
+        f"{len(checked)} calibrated on the same images, medians {medians}; formats {formats}; fingerprints of "
+        f"{c.get('training_files', 0):,} training images (duplicates within {c.get('near_bits')} bits)"
+    )
+
+
 def report_table(report: Report, top: int) -> None:
     """The most anomalous images first, then the verdict lines."""
     s = report.summary
@@ -148,7 +161,9 @@ def info_table(model: str, data: dict[str, Any]) -> None:
         *[
             (f"calibration {k}", f"{v['n']} scores, {v['samples']} sample(s), median {v['median']:.4g}")
             for k, v in data["calibration"].items()
+            if v["samples"] is not None
         ],
+        *([("checks", _checks_row(data))] if "checks" in data else []),
         ("versions", ", ".join(f"{k} {v}" for k, v in data["versions"].items())),
     ]
     for k, v in rows:
