@@ -18,7 +18,15 @@ from PIL import Image, ImageFilter
 from conftest import cli_run as run
 from vae_anomaly import Detector, properties
 from vae_anomaly.checks import Reason, kept, p_value, side_p_value
-from vae_anomaly.duplicates import DuplicateFinder, Fingerprints, _nearest, fingerprints, hamming
+from vae_anomaly.duplicates import (
+    NEAR_BITS,
+    DuplicateFinder,
+    Fingerprints,
+    _nearest,
+    calibrate_bound,
+    fingerprints,
+    hamming,
+)
 from vae_anomaly.gate import evaluate_gate, parse_gate
 from vae_anomaly.properties import BY_NAME
 
@@ -133,6 +141,19 @@ def test_a_flagged_image_always_keeps_one_reason() -> None:
 
 def _fp(exact: list[int], near: list[int]) -> Fingerprints:
     return Fingerprints(np.array(exact, np.uint64), np.array(near, np.uint64))
+
+
+def test_the_near_bound_is_lowered_where_training_images_look_alike() -> None:
+    rng = np.random.default_rng(5)
+    ids = np.arange(1000, dtype=np.uint64)
+    distinct = rng.integers(0, 2**63, 1000, dtype=np.int64).astype(np.uint64)
+    assert calibrate_bound(Fingerprints(ids, distinct)) == NEAR_BITS
+    alike = distinct.copy()
+    alike[:30] = alike[30:60] ^ np.uint64(0b1111)  # 6% of them 4 bits from another: look-alikes, not copies
+    assert calibrate_bound(Fingerprints(ids, alike)) == 3
+    same = np.zeros(1000, np.uint64)
+    assert calibrate_bound(Fingerprints(ids, same)) == -1, "identical hashes of distinct images: exact only"
+    assert calibrate_bound(Fingerprints(np.zeros(1000, np.uint64), same)) == NEAR_BITS, "exact copies do not count"
 
 
 def test_hamming_counts_differing_bits() -> None:

@@ -34,7 +34,7 @@ from .decision import Decision, DecisionRule
 from .decoding import Preprocessing
 from .devices import ThreadShare, resolve_device, training_device
 from .distributed import current
-from .duplicates import NEAR_BITS, Duplicate, DuplicateFinder, Fingerprints
+from .duplicates import NEAR_BITS, Duplicate, DuplicateFinder, Fingerprints, calibrate_bound
 from .errors import ModelFileError, UsageError
 from .inference import HeatMaps, ImageInput, ScoreResult
 from .listing import FileListing
@@ -133,12 +133,14 @@ class Detector:
         self.calibration_ = inference.calibration_scores(
             models, images.pixels, folds, noise, device, world, images.bits
         )
-        self._calibrate_checks(images, np.concatenate(folds))
+        self._calibrate_checks(images, np.concatenate(folds), warn)
         self.metadata_["training"]["plan"] = {**fit_plan.to_dict(), "seconds": time.perf_counter() - started}
         self.checksum_ = None
         return self
 
-    def _calibrate_checks(self, images: crossfit.TrainingImages, order: np.ndarray) -> None:
+    def _calibrate_checks(
+        self, images: crossfit.TrainingImages, order: np.ndarray, warn: Callable[[str], None]
+    ) -> None:
         """The property checks' calibration values (same images, same order as the scores), the format
         shares, and every training image's name and duplicate fingerprints (checks.py, duplicates.py)."""
         facts = images.facts
@@ -148,7 +150,18 @@ class Detector:
         if all(f == "" for f in facts.formats):  # arrays: no file, so no header to check files against
             calibrated = {k: v for k, v in calibrated.items() if k not in HEADER}
         self.calibration_.update({checks.key(name): v for name, v in calibrated.items()})
-        self.metadata_["checks"] = {"formats": shares, "near_bits": NEAR_BITS, "training_files": list(images.paths)}
+        bound = calibrate_bound(facts.fingerprints)
+        if bound < NEAR_BITS:
+            warn(
+                "near duplicates: more than 1% of these training images have a distinct look-alike with a "
+                + (
+                    f"perceptual hash within {bound + 1} bits, so copies are recognised only within {bound} bits"
+                    if bound >= 0
+                    else "perceptual hash identical to theirs, so only exact copies will be recognised"
+                )
+                + " (README, Checks)"
+            )
+        self.metadata_["checks"] = {"formats": shares, "near_bits": bound, "training_files": list(images.paths)}
         self.training_fingerprints_ = facts.fingerprints
 
     # ---------------------------------------------------------------- state

@@ -47,8 +47,14 @@ def _checks_row(data: dict[str, Any]) -> str:
     medians = "; ".join(f"{k} {v['median']:.4g}" for k, v in checked.items())
     return (
         f"{len(checked)} calibrated on the same images, medians {medians}; formats {formats}; fingerprints of "
-        f"{c.get('training_files', 0):,} training images (duplicates within {c.get('near_bits')} bits)"
+        f"{c.get('training_files', 0):,} training images ({_near(c.get('near_bits'))})"
     )
+
+
+def _near(bits: int | None) -> str:
+    if bits is None or bits < 0:
+        return "exact copies only: distinct training images share perceptual hashes"
+    return f"near duplicates within {bits} of 64 bits"
 
 
 def report_table(report: Report, top: int) -> None:
