@@ -24,8 +24,10 @@ faster.)
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import imagehash
 import numpy as np
@@ -63,18 +65,20 @@ class Fingerprints:
         return cls(np.concatenate([p.exact for p in parts]), np.concatenate([p.near for p in parts]))
 
 
-def fingerprints(pixels: np.ndarray, sources: Sequence[Source]) -> Fingerprints:
-    """Both fingerprints of each uint8 (C, H, W) image of a batch at the working size."""
+def fingerprints(
+    pixels: np.ndarray, sources: Sequence[Source], near_hash: Callable[[Image.Image], Any] = imagehash.phash
+) -> Fingerprints:
+    """Both fingerprints of each uint8 (C, H, W) image of a batch at the working size (`near_hash`: an
+    `imagehash` function of 64 bits; benchmarks/quality_checks.py compares them)."""
     exact = np.empty(len(pixels), np.uint64)
     near = np.empty(len(pixels), np.uint64)
     for i, img in enumerate(pixels):
-        h = hashlib.blake2b(digest_size=8)
-        h.update(np.array(sources[i][:2], dtype="<i8").tobytes())
+        h = hashlib.blake2b(struct.pack("<qq", *sources[i][:2]), digest_size=8)
         h.update(np.ascontiguousarray(img).tobytes())
-        exact[i] = np.frombuffer(h.digest(), dtype="<u8")[0]
+        exact[i] = int.from_bytes(h.digest(), "little")
         arr = img[0] if img.shape[0] == 1 else np.ascontiguousarray(img.transpose(1, 2, 0))
-        bits = imagehash.phash(Image.fromarray(arr)).hash.ravel()
-        near[i] = np.frombuffer(np.packbits(bits).tobytes(), dtype=">u8")[0]
+        bits = near_hash(Image.fromarray(arr)).hash.ravel()
+        near[i] = int.from_bytes(np.packbits(bits).tobytes(), "big")
     return Fingerprints(exact, near)
 
 
