@@ -213,9 +213,11 @@ def duplicate_set(
             "cleanvision found": float(np.mean(cv_found)),
             "cleanvision right source": float(np.mean(cv_right)),
         }
+    info = json.loads(photos.run([*photos.cli(), "info", str(model), "--format", "json"])[1].stdout)
     called = [n for n in truth if records[n]["duplicate_of"] is not None]
     cv_called = [n for n in truth if cv_partner.get(n)]
     doc: dict[str, Any] = {
+        "near_bits": info["checks"]["near_bits"],  # the bound `fit` calibrated on the training images
         "rows": rows,
         "ours_precision": float(np.mean([truth[n][0] != "distinct" for n in called])) if called else None,
         "cleanvision_precision": float(np.mean([truth[n][0] != "distinct" for n in cv_called])) if cv_called else None,
@@ -325,7 +327,8 @@ def markdown(doc: dict[str, Any]) -> str:
     ):
         d = doc[key]
         lines += [
-            f"{key} ({what}): found (named as a copy) and right source, per kind; distinct images should find none",
+            f"{key} ({what}; the bound fit calibrated: {d.get('near_bits')} bits): found (named as a copy) and "
+            "right source, per kind; distinct images should find none",
             "",
             "| kind | images | vae-anomaly found | right source | CleanVision found | right source |",
             "| --- | ---: | ---: | ---: | ---: | ---: |",
