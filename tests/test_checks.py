@@ -17,7 +17,7 @@ from PIL import Image, ImageFilter
 
 from conftest import cli_run as run
 from vae_anomaly import Detector, properties
-from vae_anomaly.checks import Reason, kept, p_value, side_p_value
+from vae_anomaly.checks import Reason, kept, side_p_value
 from vae_anomaly.duplicates import (
     NEAR_BITS,
     DuplicateFinder,
@@ -116,16 +116,16 @@ def test_properties_of_a_batch_are_those_of_each_image_alone() -> None:
 
 
 def test_grey_models_measure_no_colour() -> None:
-    assert "saturation" not in properties.names(1) and "saturation" in properties.names(3)
     p = properties.measure(np.zeros((2, 1, 8, 8), np.uint8), [(8, 8, False, "PNG")] * 2)
     assert "colourfulness" not in p and set(p) >= {"brightness", "sharpness", "entropy"}
 
 
 def test_one_sided_checks_see_only_their_side() -> None:
     cal = np.arange(100.0)
-    assert p_value(BY_NAME["highlights"], cal, np.array([-5.0]))[0] == pytest.approx(1 / 101)
-    assert p_value(BY_NAME["highlights"], cal, np.array([500.0]))[0] == 1.0, "bright highlights are not dark"
-    assert p_value(BY_NAME["brightness"], cal, np.array([500.0]))[0] == pytest.approx(2 / 101)
+    dark_side = BY_NAME["highlights"].tail
+    assert side_p_value(cal, np.array([-5.0]), dark_side)[0] == pytest.approx(1 / 101)
+    assert side_p_value(cal, np.array([500.0]), dark_side)[0] == 1.0, "bright highlights are not dark"
+    assert side_p_value(cal, np.array([500.0]), BY_NAME["shadows"].tail)[0] == pytest.approx(1 / 101)
     assert side_p_value(cal, np.array([500.0, -1.0, 10.0]))[:2].tolist() == [1 / 101, 1 / 101], "a reason's side"
     assert side_p_value(cal, np.array([10.0]))[0] == pytest.approx(12 / 101), "11 normal values <= 10"
 

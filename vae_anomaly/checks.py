@@ -15,9 +15,10 @@ p-value on its side,
 
 the smaller of the two for two-sided properties, the property's own side
 for one-sided ones (`Property.tail`). A flagged record's reasons are every
-check at p <= the decision's cut-off, most atypical first; the model's own ("unlike the normal images to the
-model: score too high") is one of them, and when no check reaches the
-cut-off the most atypical one is named, so a flagged record always has one.
+check at p <= the decision's cut-off, most atypical first; the model's own
+("unlike the normal images to the model: score too high") is one of them,
+and when no check reaches the cut-off the most atypical one is named, so a
+flagged record always has one.
 Arrays (the Python API) have no file: their header checks (width, height,
 aspect, format) get the calibration median, a neutral value.
 No torch.
@@ -26,7 +27,7 @@ No torch.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -58,13 +59,6 @@ def values(
     return out
 
 
-def p_value(prop: Property, calibration: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """The conformal p-value of each value against the calibration values, on the property's side(s)."""
-    if prop.tail == "lower":
-        return conformal_p_values(-np.asarray(calibration), -np.asarray(v), "upper")
-    return conformal_p_values(calibration, v, "upper" if prop.tail == "upper" else "two-sided")
-
-
 def side_p_value(calibration: np.ndarray, v: np.ndarray, tail: str = "two-sided") -> np.ndarray:
     """The one-sided conformal p-value on the side each value lies, (1 + #{normal at least as far}) / (n + 1):
     what a reason states. The decision has already tested all checks at once (the one test), so a
@@ -85,9 +79,6 @@ class Reason:
     value: float | None
     p_value: float
     text: str
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 def _number(prop: Property, v: float) -> str:

@@ -34,7 +34,6 @@ class Property:
     low: str  # the image compared with normal ones when the value is low, e.g. "darker"
     high: str
     unit: str = ""
-    colour_only: bool = False  # measured only by colour (RGB) models
     digits: int = 0  # decimals shown in reasons
 
 
@@ -45,10 +44,8 @@ PROPERTIES: tuple[Property, ...] = (
     Property("contrast", "contrast (RMS, brightness std)", "two-sided", "flatter", "more contrasted", digits=1),
     Property("sharpness", "sharpness (variance of the Laplacian)", "two-sided", "blurrier", "sharper or noisier"),
     Property("entropy", "information (entropy, bits/pixel)", "two-sided", "plainer", "busier", digits=2),
-    Property(
-        "colourfulness", "colourfulness (Hasler-Suesstrunk)", "two-sided", "greyer", "more colourful", colour_only=True
-    ),
-    Property("saturation", "colour spread (max - min channel)", "lower", "greyer", "more saturated", colour_only=True),
+    Property("colourfulness", "colourfulness (Hasler-Suesstrunk)", "two-sided", "greyer", "more colourful"),
+    Property("saturation", "colour spread (max - min channel)", "lower", "greyer", "more saturated"),
     Property("width", "width", "two-sided", "narrower", "wider", unit=" px"),
     Property("height", "height", "two-sided", "shorter", "taller", unit=" px"),
     Property("aspect", "aspect ratio (width/height)", "two-sided", "taller in shape", "wider in shape", digits=2),
@@ -56,11 +53,6 @@ PROPERTIES: tuple[Property, ...] = (
 )
 BY_NAME = {p.name: p for p in PROPERTIES}
 HEADER = ("width", "height", "aspect", "format")  # read from the file's header, not its pixels
-
-
-def names(channels: int) -> tuple[str, ...]:
-    """The properties a model with this many channels measures (grey models have no colour)."""
-    return tuple(p.name for p in PROPERTIES if channels == 3 or not p.colour_only)
 
 
 def _mean_std(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
