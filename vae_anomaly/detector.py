@@ -331,6 +331,11 @@ class Detector:
         shares = self.metadata_.get("checks", {}).get("formats", {})
         return checks.explain(which, model, self.calibration_, checked, formats, shares)
 
+    @property
+    def near_bits(self) -> int:
+        """The near-duplicate bound `fit` calibrated on the training images (-1: exact copies only)."""
+        return int(self.metadata_.get("checks", {}).get("near_bits", NEAR_BITS))
+
     def duplicates(self, result: ScoreResult) -> list[Duplicate | None]:
         """Each scored image's copy among the training images (a leak) or earlier in the batch, or None."""
         if result.facts is None:
@@ -340,7 +345,7 @@ class Detector:
         finder = DuplicateFinder(
             training if training is not None else Fingerprints.empty(),
             list(meta.get("training_files", [])) if training is not None else [],
-            int(meta.get("near_bits", NEAR_BITS)),
+            self.near_bits,
         )
         fp, found = result.facts.fingerprints, []
         for start in range(0, len(result.paths), DUPLICATE_BATCH):

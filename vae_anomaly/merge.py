@@ -25,7 +25,7 @@ from .checks import PREFIX, Reason, kept
 from .decision import DecisionRule
 from .decoding import Unlike, merge_unlike, unlike_warnings
 from .documents import load_baseline, read_report
-from .duplicates import Duplicate, DuplicateFinder, Fingerprints
+from .duplicates import NEAR_BITS, Duplicate, DuplicateFinder, Fingerprints
 from .errors import CalibrationError, ConfigError, MergeError
 from .gate import GateRule
 from .report import Report, build_report
@@ -46,6 +46,7 @@ class ShardReport:
     calibration_folds: np.ndarray | None  # None: written by a version that did not keep them
     guard_calibration: np.ndarray | None
     checks_calibration: dict[str, np.ndarray]  # property check -> calibration values ({} without checks)
+    near_bits: int  # the model's near-duplicate bound
     unlike: list[tuple[str, int, str]]
     decision_warnings: list[str]
     summary: dict[str, Any]
@@ -91,6 +92,7 @@ def load_shard_report(path: str | os.PathLike[str]) -> ShardReport:
         guard_calibration=None
         if block.get("guard_calibration") is None
         else np.array([_number(v) for v in block["guard_calibration"]], dtype=np.float64),
+        near_bits=int(block.get("near_bits", NEAR_BITS)),
         checks_calibration={
             k: np.array([_number(v) for v in values], dtype=np.float64)
             for k, values in block.get("checks_calibration", {}).items()
@@ -240,7 +242,7 @@ def merge_reports(
         kept([_reason(d) for d in r.get("reasons", [])], cutoff) if f else []
         for r, f in zip(readable, decision.flags, strict=True)
     ]
-    duplicates = _duplicates(readable)
+    duplicates = _duplicates(readable, first.near_bits)
     baseline_scores = None
     if baseline is not None:
         baseline_scores = load_baseline(baseline, s0["model_fingerprint"], s0["score"])
@@ -278,7 +280,7 @@ def _reason(d: dict[str, Any]) -> Reason:
     return Reason(str(d["check"]), None if value is None else float(value), float(d["p_value"]), str(d["text"]))
 
 
-def _duplicates(readable: list[dict[str, Any]]) -> list[Duplicate | None]:
+def _duplicates(readable: list[dict[str, Any]], near_bits: int) -> list[Duplicate | None]:
     """Each record's copy as one run finds it: the shards' leaks (each shard compared its images with
     every training image), and copies within the batch found again over the union, in listing order,
     from the records' fingerprints."""
@@ -287,7 +289,7 @@ def _duplicates(readable: list[dict[str, Any]]) -> list[Duplicate | None]:
     prints = [r["fingerprints"] for r in readable]
     exact = np.array([int(p[0], 16) for p in prints], dtype=np.uint64)
     near = np.array([int(p[1], 16) for p in prints], dtype=np.uint64)
-    finder = DuplicateFinder(Fingerprints.empty(), [])
+    finder = DuplicateFinder(Fingerprints.empty(), [], near_bits)
     within = finder.find(Fingerprints(exact, near), [r["path"] for r in readable])
     return [_leak(r) if r.get("duplicate_in") == "training" else d for r, d in zip(readable, within, strict=True)]
 

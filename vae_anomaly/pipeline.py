@@ -196,6 +196,7 @@ def score_report(config: ScoreConfig, *, on_message: Say = _quiet, on_warning: S
             calibration=detector.calibration,
             decision_warnings=decision.warnings,
             checked=detector.checked(result) if rule.checks else None,
+            near_bits=detector.near_bits,
         )
         of_listing = f" (shard {shard.index}/{shard.count} of a listing of {shard.total})"
     for e in result.errors:

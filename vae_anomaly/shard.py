@@ -28,6 +28,7 @@ import numpy as np
 from .calibration import Calibration
 from .checks import PREFIX
 from .decision import DecisionRule
+from .duplicates import NEAR_BITS
 from .errors import ConfigError
 from .listing import FileListing, display_path, find_images, require_images
 from .report import Report
@@ -120,6 +121,7 @@ def shard_report(
     calibration: Calibration,
     decision_warnings: Sequence[str],
     checked: dict[str, np.ndarray] | None = None,
+    near_bits: int = NEAR_BITS,
 ) -> Report:
     """`report` (of this shard's files) with what `merge_reports` needs added.
 
@@ -169,6 +171,7 @@ def shard_report(
         "calibration": [float(c) for c in calibration.of(result.score)],
         "calibration_folds": [int(k) for k in calibration.folds],
         "guard_calibration": None if guard is None else [float(c) for c in calibration.of(guard.score)],
+        "near_bits": near_bits,
         "checks_calibration": {
             k.removeprefix(PREFIX): [float(c) for c in v] for k, v in calibration.scores.items() if k.startswith(PREFIX)
         },
