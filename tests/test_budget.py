@@ -67,6 +67,7 @@ def test_measuring_the_speed_leaves_the_random_streams_of_training_alone() -> No
     assert speed.train > 0 and speed.held_out > 0 and speed.calibrate > 0
 
 
+@pytest.mark.slow  # a real fit against a real clock: seconds
 def test_a_fit_stops_at_its_budget_and_records_the_plan() -> None:
     det = Detector(FitConfig(time_budget=3.0, latent_dim=4, seed=0, device="cpu")).fit(disks(300, seed=4))
     plan = det.metadata_["training"]["plan"]
@@ -84,6 +85,7 @@ def test_each_model_stops_at_its_share_of_the_time_left() -> None:
     assert model_time(None, 2, 0.0) is None
 
 
+@pytest.mark.slow  # a real fit against a real clock: seconds
 def test_the_hard_stop_holds_the_budget_when_the_measured_speed_was_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
     """A machine that slows down after the probe (or a probe 100x too optimistic) must not overrun."""
     monkeypatch.setattr(budget, "measure_speed", lambda *args: Speed(1e-7, 1e-7, 1e-7))
@@ -94,6 +96,7 @@ def test_the_hard_stop_holds_the_budget_when_the_measured_speed_was_wrong(monkey
     assert plan["seconds"] < 2.0 + 5.0  # calibration comes after the stop; without it, training alone runs ~10 s
 
 
+@pytest.mark.slow  # a real fit against a real clock: seconds
 def test_a_probe_that_misjudged_the_speed_does_not_cut_training_short(monkeypatch: pytest.MonkeyPatch) -> None:
     """Another job running during the probe makes the machine look slow; the clock, not the estimate, stops."""
     monkeypatch.setattr(budget, "measure_speed", lambda *args: Speed(1.0, 1.0, 1e-6))
