@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFilter
 
 from conftest import cli_run as run
-from vae_anomaly import Detector, properties
+from vae_anomaly import Detector, artifact, properties
 from vae_anomaly.checks import Reason, kept, side_p_value
 from vae_anomaly.duplicates import (
     NEAR_BITS,
@@ -312,3 +312,28 @@ def test_the_python_api_explains_and_finds_copies(fitted: Detector) -> None:
     dups = fitted.duplicates(result)
     assert dups[3] is not None and dups[3].training and dups[3].of == "[5]" and dups[3].kind == "exact"
     assert dups[5] is not None and not dups[5].training and (dups[5].of, dups[5].kind) == ("[0]", "exact")
+
+
+def test_a_model_file_from_before_the_checks_scores_as_it_did(
+    photos_dir: Path, photos_model: Path, tmp_path: Path
+) -> None:
+    mf = artifact.load(photos_model)
+    cal = {k: v for k, v in mf.calibration.items() if not k.startswith(("property:", "train:"))}
+    old = tmp_path / "old.vae"
+    artifact.save(old, {k: v for k, v in mf.metadata.items() if k != "checks"}, mf.state_dict, cal)
+    code, out, err = run("score", photos_dir / "in", "-m", old, "--format", "json")
+    doc = json.loads(out)
+    assert code == 0, err
+    assert doc["summary"]["threshold"]["checks"] == 0 and doc["summary"]["leaks"] == 0, "no checks, no leaks"
+    assert doc["summary"]["duplicates"] == 1, "copies within the batch need only the batch"
+    flagged = [r for r in doc["records"] if r["flagged"]]
+    assert flagged and all([reason["check"] for reason in r["reasons"]] == ["model"] for r in flagged)
+
+
+def test_training_fingerprints_that_do_not_fit_their_names_are_refused(photos_model: Path, tmp_path: Path) -> None:
+    mf = artifact.load(photos_model)
+    mf.metadata["checks"]["training_files"] = mf.metadata["checks"]["training_files"][:-1]
+    bad = tmp_path / "bad.vae"
+    artifact.save(bad, mf.metadata, mf.state_dict, mf.calibration)  # a valid checksum over edited contents
+    code, _, err = run("info", bad)
+    assert code == 2 and "do not fit together" in err and "training file names" in err

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import ModelFileError, OutputError
@@ -81,6 +82,27 @@ def split_models(mf: ModelFile) -> list[dict[str, torch.Tensor]]:
             raise ValueError(f"weight {name!r} belongs to no model of {k_models}")
         states[int(head[5:])][rest] = t
     return states
+
+
+def pack_fingerprints(exact: np.ndarray, near: np.ndarray) -> dict[str, torch.Tensor]:
+    """The training images' uint64 fingerprints, bit for bit as int64 tensors (torch saves no uint64)."""
+    return {
+        TRAIN_EXACT_KEY: torch.from_numpy(np.asarray(exact, np.uint64).view(np.int64).copy()),
+        TRAIN_NEAR_KEY: torch.from_numpy(np.asarray(near, np.uint64).view(np.int64).copy()),
+    }
+
+
+def unpack_fingerprints(mf: ModelFile) -> tuple[np.ndarray, np.ndarray] | None:
+    """The training images' (exact, near) fingerprints as uint64, or None in files written before them.
+
+    Raises ValueError when their count is not that of the training file names."""
+    exact, near = mf.calibration.get(TRAIN_EXACT_KEY), mf.calibration.get(TRAIN_NEAR_KEY)
+    if exact is None or near is None:
+        return None
+    names = mf.metadata.get("checks", {}).get("training_files", [])
+    if not len(names) == len(exact) == len(near):
+        raise ValueError(f"{len(names)} training file names for {len(exact)} and {len(near)} fingerprints")
+    return exact.numpy().view(np.uint64), near.numpy().view(np.uint64)
 
 
 def _digest(metadata_json: str, state: dict[str, torch.Tensor], cal: dict[str, torch.Tensor]) -> str:

@@ -26,13 +26,18 @@ No torch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .calibration import p_values as conformal_p_values
-from .properties import BY_NAME, Property
+from .duplicates import NEAR_BITS, calibrate_bound
+from .properties import BY_NAME, HEADER, Property
+
+if TYPE_CHECKING:
+    from .inference import ImageFacts
 
 PREFIX = "property:"  # calibration entries of the properties in the model file: "property:brightness"
 MODEL_CHECK = "model"
@@ -56,6 +61,44 @@ def values(
     """Every checked property of each image: the measured ones, and its format's share of the normal images."""
     out = {name: np.asarray(v, dtype=np.float64) for name, v in properties.items()}
     out["format"] = np.array([shares.get(f, 0.0) for f in formats], dtype=np.float64)
+    return out
+
+
+def calibrate(
+    facts: ImageFacts, order: np.ndarray, paths: Sequence[str], warn: Callable[[str], None]
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """What `fit` keeps for the checks: each property's values on the calibration images (positions
+    `order`, as the scores are kept), and the metadata: the format shares, the near-duplicate bound
+    calibrated on every training image (`duplicates.calibrate_bound`, warned about when lowered) and
+    the training files' names. A model fitted on an array checks pixels only: no file header."""
+    formats = [facts.formats[i] for i in order]
+    shares = format_shares(formats)
+    calibrated = values({k: v[order] for k, v in facts.properties.items()}, formats, shares)
+    if all(f == "" for f in facts.formats):
+        calibrated = {k: v for k, v in calibrated.items() if k not in HEADER}
+    bound = calibrate_bound(facts.fingerprints)
+    if bound < NEAR_BITS:
+        within = (
+            f"perceptual hash within {bound + 1} bits, so copies are recognised only within {bound} bits"
+            if bound >= 0
+            else "perceptual hash identical to theirs, so only exact copies will be recognised"
+        )
+        warn(f"near duplicates: more than 1% of these training images have a distinct look-alike with a {within}")
+    meta = {"formats": shares, "near_bits": bound, "training_files": list(paths)}
+    return {key(name): v for name, v in calibrated.items()}, meta
+
+
+def checked(facts: ImageFacts, meta: Mapping[str, Any], calibration: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The checked values of scored images. An array has no file: its header checks get the
+    calibration median, a neutral value, so they never flag it."""
+    shares = meta.get("formats", {})
+    out = values(facts.properties, facts.formats, shares)
+    arrays = np.array([f == "" for f in facts.formats], dtype=bool)
+    if arrays.any() and "" not in shares:
+        for name in HEADER:
+            cal = calibration.get(key(name))
+            if cal is not None and len(cal):
+                out[name] = np.where(arrays, float(np.median(cal)), out[name])
     return out
 
 

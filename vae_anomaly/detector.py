@@ -34,16 +34,13 @@ from .decision import Decision, DecisionRule
 from .decoding import Preprocessing
 from .devices import ThreadShare, resolve_device, training_device
 from .distributed import current
-from .duplicates import NEAR_BITS, Duplicate, DuplicateFinder, Fingerprints, calibrate_bound
+from .duplicates import NEAR_BITS, Duplicate, Fingerprints, find_duplicates
 from .errors import ModelFileError, UsageError
 from .inference import HeatMaps, ImageInput, ScoreResult
 from .listing import FileListing
 from .model import ConvVAE, VAEConfig
-from .properties import HEADER
 from .scores import latent_noise
 from .train import EpochStats
-
-DUPLICATE_BATCH = 1024  # images compared at once against the training images and the batch so far
 
 
 class Detector:
@@ -141,28 +138,12 @@ class Detector:
     def _calibrate_checks(
         self, images: crossfit.TrainingImages, order: np.ndarray, warn: Callable[[str], None]
     ) -> None:
-        """The property checks' calibration values (same images, same order as the scores), the format
-        shares, and every training image's name and duplicate fingerprints (checks.py, duplicates.py)."""
-        facts = images.facts
-        formats = [facts.formats[i] for i in order]
-        shares = checks.format_shares(formats)
-        calibrated = checks.values({k: v[order] for k, v in facts.properties.items()}, formats, shares)
-        if all(f == "" for f in facts.formats):  # arrays: no file, so no header to check files against
-            calibrated = {k: v for k, v in calibrated.items() if k not in HEADER}
-        self.calibration_.update({checks.key(name): v for name, v in calibrated.items()})
-        bound = calibrate_bound(facts.fingerprints)
-        if bound < NEAR_BITS:
-            warn(
-                "near duplicates: more than 1% of these training images have a distinct look-alike with a "
-                + (
-                    f"perceptual hash within {bound + 1} bits, so copies are recognised only within {bound} bits"
-                    if bound >= 0
-                    else "perceptual hash identical to theirs, so only exact copies will be recognised"
-                )
-                + " (README, Checks)"
-            )
-        self.metadata_["checks"] = {"formats": shares, "near_bits": bound, "training_files": list(images.paths)}
-        self.training_fingerprints_ = facts.fingerprints
+        """The checks' calibration entries, the format shares and near-duplicate bound, every training
+        image's name and fingerprints (checks.calibrate)."""
+        entries, meta = checks.calibrate(images.facts, order, images.paths, warn)
+        self.calibration_.update(entries)
+        self.metadata_["checks"] = meta
+        self.training_fingerprints_ = images.facts.fingerprints
 
     # ---------------------------------------------------------------- state
     @property
@@ -303,33 +284,21 @@ class Detector:
         )
 
     def checked(self, result: ScoreResult) -> dict[str, np.ndarray] | None:
-        """The property checks' values of a scored batch (checks.py), or None where it has none.
-
-        An array has no file: its header checks get the calibration median, so they never flag it."""
+        """The property checks' values of a scored batch (`checks.checked`), or None where it has none."""
         if result.facts is None:
             return None
-        shares = self.metadata_.get("checks", {}).get("formats", {})
-        out = checks.values(result.facts.properties, result.facts.formats, shares)
-        arrays = np.array([f == "" for f in result.facts.formats], dtype=bool)
-        if arrays.any() and "" not in shares:
-            for name in HEADER:
-                cal = self.calibration_.get(checks.key(name))
-                if cal is not None and len(cal):
-                    out[name] = np.where(arrays, float(np.median(cal)), out[name])
-        return out
+        return checks.checked(result.facts, self.metadata_.get("checks", {}), self.calibration_)
 
     def explain(self, result: ScoreResult, decision: Decision, which: Sequence[int]) -> list[list[Reason]]:
         """Every check's finding for the images `which` (positions in `result`), most atypical first;
         `checks.kept` picks a flagged image's reasons at the decision's cut-off."""
-        rule = decision.threshold
-        model = {result.score: (result.scores, self.calibration.of(result.score), rule.tail)}
+        tail = decision.threshold.tail
+        model = {result.score: (result.scores, self.calibration.of(result.score), tail)}
         if result.guard is not None:
-            g = result.guard
-            model[g.score] = (g.scores, self.calibration.of(g.score), rule.tail)
-        checked = self.checked(result) or {}
+            model[result.guard.score] = (result.guard.scores, self.calibration.of(result.guard.score), tail)
         formats = result.facts.formats if result.facts is not None else []
         shares = self.metadata_.get("checks", {}).get("formats", {})
-        return checks.explain(which, model, self.calibration_, checked, formats, shares)
+        return checks.explain(which, model, self.calibration_, self.checked(result) or {}, formats, shares)
 
     @property
     def near_bits(self) -> int:
@@ -340,18 +309,9 @@ class Detector:
         """Each scored image's copy among the training images (a leak) or earlier in the batch, or None."""
         if result.facts is None:
             return [None] * len(result.paths)
-        meta = self.metadata_.get("checks", {})
-        training = self.training_fingerprints_
-        finder = DuplicateFinder(
-            training if training is not None else Fingerprints.empty(),
-            list(meta.get("training_files", [])) if training is not None else [],
-            self.near_bits,
-        )
-        fp, found = result.facts.fingerprints, []
-        for start in range(0, len(result.paths), DUPLICATE_BATCH):
-            part = slice(start, start + DUPLICATE_BATCH)
-            found += finder.find(Fingerprints(fp.exact[part], fp.near[part]), result.paths[part])
-        return found
+        training = self.training_fingerprints_ or Fingerprints.empty()
+        names = list(self.metadata_.get("checks", {}).get("training_files", [])) if len(training.exact) else []
+        return find_duplicates(result.facts.fingerprints, result.paths, training, names, self.near_bits)
 
     def batch_tests(
         self,
@@ -385,10 +345,8 @@ class Detector:
         if len(folds) != n_cal:  # calibration scores set by hand: all from one model
             folds = np.zeros(n_cal, np.int64)
         cal[artifact.FOLD_KEY] = torch.from_numpy(np.asarray(folds, dtype=np.int64))
-        fp = self.training_fingerprints_
-        if fp is not None:  # uint64 stored bit for bit as int64 (torch has no uint64 tensors to save)
-            cal[artifact.TRAIN_EXACT_KEY] = torch.from_numpy(fp.exact.view(np.int64).copy())
-            cal[artifact.TRAIN_NEAR_KEY] = torch.from_numpy(fp.near.view(np.int64).copy())
+        if self.training_fingerprints_ is not None:
+            cal.update(artifact.pack_fingerprints(self.training_fingerprints_.exact, self.training_fingerprints_.near))
         state = {
             f"{artifact.model_prefix(k)}{name}": t
             for k, m in enumerate(self.models_)
@@ -420,15 +378,9 @@ class Detector:
                 model = ConvVAE(vae_cfg)
                 model.load_state_dict(state, strict=True)
                 models.append(model)
-            hashes = {k: mf.calibration.get(k) for k in (artifact.TRAIN_EXACT_KEY, artifact.TRAIN_NEAR_KEY)}
-            exact, near = hashes[artifact.TRAIN_EXACT_KEY], hashes[artifact.TRAIN_NEAR_KEY]
-            fingerprints = None
-            if exact is not None and near is not None:
-                fingerprints = Fingerprints(exact.numpy().view(np.uint64), near.numpy().view(np.uint64))
-                names = meta.get("checks", {}).get("training_files", [])
-                if len(names) != len(fingerprints.exact) or len(fingerprints.near) != len(names):
-                    raise ValueError(f"{len(names)} training file names for {len(fingerprints.exact)} fingerprints")
-            skip = {artifact.FOLD_KEY, *hashes}
+            packed = artifact.unpack_fingerprints(mf)
+            fingerprints = None if packed is None else Fingerprints(*packed)
+            skip = {artifact.FOLD_KEY, artifact.TRAIN_EXACT_KEY, artifact.TRAIN_NEAR_KEY}
             cal = {k: v.double().numpy() for k, v in mf.calibration.items() if k not in skip}
             n_cal = len(next(iter(cal.values())))
             fold_t = mf.calibration.get(artifact.FOLD_KEY)

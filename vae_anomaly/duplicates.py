@@ -45,6 +45,7 @@ NEAR_BITS = 8
 LOOK_ALIKE_SHARE = 0.01
 _QUERIES, _HASHES = 256, 4096  # one block of the Hamming search: 8 MB of XORs, 1 MB of counts
 _BOUND_SAMPLE = 2000  # training images whose nearest distinct neighbour calibrates the bound
+_RUN_BLOCK = 1024  # images of a run compared at once with the training images and the run so far
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,18 @@ class DuplicateFinder:
         self._near_seen.append(fp.near.copy())
         self._names_seen += list(names)
         return out
+
+
+def find_duplicates(
+    fp: Fingerprints, paths: Sequence[str], training: Fingerprints, names: list[str], near_bits: int
+) -> list[Duplicate | None]:
+    """Each image's copy (`DuplicateFinder`), the run taken in blocks of `_RUN_BLOCK` images."""
+    finder = DuplicateFinder(training, names, near_bits)
+    found: list[Duplicate | None] = []
+    for start in range(0, len(paths), _RUN_BLOCK):
+        part = slice(start, start + _RUN_BLOCK)
+        found += finder.find(Fingerprints(fp.exact[part], fp.near[part]), paths[part])
+    return found
 
 
 def _nearest(queries: np.ndarray, stores: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
