@@ -56,6 +56,24 @@ class ImageBatch:
 Facts = tuple[dict[str, np.ndarray], Fingerprints]
 
 
+@dataclass
+class ImageFacts:
+    """What the checks read of each scored image, in the order of the scored paths."""
+
+    properties: dict[str, np.ndarray]  # properties.measure
+    formats: list[str]  # each file's format, "" for arrays
+    fingerprints: Fingerprints
+
+    @classmethod
+    def of(cls, batches: Sequence[ImageBatch]) -> ImageFacts:
+        keys = batches[0].properties if batches else {}
+        return cls(
+            {k: np.concatenate([b.properties[k] for b in batches]) for k in keys},
+            [s[3] for b in batches for s in b.sources],
+            Fingerprints.concat([b.fingerprints for b in batches]),
+        )
+
+
 def _measure(pixels: np.ndarray, sources: Sequence[Source]) -> Facts:
     """The properties and duplicate fingerprints of decoded images (properties.py, duplicates.py)."""
     return properties.measure(pixels, sources), fingerprints(pixels, sources)
@@ -385,6 +403,7 @@ def read_images(
 ) -> ImageBatch:
     """All files at once into one contiguous uint8 array (for training)."""
     batches = list(iter_batches(files, prep, 1024, options=options, bits=bits, on_warning=on_warning))
+    facts = ImageFacts.of(batches)
     return ImageBatch(
         [p for b in batches for p in b.paths],
         np.concatenate([b.pixels for b in batches])
@@ -394,6 +413,6 @@ def read_images(
         merge_unlike(b.unlike for b in batches),
         (np.concatenate([b.bits for b in batches if b.bits is not None]) if batches else np.zeros(0)) if bits else None,
         [s for b in batches for s in b.sources],
-        {k: np.concatenate([b.properties[k] for b in batches]) for k in (batches[0].properties if batches else {})},
-        Fingerprints.concat([b.fingerprints for b in batches]),
+        facts.properties,
+        facts.fingerprints,
     )

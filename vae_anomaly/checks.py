@@ -37,7 +37,7 @@ from .duplicates import NEAR_BITS, calibrate_bound
 from .properties import BY_NAME, HEADER, Property
 
 if TYPE_CHECKING:
-    from .inference import ImageFacts
+    from .batching import ImageFacts
 
 PREFIX = "property:"  # calibration entries of the properties in the model file: "property:brightness"
 MODEL_CHECK = "model"

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import __version__, artifact
-from .batching import ImageBatch, read_images
+from .batching import ImageBatch, ImageFacts, read_images
 from .budget import model_time
 from .calibration import calibration_needed
 from .config import CROSS_FIT_BELOW, DEFAULT_FOLDS, MIN_TRAINING_IMAGES, MIN_VALIDATION_IMAGES, FitConfig, check_float
@@ -33,7 +33,7 @@ from .decision import DecisionRule
 from .decoding import Preprocessing, ReadError, infer_preprocessing
 from .distributed import World
 from .errors import FitError, FitInterrupted, ModelFileError
-from .inference import ImageFacts, ImageInput, as_paths, as_uint8_images
+from .inference import ImageInput, as_paths, as_uint8_images
 from .listing import find_images, require_images
 from .model import ConvVAE, VAEConfig
 from .train import EpochStats, TrainResult, train

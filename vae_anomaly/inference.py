@@ -16,11 +16,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from .batching import DecodeOptions, ImageBatch, iter_batches
+from .batching import DecodeOptions, ImageBatch, ImageFacts, iter_batches
 from .decoding import Preprocessing, ReadError, Unlike, merge_unlike, png_bits, unlike_warnings
 from .devices import ThreadShare, to_device
 from .distributed import World
-from .duplicates import Fingerprints
 from .errors import ConfigError
 from .listing import FileListing, find_images, require_images
 from .model import ConvVAE
@@ -50,24 +49,6 @@ class ScoreResult:
     unlike: Unlike = field(default_factory=dict)
     # Each scored image's properties, file format and duplicate fingerprints (checks.py reads them).
     facts: ImageFacts | None = None
-
-
-@dataclass
-class ImageFacts:
-    """What the checks read of each scored image, in the order of the scored paths."""
-
-    properties: dict[str, np.ndarray]  # properties.measure
-    formats: list[str]  # each file's format, "" for arrays
-    fingerprints: Fingerprints
-
-    @classmethod
-    def of(cls, batches: Sequence[ImageBatch]) -> ImageFacts:
-        keys = batches[0].properties if batches else {}
-        return cls(
-            {k: np.concatenate([b.properties[k] for b in batches]) for k in keys},
-            [s[3] for b in batches for s in b.sources],
-            Fingerprints.concat([b.fingerprints for b in batches]),
-        )
 
 
 @dataclass
