@@ -3,8 +3,9 @@
 `DecisionRule` is the one rule `score`, `evaluate`, `merge` and the report
 writers apply: a score, an optional guard statistic, a tail, and either the
 `auto` rule (flag p <= fpr), Benjamini-Hochberg at a false discovery rate, or
-a raw score threshold. The score and its guard, on both sides, are taken into
-one conformal test (`calibration.typicality_p_values`), so the smallest exact
+a raw score threshold. The score, its guard and the image-property checks
+(`checks.py`), on both sides, are taken into one conformal test
+(`calibration.typicality_p_values`, a tail per statistic), so the smallest exact
 p-value is 1/(n+1) for n calibration images; below it, a tail model
 (`tail_model.py`) gives approximate p-values, and the guarantee says so. It is
 validated once, on construction; the floor, the rule's text and its guarantee
