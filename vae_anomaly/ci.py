@@ -151,8 +151,8 @@ def github_summary(report: Report, top: int = 20) -> str:
     lines = [
         f"### vae-anomaly: {head} (exit code {s.exit_code})",
         "",
-        f"{s.flagged} of {s.scored} scored images flagged, {s.unreadable} unreadable, {s.leaks} copies of "
-        f"training images, {s.duplicates} duplicates within the batch. Rule: {_md(s.rule)}. {_md(s.guarantee)}",
+        f"{s.flagged} of {s.scored} scored images flagged, {s.unreadable} unreadable; copies of training images: "
+        f"{s.leaks}, of earlier images of the batch: {s.duplicates}. Rule: {_md(s.rule)}. {_md(s.guarantee)}",
         "",
     ]
     if s.gate:

@@ -148,7 +148,7 @@ def render_html(
         ("score", f"{s.score} ({s.samples} Monte Carlo sample(s))"),
         ("rule", s.rule),
         ("calibration", f"{s.calibration_images:,} held-out normal images"),
-        ("duplicates", f"{s.leaks:,} copies of training images, {s.duplicates:,} of earlier images of the batch"),
+        ("duplicates", f"copies of training images: {s.leaks:,}; of earlier images of the batch: {s.duplicates:,}"),
         ("p-value floor", _p_floor(report)),
         ("model fingerprint", s.model_fingerprint or "-"),
     ]

@@ -76,7 +76,7 @@ def report_table(report: Report, top: int) -> None:
             f"{r.score:.4g}",
             _p_value(r.p_value),
             "[bold red]ANOMALY[/]" if r.flagged else "ok",
-            escape(reasons_text(r, limit=2)),
+            escape(reasons_text(r, limit=1)),
         )
     if shown:
         out.print(table)
