@@ -4,7 +4,8 @@ Each image gets two 64-bit fingerprints where it is decoded:
 
 - exact: BLAKE2b of the file's own width and height and its decoded pixels
   at the working size; equal for byte-identical files and for lossless
-  re-encodings of one picture.
+  re-encodings of one picture (and, at large sizes, for two files of one
+  size whose pixels differ only in detail the working size does not keep).
 - near: the perceptual hash of `imagehash.phash` (the 8x8 lowest DCT
   frequencies of a 32x32 grey version, each above or below their median),
   computed from the working-size pixels. Two images are near duplicates when
