@@ -134,6 +134,7 @@ def test_a_flagged_image_always_keeps_one_reason() -> None:
     found = [Reason("model", 1.0, 0.2, "a"), Reason("contrast", 3.0, 0.4, "b")]
     assert kept(found, 0.01) == found[:1], "none below the cut-off: the most atypical one"
     assert kept(found, 0.3) == found[:1] and kept(found, 0.5) == found
+    assert kept(found, None) == found[:1], "a raw score threshold has no cut-off: the most atypical finding"
 
 
 # ------------------------------------------------------------------ duplicates

@@ -215,7 +215,9 @@ def explain(
     return out
 
 
-def kept(found: Sequence[Reason], cutoff: float) -> list[Reason]:
-    """A flagged image's reasons: every finding at p <= the decision's cut-off, else the most atypical
-    one alone, so that a flagged image always has one. `found` is sorted, most atypical first."""
-    return [r for r in found if r.p_value <= cutoff + 1e-12] or list(found[:1])
+def kept(found: Sequence[Reason], cutoff: float | None) -> list[Reason]:
+    """A flagged image's reasons: every finding at p <= the decision's cut-off (None, a raw score
+    threshold: none), else the most atypical one alone, so that a flagged image always has one.
+    `found` is sorted, most atypical first."""
+    level = -1.0 if cutoff is None else cutoff + 1e-12
+    return [r for r in found if r.p_value <= level] or list(found[:1])

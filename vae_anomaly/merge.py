@@ -25,7 +25,7 @@ from .checks import PREFIX, Reason, kept
 from .decision import DecisionRule
 from .decoding import Unlike, merge_unlike, unlike_warnings
 from .documents import load_baseline, read_report
-from .duplicates import NEAR_BITS, Duplicate, DuplicateFinder, Fingerprints
+from .duplicates import NEAR_BITS, Duplicate, Fingerprints, find_duplicates
 from .errors import CalibrationError, ConfigError, MergeError
 from .gate import GateRule
 from .report import Report, build_report
@@ -237,9 +237,8 @@ def merge_reports(
     # The rule is applied again over the union: Benjamini-Hochberg needs every p-value of the batch.
     decision = rule.decision(scores, p, carried, first.decision_warnings)
     # Each shard kept every image's findings; the merged report picks the reasons of the images it flags.
-    cutoff = decision.threshold.p_cutoff if decision.threshold.p_cutoff is not None else 0.0
     reasons = [
-        kept([_reason(d) for d in r.get("reasons", [])], cutoff) if f else []
+        kept([_reason(d) for d in r.get("reasons", [])], decision.threshold.p_cutoff) if f else []
         for r, f in zip(readable, decision.flags, strict=True)
     ]
     duplicates = _duplicates(readable, first.near_bits)
@@ -289,8 +288,9 @@ def _duplicates(readable: list[dict[str, Any]], near_bits: int) -> list[Duplicat
     prints = [r["fingerprints"] for r in readable]
     exact = np.array([int(p[0], 16) for p in prints], dtype=np.uint64)
     near = np.array([int(p[1], 16) for p in prints], dtype=np.uint64)
-    finder = DuplicateFinder(Fingerprints.empty(), [], near_bits)
-    within = finder.find(Fingerprints(exact, near), [r["path"] for r in readable])
+    within = find_duplicates(
+        Fingerprints(exact, near), [r["path"] for r in readable], Fingerprints.empty(), [], near_bits
+    )
     return [_leak(r) if r.get("duplicate_in") == "training" else d for r, d in zip(readable, within, strict=True)]
 
 

@@ -163,10 +163,9 @@ def score_report(config: ScoreConfig, *, on_message: Say = _quiet, on_warning: S
     # A shard keeps every image's findings: `merge` decides the flags again over the whole batch and
     # picks the reasons of the images it flags at its own cut-off.
     which = range(len(result.paths)) if shard is not None else [int(i) for i in np.nonzero(decision.flags)[0]]
-    cutoff = decision.threshold.p_cutoff if decision.threshold.p_cutoff is not None else 0.0
     reasons: list[list[Reason]] = [[] for _ in result.paths]
     for i, found in zip(which, detector.explain(result, decision, which), strict=True):
-        reasons[i] = found if shard is not None else checks.kept(found, cutoff)
+        reasons[i] = found if shard is not None else checks.kept(found, decision.threshold.p_cutoff)
     report = build_report(
         result.paths,
         result.scores,
