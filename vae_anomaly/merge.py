@@ -236,7 +236,8 @@ def merge_reports(
     p = _recomputed_p(rule, carried, readable, scores, model_scores, p, origin)
     # The rule is applied again over the union: Benjamini-Hochberg needs every p-value of the batch.
     decision = rule.decision(scores, p, carried, first.decision_warnings)
-    # Each shard kept every image's findings; the merged report picks the reasons of the images it flags.
+    # Each shard kept the findings of every image that could be flagged; the merge picks the reasons of
+    # the images it flags, at its own cut-off.
     reasons = [
         kept([_reason(d) for d in r.get("reasons", [])], decision.threshold.p_cutoff) if f else []
         for r, f in zip(readable, decision.flags, strict=True)

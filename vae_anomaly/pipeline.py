@@ -160,12 +160,16 @@ def score_report(config: ScoreConfig, *, on_message: Say = _quiet, on_warning: S
         on_warning(w)
     fpr = rule.applied_fpr(decision.n_calibration)
     tests = detector.batch_tests(result, decision, fpr=fpr, baseline=baseline)
-    # A shard keeps every image's findings: `merge` decides the flags again over the whole batch and
-    # picks the reasons of the images it flags at its own cut-off.
-    which = range(len(result.paths)) if shard is not None else [int(i) for i in np.nonzero(decision.flags)[0]]
+    # `merge` decides the flags again over the whole batch, at a cut-off never above the rule's level
+    # (Benjamini-Hochberg's is at most q): a shard explains every image at p <= that level, keeping its
+    # findings at that level, and merge picks the reasons at its own cut-off.
+    threshold = decision.threshold
+    level = threshold.alpha if shard is not None and threshold.rule != "score" else None
+    chosen = decision.flags if level is None else decision.p_values <= level + 1e-12
+    which = [int(i) for i in np.nonzero(chosen)[0]]
     reasons: list[list[Reason]] = [[] for _ in result.paths]
     for i, found in zip(which, detector.explain(result, decision, which), strict=True):
-        reasons[i] = found if shard is not None else checks.kept(found, decision.threshold.p_cutoff)
+        reasons[i] = checks.kept(found, threshold.p_cutoff if level is None else level)
     report = build_report(
         result.paths,
         result.scores,
