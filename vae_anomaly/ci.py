@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 
 from .errors import OutputError
 from .gate import GateCheck
-from .report import Report, reasons_text
+from .report import Report, duplicates_text, reasons_text
 
 
 def _gate_line(c: GateCheck) -> str:
@@ -28,10 +28,7 @@ def verdict_lines(report: Report) -> list[str]:
         f"guarantee: {s.guarantee}",
     ]
     if s.duplicates or s.leaks:
-        lines.append(
-            f"duplicates: {s.leaks} cop{'y' if s.leaks == 1 else 'ies'} of training images (leaks), "
-            f"{s.duplicates} of earlier images of the batch"
-        )
+        lines.append(duplicates_text(s))
     if s.smallest_p_value is not None:
         models = f"{s.models} cross-fitted models, " if s.models > 1 else ""
         lines.append(
@@ -151,8 +148,8 @@ def github_summary(report: Report, top: int = 20) -> str:
     lines = [
         f"### vae-anomaly: {head} (exit code {s.exit_code})",
         "",
-        f"{s.flagged} of {s.scored} scored images flagged, {s.unreadable} unreadable; copies of training images: "
-        f"{s.leaks}, of earlier images of the batch: {s.duplicates}. Rule: {_md(s.rule)}. {_md(s.guarantee)}",
+        f"{s.flagged} of {s.scored} scored images flagged, {s.unreadable} unreadable; {duplicates_text(s)}. "
+        f"Rule: {_md(s.rule)}. {_md(s.guarantee)}",
         "",
     ]
     if s.gate:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from . import __version__
-from .report import ImageRecord, Report
+from .report import ImageRecord, Report, duplicate_text, duplicates_text
 
 MAX_UNREADABLE_ROWS = 1000  # beyond this the table says how many more; the JSON output has them all
 
@@ -103,8 +103,7 @@ def _why(r: ImageRecord) -> str:
     """A record's reasons (checks.py) and the image it copies, as a short list beside its pictures."""
     items = [_e(reason.text) for reason in r.reasons]
     if r.duplicate_of is not None:
-        where = "a training image" if r.leak else "an earlier image of the batch"
-        items.append(f"{_e(r.duplicate_kind)} copy of {where}: {_e(r.duplicate_of)}")
+        items.append(_e(duplicate_text(r)))
     return '<ul class="why">' + "".join(f"<li>{item}</li>" for item in items) + "</ul>" if items else ""
 
 
@@ -148,7 +147,7 @@ def render_html(
         ("score", f"{s.score} ({s.samples} Monte Carlo sample(s))"),
         ("rule", s.rule),
         ("calibration", f"{s.calibration_images:,} held-out normal images"),
-        ("duplicates", f"copies of training images: {s.leaks:,}; of earlier images of the batch: {s.duplicates:,}"),
+        ("duplicates", duplicates_text(s)),
         ("p-value floor", _p_floor(report)),
         ("model fingerprint", s.model_fingerprint or "-"),
     ]

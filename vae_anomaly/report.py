@@ -95,9 +95,19 @@ def reasons_text(r: ImageRecord, limit: int | None = None) -> str:
     if limit is not None and len(r.reasons) > limit:
         parts[-1] += f" (and {len(r.reasons) - limit} more)"
     if r.duplicate_of is not None:
-        where = "a training image" if r.leak else "an earlier image of the batch"
-        parts.append(f"{r.duplicate_kind} copy of {where}: {r.duplicate_of}")
+        parts.append(duplicate_text(r))
     return "; ".join(parts)
+
+
+def duplicate_text(r: ImageRecord) -> str:
+    """The image a record copies, in words: "exact copy of a training image: train/x.png"."""
+    where = "a training image" if r.leak else "an earlier image of the batch"
+    return f"{r.duplicate_kind} copy of {where}: {r.duplicate_of}"
+
+
+def duplicates_text(s: Summary) -> str:
+    """A run's duplicate counts in words, for the verdict lines, the step summary and the HTML report."""
+    return f"copies of training images (leaks): {s.leaks}, of earlier images of the batch: {s.duplicates}"
 
 
 @dataclass

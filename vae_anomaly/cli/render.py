@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..checks import PREFIX
 from ..ci import verdict_lines
 from ..decoding import Preprocessing
 from ..report import Report, reasons_text
@@ -41,7 +42,7 @@ def say(msg: str) -> None:
 def _checks_row(data: dict[str, Any]) -> str:
     """The property checks the model calibrated (with their normal medians), its file formats, and the
     training images whose fingerprints it keeps for the duplicate search."""
-    checked = {k.split(":", 1)[1]: v for k, v in data["calibration"].items() if v["samples"] is None}
+    checked = {k.removeprefix(PREFIX): v for k, v in data["calibration"].items() if k.startswith(PREFIX)}
     c = data["checks"]
     formats = ", ".join(f"{f or 'arrays'} {s:.0%}" for f, s in c.get("formats", {}).items())
     medians = "; ".join(f"{k} {v['median']:.4g}" for k, v in checked.items())
@@ -167,7 +168,7 @@ def info_table(model: str, data: dict[str, Any]) -> None:
         *[
             (f"calibration {k}", f"{v['n']} scores, {v['samples']} sample(s), median {v['median']:.4g}")
             for k, v in data["calibration"].items()
-            if v["samples"] is not None
+            if not k.startswith(PREFIX)
         ],
         *([("checks", _checks_row(data))] if "checks" in data else []),
         ("versions", ", ".join(f"{k} {v}" for k, v in data["versions"].items())),
