@@ -292,9 +292,11 @@ def test_the_leak_gate_fails_the_batch(photos_dir: Path, photos_model: Path) -> 
 def test_no_checks_decides_on_the_model_alone(photos_dir: Path, photos_model: Path) -> None:
     _, out, _ = run("score", photos_dir / "in", "-m", photos_model, "--format", "json", "--no-checks")
     doc = json.loads(out)
-    assert doc["summary"]["threshold"]["checks"] == 0 and "image properties" not in doc["summary"]["rule"]
+    assert doc["summary"]["threshold"]["checks"] == 0 and "image checks" not in doc["summary"]["rule"]
     _, out, _ = run("score", photos_dir / "in", "-m", photos_model, "--format", "json")
-    assert json.loads(out)["summary"]["threshold"]["checks"] == 12, "a colour model from files checks all twelve"
+    assert json.loads(out)["summary"]["threshold"]["checks"] == 13, (
+        "a colour model from files: all twelve properties and the local statistic"
+    )
 
 
 def test_the_python_api_explains_and_finds_copies(fitted: Detector) -> None:

@@ -60,17 +60,21 @@ Facts = tuple[dict[str, np.ndarray], Fingerprints]
 class ImageFacts:
     """What the checks read of each scored image, in the order of the scored paths."""
 
-    properties: dict[str, np.ndarray]  # properties.measure
+    properties: dict[str, np.ndarray]  # properties.measure, and the local statistic (local.py)
     formats: list[str]  # each file's format, "" for arrays
     fingerprints: Fingerprints
+    # The most unusual region of each image (local.py): (x0, y0, x1, y1) in the file's own pixels;
+    # None where the model has no local statistic.
+    regions: np.ndarray | None = None
 
     @classmethod
-    def of(cls, batches: Sequence[ImageBatch]) -> ImageFacts:
+    def of(cls, batches: Sequence[ImageBatch], regions: Sequence[np.ndarray] = ()) -> ImageFacts:
         keys = batches[0].properties if batches else {}
         return cls(
             {k: np.concatenate([b.properties[k] for b in batches]) for k in keys},
             [s[3] for b in batches for s in b.sources],
             Fingerprints.concat([b.fingerprints for b in batches]),
+            np.concatenate(regions).reshape(-1, 4) if len(regions) else None,
         )
 
 

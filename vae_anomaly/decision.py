@@ -25,6 +25,7 @@ from .calibration import TAILS, Calibration, calibration_needed, smallest_p_valu
 from .checks import PREFIX
 from .config import DEFAULT_GUARD, DEFAULT_SCORE, GUARDS, SCORE_NAMES, check_choice, check_float
 from .errors import CalibrationError, ConfigError
+from .properties import BY_NAME
 from .tail_model import TailModel, covers
 from .thresholds import Threshold, auto_threshold, fdr_threshold, flag, score_threshold, tail_bounds
 
@@ -142,11 +143,15 @@ class DecisionRule:
             return self.statistics
         return self.statistics + tuple(k for k in calibration.scores if k.startswith(PREFIX))
 
-    def tails_for(self, n_statistics: int) -> tuple[str, ...]:
-        """The tail of each of the test's statistics: the rule's for the score and the guard, two-sided
-        for the checks (too dark and too bright are both odd)."""
+    def tails_for(self, stats: Sequence[str]) -> tuple[str, ...]:
+        """The tail of each of the test's statistics: the rule's for the score and the guard, each
+        check's own (`Property.decided`: two-sided, too dark and too bright are both odd; upper for
+        the local statistic)."""
         n = len(self.statistics)
-        return (self.tail,) * n + ("two-sided",) * (n_statistics - n)
+        checks = tuple(
+            BY_NAME[s[len(PREFIX) :]].decided if s[len(PREFIX) :] in BY_NAME else "two-sided" for s in stats[n:]
+        )
+        return (self.tail,) * n + checks
 
     @property
     def level(self) -> float:
@@ -204,10 +209,15 @@ class DecisionRule:
             v = np.asarray(checked[check], dtype=np.float64)
             values.append(v)
             per_model.append(None if calibration.models == 1 else np.repeat(v[None], calibration.models, axis=0))
-        return calibration.p_values(stats, values, per_model, self.tails_for(len(stats)), exact=self.strict)
+        return calibration.p_values(stats, values, per_model, self.tails_for(stats), exact=self.strict)
 
     def threshold_for(
-        self, p: np.ndarray, calibration: np.ndarray, models: int = 1, tail_model: TailModel | None = None
+        self,
+        p: np.ndarray,
+        calibration: np.ndarray,
+        models: int = 1,
+        tail_model: TailModel | None = None,
+        stats: Sequence[str] | None = None,
     ) -> Threshold:
         """The rule as applied to a batch with these p-values: cut-off and, where they exist, score bounds.
 
@@ -216,7 +226,9 @@ class DecisionRule:
         if self.threshold != "auto":
             return score_threshold(float(self.threshold))
         calibration = np.atleast_2d(calibration)
-        tails = self.tails_for(len(calibration))
+        if stats is None:  # unnamed rows past the rule's own statistics: two-sided checks
+            stats = self.statistics + ("",) * (len(calibration) - len(self.statistics))
+        tails = self.tails_for(stats)
         level = self.applied(calibration.shape[1])
         requested = None if level == self.level else self.level
         if self.fdr is not None:
@@ -269,11 +281,11 @@ class DecisionRule:
         stats = self.statistics_in(calibration)
         cal = calibration.stacked(stats)
         n = cal.shape[1]
-        threshold = self.threshold_for(p, cal, calibration.models)
+        threshold = self.threshold_for(p, cal, calibration.models, stats=stats)
         if not self.strict and threshold.p_cutoff is not None and threshold.p_cutoff < self.floor(n):
             # Below the floor the tail model decides; fitted only then (SciPy's import alone costs ~0.5 s).
-            tail_model = calibration.tail_model(stats, self.tails_for(len(stats)))
-            threshold = self.threshold_for(p, cal, calibration.models, tail_model)
+            tail_model = calibration.tail_model(stats, self.tails_for(stats))
+            threshold = self.threshold_for(p, cal, calibration.models, tail_model, stats)
         flags = flag(scores, p, threshold)
         return Decision(p, flags, threshold, n, list(warnings), self.floor(n), guarantee(threshold, n))
 

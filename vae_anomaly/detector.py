@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import artifact, budget, checks, crossfit, inference
+from . import artifact, budget, checks, crossfit, inference, local
 from .batch_tests import BatchTest, run_batch_tests
 from .batching import DecodeOptions
 from .budget import FitPlan
@@ -38,6 +38,7 @@ from .duplicates import NEAR_BITS, Duplicate, Fingerprints, find_duplicates
 from .errors import ModelFileError, UsageError
 from .inference import HeatMaps, ImageInput, ScoreResult
 from .listing import FileListing
+from .local import PatchBank
 from .model import ConvVAE, VAEConfig
 from .scores import latent_noise
 from .train import EpochStats
@@ -53,6 +54,8 @@ class Detector:
         self.calibration_: dict[str, np.ndarray] = {}
         # Every training image's duplicate fingerprints (None for model files written before them).
         self.training_fingerprints_: Fingerprints | None = None
+        # The local statistic's patch banks (local.py); None for model files written before it.
+        self.patches_: PatchBank | None = None
         self.metadata_: dict[str, Any] = {}
         self.checksum_: str | None = None
         self.device_ = torch.device("cpu")
@@ -130,7 +133,11 @@ class Detector:
         self.calibration_ = inference.calibration_scores(
             models, images.pixels, folds, noise, device, world, images.bits
         )
-        self._calibrate_checks(images, np.concatenate(folds), warn)
+        self.patches_, held_out = local.fit(images.pixels, plans, rng)
+        order = np.concatenate(folds)
+        images.facts.properties[local.NAME] = np.zeros(len(images.pixels))
+        images.facts.properties[local.NAME][order] = held_out
+        self._calibrate_checks(images, order, warn)
         self.metadata_["training"]["plan"] = {**fit_plan.to_dict(), "seconds": time.perf_counter() - started}
         self.checksum_ = None
         return self
@@ -235,7 +242,7 @@ class Detector:
             data, prep, batch_size, self.decode, bits=bits, on_warning=on_warning, threads=threads
         )
         per_model, paths, errors, unlike, facts = inference.score_all(
-            self.models_, it, noise, self.device_, threads, on_batch
+            self.models_, it, noise, self.device_, threads, on_batch, self.patches_
         )
         return inference.results(per_model, paths, errors, unlike, counts, ignored, facts)
 
@@ -347,6 +354,8 @@ class Detector:
         cal[artifact.FOLD_KEY] = torch.from_numpy(np.asarray(folds, dtype=np.int64))
         if self.training_fingerprints_ is not None:
             cal.update(artifact.pack_fingerprints(self.training_fingerprints_.exact, self.training_fingerprints_.near))
+        if self.patches_ is not None:
+            cal.update({k: torch.from_numpy(v) for k, v in self.patches_.arrays().items()})
         state = {
             f"{artifact.model_prefix(k)}{name}": t
             for k, m in enumerate(self.models_)
@@ -381,7 +390,12 @@ class Detector:
             packed = artifact.unpack_fingerprints(mf)
             fingerprints = None if packed is None else Fingerprints(*packed)
             skip = {artifact.FOLD_KEY, artifact.TRAIN_EXACT_KEY, artifact.TRAIN_NEAR_KEY}
-            cal = {k: v.double().numpy() for k, v in mf.calibration.items() if k not in skip}
+            patches = PatchBank.from_arrays({k: v.numpy() for k, v in mf.calibration.items()})
+            cal = {
+                k: v.double().numpy()
+                for k, v in mf.calibration.items()
+                if k not in skip and not k.startswith(local.PREFIX)
+            }
             n_cal = len(next(iter(cal.values())))
             fold_t = mf.calibration.get(artifact.FOLD_KEY)
             folds = np.zeros(n_cal, np.int64) if fold_t is None else fold_t.long().numpy()
@@ -399,6 +413,7 @@ class Detector:
         det.preprocessing_, det.metadata_, det.checksum_ = prep, meta, mf.checksum
         det.calibration_, det.calibration_folds_ = cal, folds
         det.training_fingerprints_ = fingerprints
+        det.patches_ = patches
         return det
 
     def info(self) -> dict[str, Any]:

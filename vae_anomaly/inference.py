@@ -22,6 +22,8 @@ from .devices import ThreadShare, to_device
 from .distributed import World
 from .errors import ConfigError
 from .listing import FileListing, find_images, require_images
+from .local import NAME as LOCAL
+from .local import PatchBank, native_box
 from .model import ConvVAE
 from .scores import kl_to_standard_normal, pixel_nll_map, score_batch
 
@@ -200,17 +202,28 @@ def score_all(
     device: torch.device,
     threads: ThreadShare,
     on_batch: Callable[[int, int], None] | None = None,
+    patches: PatchBank | None = None,
 ) -> tuple[dict[str, np.ndarray], list[str], list[ReadError], Unlike, ImageFacts]:
     """(K, N) scores of every asked-for type, the scored paths, the unreadable files, the unlike counts
-    and what the checks read of each image."""
+    and what the checks read of each image; with `patches`, each image's local statistic and most
+    unusual region (local.py) among them."""
     paths: list[str] = []
     parts: dict[str, list[np.ndarray]] = {name: [] for name in noise}
     errors: list[ReadError] = []
     unlike: list[Unlike] = []
     measured: list[ImageBatch] = []
+    regions: list[np.ndarray] = []
     with threads:
         for batch in batches:
             unlike.append(batch.unlike)
+            if patches is not None:
+                batch.properties[LOCAL], boxes = patches.statistic(batch.pixels)
+                sides = [s[:2] for s in batch.sources]
+                regions.append(
+                    np.array(
+                        [native_box(b, patches.size, w, h) for b, (w, h) in zip(boxes, sides, strict=True)], np.int64
+                    ).reshape(-1, 4)
+                )
             measured.append(replace(batch, pixels=batch.pixels[:0], bits=None))  # keep the facts, not the pixels
             if len(batch.pixels):
                 t0 = time.perf_counter()
@@ -225,7 +238,7 @@ def score_all(
                 on_batch(len(batch.paths), len(batch.errors))
     k = len(models)
     scores = {name: np.concatenate(p, axis=1) if p else np.zeros((k, 0)) for name, p in parts.items()}
-    return scores, paths, errors, merge_unlike(unlike), ImageFacts.of(measured)
+    return scores, paths, errors, merge_unlike(unlike), ImageFacts.of(measured, regions)
 
 
 def results(

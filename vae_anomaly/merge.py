@@ -272,6 +272,7 @@ def merge_reports(
         baseline=None if baseline is None else os.fsdecode(baseline),
         reasons=reasons,
         duplicates=duplicates,
+        regions=[r.get("region") for r in readable],
     )
 
 

@@ -188,6 +188,7 @@ def score_report(config: ScoreConfig, *, on_message: Say = _quiet, on_warning: S
         baseline=None if config.baseline is None else os.fsdecode(config.baseline),
         reasons=reasons,
         duplicates=duplicates,
+        regions=None if result.facts is None or result.facts.regions is None else list(result.facts.regions),
     )
     of_listing = ""
     if shard is not None:

@@ -35,6 +35,9 @@ class Property:
     high: str
     unit: str = ""
     digits: int = 0  # decimals shown in reasons
+    # The side the decision's one test takes: two-sided for what a person names (too dark and too
+    # bright are both odd), upper for the local statistic (only far from normal patches is odd).
+    decided: str = "two-sided"
 
 
 PROPERTIES: tuple[Property, ...] = (
@@ -50,6 +53,16 @@ PROPERTIES: tuple[Property, ...] = (
     Property("height", "height", "two-sided", "shorter", "taller", unit=" px"),
     Property("aspect", "aspect ratio (width/height)", "two-sided", "taller in shape", "wider in shape", digits=2),
     Property("format", "share of normal images in its file format", "lower", "in a rarer file format", "", digits=3),
+    # Not measured here: the fitted model's patch bank gives it (local.py), at score time.
+    Property(
+        "local",
+        "largest patch distance to normal patches",
+        "upper",
+        "closer to normal patches",
+        "with a region farther from every normal patch",
+        digits=2,
+        decided="upper",
+    ),
 )
 BY_NAME = {p.name: p for p in PROPERTIES}
 HEADER = ("width", "height", "aspect", "format")  # read from the file's header, not its pixels

@@ -6,13 +6,15 @@ Schema file `schemas/score-report.schema.json` shipped in this package:
     {"schema": "vae-anomaly/score", "schema_version": 1,
      "summary": {...}, "warnings": [...],
      "records": [{"rank", "path", "score", "p_value", "flagged", "error",
-                  "reasons", "duplicate_of", "duplicate_kind", "duplicate_in"}, ...]}
+                  "reasons", "duplicate_of", "duplicate_kind", "duplicate_in", "region"}, ...]}
 
 A flagged record's `reasons` say why, in words (checks.py): the model's
 own finding and every image-property check at p <= the cut-off, at least
 one. `duplicate_of` names a training image (`duplicate_in` "training": a
 leak) or an earlier image of the batch ("batch") that the image copies,
-`duplicate_kind` "exact" or "near" (duplicates.py).
+`duplicate_kind` "exact" or "near" (duplicates.py). `region` is the box
+[x0, y0, x1, y1], in the file's own pixels, of the image's most unusual
+region by the local statistic (local.py).
 
 Records come most anomalous first (by the decision's own statistic), then
 the unreadable files. CI writers live in `ci.py`; reading reports back in,
@@ -71,6 +73,9 @@ class ImageRecord:
     duplicate_of: str | None = None  # the training image or earlier image of the batch it copies
     duplicate_kind: str | None = None  # "exact" or "near"
     duplicate_in: str | None = None  # "training" (a leak) or "batch"
+    # The most unusual region (local.py): [x0, y0, x1, y1] in the file's own pixels; None for model
+    # files without the local statistic and for unreadable files.
+    region: tuple[int, int, int, int] | None = None
 
     @property
     def leak(self) -> bool:
@@ -186,10 +191,12 @@ def build_report(
     baseline: str | None = None,
     reasons: Sequence[Sequence[Reason]] | None = None,
     duplicates: Sequence[Duplicate | None] | None = None,
+    regions: Sequence[Sequence[int] | None] | None = None,
 ) -> Report:
     """Records ranked by the decision's own statistic, the summary, and the gate's verdict.
 
-    `reasons[i]` and `duplicates[i]` belong to `paths[i]` (Detector.explain, Detector.duplicates)."""
+    `reasons[i]`, `duplicates[i]` and `regions[i]` belong to `paths[i]` (Detector.explain,
+    Detector.duplicates, local.py)."""
     threshold, p, flags = decision.threshold, decision.p_values, decision.flags
     # Most anomalous first, by the decision's own statistic (a raw threshold ranks by score).
     if threshold.rule == "score":
@@ -210,6 +217,7 @@ def build_report(
                 duplicate_of=None if dup is None else dup.of,
                 duplicate_kind=None if dup is None else dup.kind,
                 duplicate_in=None if dup is None else ("training" if dup.training else "batch"),
+                region=_region(regions[i]) if regions is not None else None,
             )
         )
     records += [ImageRecord(None, path, None, None, None, reason) for path, reason in errors]
@@ -245,6 +253,10 @@ def build_report(
     report = Report(records, summary, list(warnings or []))
     summary.exit_code = report.return_code
     return report
+
+
+def _region(box: Sequence[int] | None) -> tuple[int, int, int, int] | None:
+    return None if box is None else (int(box[0]), int(box[1]), int(box[2]), int(box[3]))
 
 
 def _clean(value: Any) -> Any:
@@ -319,6 +331,7 @@ def to_csv(report: Report) -> str:
             "duplicate_of",
             "duplicate_kind",
             "duplicate_in",
+            "region",
         ]
     )
     for r in report.records:
@@ -334,6 +347,7 @@ def to_csv(report: Report) -> str:
                 csv_text(r.duplicate_of or ""),
                 r.duplicate_kind or "",
                 r.duplicate_in or "",
+                "" if r.region is None else " ".join(map(str, r.region)),
             ]
         )
     return buf.getvalue()

@@ -70,7 +70,7 @@ class Threshold:
             where = "no score (too few calibration images)"
         if self.guard is not None or self.checks:
             others = ([self.guard] if self.guard is not None else []) + (
-                [f"one of {self.checks} image properties"] if self.checks else []
+                [f"one of {self.checks} image checks"] if self.checks else []
             )
             where += f", or {' or '.join(others)} as atypical (one test of the largest deviation of them all)"
         raised = "" if self.requested is None else f" (the smallest reachable level; {self.requested:g} was asked for)"

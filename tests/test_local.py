@@ -1,0 +1,78 @@
+"""The local statistic (local.py): a small defect is found, where it is, at a calibrated rate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from vae_anomaly import Detector, FitConfig
+from vae_anomaly.calibration import p_values
+from vae_anomaly.checks import key
+from vae_anomaly.decision import DecisionRule
+from vae_anomaly.local import NAME, PatchBank, geometry, native_box, region
+
+
+def textures(n: int, seed: int, size: int = 32) -> np.ndarray:
+    """Smooth random grey textures, uint8 (n, size, size)."""
+    rng = np.random.default_rng(seed)
+    f = ndimage.gaussian_filter(rng.normal(size=(n, size, size)), (0, 1.5, 1.5))
+    f = (f - f.mean(axis=(1, 2), keepdims=True)) / f.std(axis=(1, 2), keepdims=True)
+    return np.clip(128 + 40 * f, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def textured() -> Detector:
+    return Detector(FitConfig(epochs=2, latent_dim=4, seed=0, device="cpu", folds=1)).fit(textures(400, seed=1))
+
+
+def test_a_pasted_spot_raises_the_local_statistic_and_is_boxed_where_it_is(textured: Detector) -> None:
+    clean = textures(100, seed=2)
+    spotted = clean.copy()
+    spotted[:, 20:26, 4:10] = 250  # 6x6 of 32x32: 3.5% of the area
+    rc, rs = textured.score(clean), textured.score(spotted)
+    assert rc.facts is not None and rs.facts is not None and rs.facts.regions is not None
+    local_c, local_s = rc.facts.properties[NAME], rs.facts.properties[NAME]
+    assert np.median(local_s) > np.max(local_c), "every spotted image is farther from normal patches than clean ones"
+    x0, y0, x1, y1 = np.median(rs.facts.regions, axis=0)
+    assert x0 <= 4 and x1 >= 10 and y0 <= 20 and y1 >= 26, "the box covers the spot"
+    assert (x1 - x0) * (y1 - y0) <= 0.25 * 32 * 32, "and little else"
+    flags = textured.decide(rs).flags
+    assert flags.mean() >= 0.9 and textured.decide(rc).flags.mean() <= 0.05
+
+
+def test_calibration_values_come_from_a_bank_that_never_saw_them(textured: Detector) -> None:
+    """New normal images are flagged by the local statistic alone at about the level asked."""
+    cal = textured.calibration_[key(NAME)]
+    assert len(cal) == 80 and np.all(np.isfinite(cal))
+    fresh = textured.score(textures(600, seed=3)).facts
+    assert fresh is not None
+    p = p_values(cal, fresh.properties[NAME], "upper")
+    assert abs(float(np.mean(p <= 0.1)) - 0.1) < 0.06  # a bank holding these images would put them at ~0
+
+
+def test_the_decision_tests_the_local_statistic_on_its_upper_side_only(textured: Detector) -> None:
+    rule = DecisionRule()
+    stats = rule.statistics_in(textured.calibration)
+    tails = dict(zip(stats, rule.tails_for(stats), strict=True))
+    assert tails[key(NAME)] == "upper" and tails[key("brightness")] == "two-sided"
+
+
+def test_the_model_file_keeps_the_banks(textured: Detector, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "m.vae"
+    textured.save(path)
+    again = Detector.load(path)
+    assert isinstance(again.patches_, PatchBank) and textured.patches_ is not None
+    x = textures(5, seed=4)
+    assert np.allclose(textured.patches_.statistic(x)[0], again.patches_.statistic(x)[0])
+    assert not any(k.startswith("local:") for k in again.calibration_), "the bank is not a calibration score"
+
+
+def test_region_and_native_box() -> None:
+    p, stride = geometry(48)
+    assert (p, stride) == (8, 4)
+    grid = np.zeros((11, 11))
+    grid[2, 3] = grid[2, 4] = 5.0
+    grid[9, 9] = 4.0  # past the bound too, but not connected to the farthest patch
+    assert region(grid, 48, 1.0) == (12, 8, 24, 16)
+    assert native_box((12, 8, 24, 16), 48, 480, 96) == [120, 16, 240, 32]

@@ -1,0 +1,206 @@
+"""The local statistic: how far an image's most unusual patch lies from every normal patch.
+
+A whole-image score averages a small defect away: a hole, stain or scratch
+over 2% of a texture moves -ELBO by less than normal images vary. This
+statistic looks at patches instead (SPADE and PatchCore do the same with
+pretrained features; here the descriptor is learnt from the normal images
+alone, since no weights can be downloaded). At the working size S, each
+image is cut into patches of p = max(4, round(S / 6)) px at stride
+ceil(p / 2); each patch v (pixels in [0, 1]) gets the descriptor
+
+    phi(v) = [ W (v - m),  c * (t(v) - t_mean) / t_std ]
+
+W, m: the first D = 16 principal axes and the mean of normal patches; t(v):
+the patch's texture, its mean absolute gradient and its standard deviation
+(what blur and flat fills change), standardised on normal patches and
+scaled by c = 3 sigma_W / sqrt(2), sigma_W the root-mean-square length of
+the projected part (measured on benchmarks/defects.py: texture weights 0,
+1 and 3 gave mean ROC-AUC 0.80, 0.89 and 0.91 at 48 px). A patch's
+distance is that to its nearest neighbour in a bank of normal patches,
+
+    d(v) = min_j || phi(v) - b_j ||,
+
+and the image's local statistic is its largest patch distance,
+
+    s_local(x) = max over patches v of x of d(v).
+
+Cross-fitted like the models: bank k holds patches of the images model k
+trained on, never of its own held-out (calibration) images, so the
+calibration values are what a new normal image would get; a new image's
+value is the mean over the K banks. `checks.py` calibrates it as the check
+"local" (one-sided: only too far is odd) and the decision takes it into its
+one test. No torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from scipy import ndimage
+
+NAME = "local"  # the check's name (calibration entry "property:local")
+PREFIX = "local:"  # the bank's arrays in the model file's calibration tensors
+FEATURES = 16  # principal axes of the pixel part
+TEXTURE_WEIGHT = 3.0
+BANK = 2048  # normal patches per bank (per cross-fitted model)
+FIT_PATCHES = 20_000  # patches the principal axes are fitted on
+CHUNK = 4096  # patches per distance block (a 32 MB float32 matrix against the bank)
+IMAGES = 256  # images described at once (25 MB of patches at 48x48 RGB)
+
+
+def geometry(size: int) -> tuple[int, int]:
+    """(patch side, stride) at the working size."""
+    p = max(4, round(size / 6))
+    return p, math.ceil(p / 2)
+
+
+def _windows(a: np.ndarray, p: int, stride: int) -> np.ndarray:
+    """(N, G, G, C, p, p) views of every patch of (N, C, S, S) images."""
+    return sliding_window_view(a, (p, p), axis=(2, 3))[:, :, ::stride, ::stride].transpose(0, 2, 3, 1, 4, 5)
+
+
+def _raw(pixels: np.ndarray, p: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each patch's pixels (N, G, G, C*p*p) and texture (N, G, G, 2), float32."""
+    x = np.asarray(pixels, dtype=np.float32) / 255.0
+    x = x[:, None] if x.ndim == 3 else x  # (N, H, W) grey
+    grad = np.abs(np.diff(x, axis=2, append=x[:, :, -1:])) + np.abs(np.diff(x, axis=3, append=x[:, :, :, -1:]))
+    win = _windows(x, p, stride)
+    n, g, d = win.shape[0], win.shape[1], win.shape[3] * p * p
+    flat = win.reshape(n, g, g, d)
+    texture = np.stack([_windows(grad, p, stride).reshape(n, g, g, d).mean(-1), flat.std(-1)], -1)
+    return flat, texture
+
+
+@dataclass(frozen=True)
+class PatchBank:
+    """The descriptor (principal axes, texture scaling) and the K banks of normal patch descriptors."""
+
+    size: int
+    mean: np.ndarray  # (C*p*p,)
+    axes: np.ndarray  # (D, C*p*p)
+    texture: np.ndarray  # (3, 2): mean, std, scale row-wise
+    banks: tuple[np.ndarray, ...]  # K x (BANK, D + 2)
+    bound: float  # 99th percentile of calibration patch distances: where a region counts as unusual
+
+    def describe(self, pixels: np.ndarray) -> np.ndarray:
+        """phi of every patch, (N, G, G, D + 2) float32."""
+        p, stride = geometry(self.size)
+        flat, texture = _raw(pixels, p, stride)
+        t_mean, t_std, scale = self.texture
+        part = (flat - self.mean) @ self.axes.T
+        return np.concatenate([part, (texture - t_mean) / t_std * scale], -1).astype(np.float32)
+
+    def distances(self, pixels: np.ndarray, fold: int | None = None) -> np.ndarray:
+        """d(v) of every patch, (N, G, G): against bank `fold`, or the mean over the K banks; in blocks
+        of IMAGES images, so that memory stays bounded whatever N."""
+        if len(pixels) > IMAGES:
+            return np.concatenate([self.distances(pixels[i : i + IMAGES], fold) for i in range(0, len(pixels), IMAGES)])
+        phi = self.describe(pixels)
+        shape = phi.shape[:3]
+        flat = phi.reshape(-1, phi.shape[-1])
+        banks = self.banks if fold is None else (self.banks[fold],)
+        out = np.zeros(len(flat), np.float64)
+        for bank in banks:
+            b2 = (bank * bank).sum(1)
+            for i in range(0, len(flat), CHUNK):
+                f = flat[i : i + CHUNK]
+                d2 = (f * f).sum(1)[:, None] + b2[None] - 2.0 * (f @ bank.T)
+                out[i : i + CHUNK] += np.sqrt(np.maximum(d2.min(1), 0.0))
+        return (out / len(banks)).reshape(shape)
+
+    def statistic(self, pixels: np.ndarray, fold: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """s_local of each image, and the box (x0, y0, x1, y1, in working-size pixels) of its most
+        unusual region: the patches connected to the farthest one whose distance passes `bound`."""
+        d = self.distances(pixels, fold)
+        if not len(d):
+            return np.zeros(0), np.zeros((0, 4), np.int64)
+        return d.reshape(len(d), -1).max(1), np.array([region(g, self.size, self.bound) for g in d], np.int64)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What the model file keeps, by name (under PREFIX)."""
+        out = {
+            "size": np.array([self.size], np.float64),
+            "mean": self.mean,
+            "axes": self.axes,
+            "texture": self.texture,
+            "bound": np.array([self.bound]),
+        }
+        out.update({f"bank{k}": b for k, b in enumerate(self.banks)})
+        return {PREFIX + k: np.asarray(v, np.float64) for k, v in out.items()}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> PatchBank | None:
+        """The bank a model file keeps, or None in files written before it. Raises ValueError when its
+        arrays do not fit together."""
+        a = {k[len(PREFIX) :]: np.asarray(v) for k, v in arrays.items() if k.startswith(PREFIX)}
+        if not a:
+            return None
+        size = int(a["size"][0])
+        p, _ = geometry(size)
+        k = sum(1 for name in a if name.startswith("bank"))
+        banks = tuple(a[f"bank{i}"].astype(np.float32) for i in range(k))
+        axes = a["axes"].astype(np.float32)
+        if axes.shape[1] % (p * p) or a["mean"].shape != (axes.shape[1],) or a["texture"].shape != (3, 2):
+            raise ValueError(f"local statistic: axes {axes.shape} do not fit {p}-px patches")
+        if not banks or any(b.shape[1] != axes.shape[0] + 2 for b in banks):
+            raise ValueError("local statistic: the banks do not fit its descriptor")
+        texture = a["texture"].astype(np.float32)
+        return cls(size, a["mean"].astype(np.float32), axes, texture, banks, float(a["bound"][0]))
+
+
+def region(grid: np.ndarray, size: int, bound: float) -> tuple[int, int, int, int]:
+    """The box (x0, y0, x1, y1) in working-size pixels of the patches connected (8-neighbours) to the
+    farthest one among those past `bound`; the farthest patch alone when none passes it."""
+    p, stride = geometry(size)
+    top = np.unravel_index(int(np.argmax(grid)), grid.shape)
+    labels, _ = ndimage.label(grid >= min(bound, float(grid[top])), structure=np.ones((3, 3)))
+    ys, xs = np.nonzero(labels == labels[top])
+    return int(xs.min() * stride), int(ys.min() * stride), int(xs.max() * stride + p), int(ys.max() * stride + p)
+
+
+def native_box(box: Sequence[int], size: int, width: int, height: int) -> list[int]:
+    """A working-size box in the file's own pixels (the working size stretches the whole image)."""
+    sx, sy = width / size, height / size
+    x0, y0, x1, y1 = box
+    return [int(x0 * sx), int(y0 * sy), min(width, math.ceil(x1 * sx)), min(height, math.ceil(y1 * sy))]
+
+
+def fit(
+    pixels: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator
+) -> tuple[PatchBank, np.ndarray]:
+    """The bank of the normal images `pixels` (N, C, S, S) cross-fitted as the models are (`folds`:
+    (training, held-out) positions per model), and the local statistic of every held-out image against
+    the bank that never saw it, in the order of the concatenated held-out positions."""
+    size = pixels.shape[-1]
+    p, stride = geometry(size)
+    train_all = np.unique(np.concatenate([t for t, _ in folds]))
+    sample = rng.choice(train_all, min(len(train_all), 512), replace=False)
+    flat, texture = _raw(pixels[np.sort(sample)], p, stride)
+    flat, texture = flat.reshape(-1, flat.shape[-1]), texture.reshape(-1, 2)
+    pick = rng.choice(len(flat), min(len(flat), FIT_PATCHES), replace=False)
+    mean = flat[pick].mean(0)
+    _, _, vt = np.linalg.svd(flat[pick] - mean, full_matrices=False)
+    axes = vt[: min(FEATURES, len(vt))]
+    rms = float(np.sqrt((((flat[pick] - mean) @ axes.T) ** 2).sum(1).mean()))
+    t_std = np.maximum(texture.std(0), 1e-6)
+    tex = np.stack([texture.mean(0), t_std, np.full(2, TEXTURE_WEIGHT * rms / np.sqrt(2))]).astype(np.float32)
+    bank = PatchBank(size, mean.astype(np.float32), axes.astype(np.float32), tex, (), math.inf)
+    banks = []
+    for train, _ in folds:
+        chosen = rng.choice(train, min(len(train), 1024), replace=False)
+        phi = bank.describe(pixels[np.sort(chosen)])
+        phi = phi.reshape(-1, phi.shape[-1])
+        banks.append(phi[rng.choice(len(phi), min(len(phi), BANK), replace=False)])
+    bank = PatchBank(size, bank.mean, bank.axes, tex, tuple(banks), math.inf)
+    values, grids = [], []
+    for k, (_, held) in enumerate(folds):
+        d = bank.distances(pixels[held], fold=k) if len(held) else np.zeros((0, 1, 1))
+        values.append(d.reshape(len(d), -1).max(1) if len(d) else np.zeros(0))
+        grids.append(d.ravel())
+    every = np.concatenate(grids)
+    bound = float(np.percentile(every, 99)) if len(every) else math.inf
+    return PatchBank(size, bank.mean, bank.axes, tex, bank.banks, bound), np.concatenate(values)
