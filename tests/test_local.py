@@ -10,7 +10,7 @@ from vae_anomaly import Detector, FitConfig
 from vae_anomaly.calibration import p_values
 from vae_anomaly.checks import key
 from vae_anomaly.decision import DecisionRule
-from vae_anomaly.local import NAME, PatchBank, geometry, native_box, region
+from vae_anomaly.local import NAME, PatchBank, fit, geometry, native_box, region
 
 
 def textures(n: int, seed: int, size: int = 32) -> np.ndarray:
@@ -49,6 +49,20 @@ def test_calibration_values_come_from_a_bank_that_never_saw_them(textured: Detec
     assert fresh is not None
     p = p_values(cal, fresh.properties[NAME], "upper")
     assert abs(float(np.mean(p <= 0.1)) - 0.1) < 0.06  # a bank holding these images would put them at ~0
+
+
+def test_each_bank_holds_patches_of_its_models_training_images_only() -> None:
+    x = textures(120, seed=5)[:, None]
+    folds = [(np.arange(0, 60), np.arange(60, 120)), (np.arange(60, 120), np.arange(0, 60))]
+    bank, held = fit(x, folds, np.random.default_rng(0))
+    assert len(bank.banks) == 2 and held.shape == (120,)
+    for k, (train, out) in enumerate(folds):
+        seen = bank.distances(x[train], fold=k).reshape(len(train), -1).min(1)
+        unseen = bank.distances(x[out], fold=k).reshape(len(out), -1).min(1)
+        assert np.mean(seen < 1e-3) > 0.5 and np.all(unseen > 1e-3), f"bank {k} holds its training patches only"
+    order = np.concatenate([out for _, out in folds])
+    again = np.concatenate([bank.statistic(x[out], fold=k)[0] for k, (_, out) in enumerate(folds)])
+    assert np.allclose(held, again) and len(order) == len(held)
 
 
 def test_the_decision_tests_the_local_statistic_on_its_upper_side_only(textured: Detector) -> None:
