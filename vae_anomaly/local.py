@@ -120,6 +120,19 @@ class PatchBank:
             return np.zeros(0), np.zeros((0, 4), np.int64)
         return d.reshape(len(d), -1).max(1), np.array([region(g, self.size, self.bound) for g in d], np.int64)
 
+    def maps(self, pixels: np.ndarray) -> np.ndarray:
+        """Per-pixel maps (N, S, S) at the working size: each pixel the largest distance of the patches
+        covering it; stretched back over the file, a heat map at its own resolution."""
+        d = self.distances(pixels)
+        p, stride = geometry(self.size)
+        out = np.zeros((len(d), self.size, self.size))
+        for gy in range(d.shape[1]):
+            for gx in range(d.shape[2]):
+                y, x = gy * stride, gx * stride
+                view = out[:, y : y + p, x : x + p]
+                np.maximum(view, d[:, gy, gx, None, None], out=view)
+        return out
+
     def arrays(self) -> dict[str, np.ndarray]:
         """What the model file keeps, by name (under PREFIX)."""
         out = {
