@@ -220,7 +220,9 @@ def test_report_parses_and_shows_evil_names_only_as_text(html_report: Path) -> N
     text = "".join(parser.text)
     assert f"{EVIL}.png" in text and f"{EVIL}broken.png" in text, "the names are shown, as text"
     assert html.escape(EVIL) in raw
-    assert len(imgs) == 3 * 30 + 1, "three pictures per top row, one histogram"
+    assert len(imgs) == 4 * 30 + 1, (
+        "four pictures per top row (input, reconstruction, heat map, local map), one histogram"
+    )
     assert "Gate FAILED" in text and "exit code 1" in text
     assert "Unreadable files (1)" in text and "not a readable image" in text
 
@@ -280,7 +282,7 @@ def test_report_renders_in_headless_chromium(html_report: Path, tmp_path: Path) 
     parser = _Collector()
     parser.feed(dom)
     imgs = [a for t, a in parser.tags if t == "img"]
-    assert len(imgs) == 91 and dom.count('<td class="num">') >= 30 * 3
+    assert len(imgs) == 121 and dom.count('<td class="num">') >= 30 * 3
     assert f"{EVIL}.png" in "".join(parser.text), "the evil name is text in the live DOM too"
     assert not any("onerror" in a for _, a in parser.tags)
 
@@ -306,3 +308,17 @@ def test_library_modules_import_neither_click_nor_rich() -> None:
             if isinstance(node, ast.ImportFrom) and node.level == 0:
                 names = [node.module or ""]
             assert not any(n.split(".")[0] in ("click", "rich") for n in names), f"{path.name} imports {names}"
+
+
+def test_the_panel_adds_the_local_map_with_its_region_boxed() -> None:
+    image = np.minimum(crosses(1, seed=5), 250)
+    yy, xx = np.mgrid[0:16, 0:16]
+    heat = np.exp(-((yy - 3.0) ** 2 + (xx - 12.0) ** 2) / 8.0)
+    px = _pixels(png_bytes(heatmap_panel(image, image, heat, local=heat, box=(8, 0, 16, 8))))
+    spans = _runs((px != 255).any(axis=2).any(axis=0))
+    assert [b - a for a, b in spans] == [192, 192, 192, 192], f"four tiles: {spans}"
+    a, b = spans[3]
+    cyan = (px[:, a:b] == (0, 229, 255)).all(axis=2)
+    ys, xs = np.nonzero(cyan)
+    assert len(xs) and xs.min() == 8 * 12 and xs.max() == 16 * 12 - 1, "the box spans columns 8-15 of the map"
+    assert ys.max() - ys.min() == 8 * 12 - 1, "and rows 0-7"

@@ -259,7 +259,7 @@ class Detector:
         check_choice("score", score, SCORE_NAMES)
         eps = self._noise(samples or self.default_samples(score))
         it, _ = inference.batches(data, prep, batch_size, self.decode)
-        return inference.heat_maps(self.models_, it, eps, self.device_, prep)
+        return inference.heat_maps(self.models_, it, eps, self.device_, prep, self.patches_)
 
     # --------------------------------------------------------------- decide
     def rule(self, result: ScoreResult, **options: Any) -> DecisionRule:

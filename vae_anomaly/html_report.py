@@ -29,6 +29,7 @@ class RowImages:
     image: bytes
     reconstruction: bytes
     heatmap: bytes
+    local: bytes | None = None  # the local statistic's map (local.py), for model files that have it
 
 
 def _e(value: object) -> str:
@@ -165,11 +166,15 @@ def render_html(
     parts.append(
         '<p class="meta">Images at the model\'s input size. Heat map: -log p(x|z) per pixel, averaged over the '
         "Monte Carlo draws, over a dimmed copy of the input; each map has its own colour scale (dark = as "
-        "expected, bright yellow = most surprising pixel of that image).</p>"
+        "expected, bright yellow = most surprising pixel of that image). Local map: each pixel's largest distance "
+        "to normal patches (the local statistic), on the same kind of scale.</p>"
     )
+    with_local = any(p.local is not None for p in images.values())
+    local_head = "<th>local map</th>" if with_local else ""
     parts.append(
         '<table id="top"><thead><tr><th class="num">#</th><th>input</th><th>reconstruction</th><th>heat map</th>'
-        '<th class="num">score</th><th class="num">p-value</th><th>flag</th><th>path</th></tr></thead><tbody>'
+        f'{local_head}<th class="num">score</th><th class="num">p-value</th><th>flag</th><th>path</th>'
+        "</tr></thead><tbody>"
     )
     for r in shown:
         pics = images.get(r.path)
@@ -178,13 +183,15 @@ def render_html(
                 _img(pics.image, "input", "px"),
                 _img(pics.reconstruction, "reconstruction", "px"),
                 _img(pics.heatmap, "heat map", "px"),
+                _img(pics.local, "local map", "px") if pics.local is not None else "",
             ]
             if pics
-            else ["", "", ""]
+            else ["", "", "", ""]
         )
+        local_cell = f"<td>{cells[3]}</td>" if with_local else ""
         flag = ('<span class="flag yes">ANOMALY</span>' if r.flagged else '<span class="flag no">ok</span>') + _why(r)
         parts.append(
-            f'<tr><td class="num">{r.rank}</td><td>{cells[0]}</td><td>{cells[1]}</td><td>{cells[2]}</td>'
+            f'<tr><td class="num">{r.rank}</td><td>{cells[0]}</td><td>{cells[1]}</td><td>{cells[2]}</td>{local_cell}'
             f'<td class="num">{r.score:,.2f}</td><td class="num">{r.p_value:.4f}</td><td>{flag}</td>'
             f'<td class="path">{_e(r.path)}</td></tr>'
         )

@@ -70,6 +70,9 @@ class HeatMaps:
     maps: np.ndarray  # float64 (N, H, W)
     kl: np.ndarray  # float64 (N,)
     errors: list[ReadError]
+    # The local statistic's map (local.PatchBank.maps): each pixel the largest distance to normal
+    # patches of the patches covering it; None for model files without the local statistic.
+    local: np.ndarray | None = None
 
 
 def as_uint8_images(arr: np.ndarray) -> np.ndarray:
@@ -276,10 +279,12 @@ def heat_maps(
     eps: torch.Tensor,
     device: torch.device,
     prep: Preprocessing,
+    patches: PatchBank | None = None,
 ) -> HeatMaps:
-    """Per-pixel -log p(x|z), reconstructions and KL, each averaged over the draws and the K models."""
+    """Per-pixel -log p(x|z), reconstructions and KL, each averaged over the draws and the K models; and,
+    with `patches`, the local statistic's map."""
     paths: list[str] = []
-    images, maps, recons, kls = [], [], [], []
+    images, maps, recons, kls, local = [], [], [], [], []
     errors: list[ReadError] = []
     for batch in batches:
         paths += batch.paths
@@ -302,6 +307,8 @@ def heat_maps(
         maps.append((heat / k).sum(1).cpu().numpy())
         recons.append((recon / k).clamp(0, 1).mul(255).round().byte().cpu().numpy())
         kls.append((kl / k).cpu().numpy())
+        if patches is not None:
+            local.append(patches.maps(batch.pixels))
     empty = np.zeros((0, prep.channels, prep.size, prep.size), np.uint8)
     return HeatMaps(
         paths,
@@ -310,4 +317,5 @@ def heat_maps(
         np.concatenate(maps) if maps else np.zeros((0, prep.size, prep.size)),
         np.concatenate(kls) if kls else np.zeros(0),
         errors,
+        None if patches is None else np.concatenate(local) if local else np.zeros((0, prep.size, prep.size)),
     )

@@ -207,9 +207,13 @@ def pictures(
         for j, path in enumerate(maps.paths):
             rec = by_path[path]
             img, rec_img, heat = maps.images[j], maps.reconstructions[j], maps.maps[j]
+            local = None if maps.local is None else maps.local[j]
+            box = None
+            if local is not None and detector.patches_ is not None:
+                box = tuple(int(v) for v in detector.patches_.statistic(img[None])[1][0])
             if outputs.heatmaps and rec.flagged:
                 caption = f"#{rec.rank}  score {rec.score:.4g}  p {rec.p_value:.4f}"
-                panel = visualize.heatmap_panel(img, rec_img, heat, caption=caption, lut=lut)
+                panel = visualize.heatmap_panel(img, rec_img, heat, caption=caption, lut=lut, local=local, box=box)
                 target = outputs.heatmaps / f"{rec.rank:05d}_{safe_name(path)}.png"
                 write_file(target, visualize.png_bytes(panel), "a heat map")
                 written += 1
@@ -218,6 +222,7 @@ def pictures(
                     visualize.png_bytes(visualize.to_rgb(img)),
                     visualize.png_bytes(visualize.to_rgb(rec_img)),
                     visualize.png_bytes(visualize.heat_overlay(img, heat, lut=lut)),
+                    None if local is None else visualize.png_bytes(visualize.heat_overlay(img, local, lut=lut)),
                 )
     if outputs.heatmaps:
         try:

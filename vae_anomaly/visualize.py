@@ -114,26 +114,36 @@ def heatmap_panel(
     *,
     caption: str = "",
     lut: np.ndarray | None = None,
+    local: np.ndarray | None = None,
+    box: tuple[int, int, int, int] | None = None,
 ) -> Image.Image:
-    """input | reconstruction | map over the input, side by side, with labels and the map's scale.
+    """input | reconstruction | map over the input [| the local statistic's map, its most unusual
+    region boxed], side by side, with labels and the map's scale.
 
     Small inputs are enlarged with nearest-neighbour so pixels stay pixels.
     """
     lut = colour_table() if lut is None else lut
     vrange = map_range(heat)
     tiles = [to_rgb(image), to_rgb(reconstruction), heat_overlay(image, heat, vrange, lut)]
+    labels = ["input", "reconstruction", "-log p(x|z) per pixel"]
+    if local is not None:
+        tiles.append(heat_overlay(image, local, lut=lut))
+        labels.append("local: patch distance")
     h, w = tiles[0].shape[:2]
     k = max(1, PANEL // max(h, w))
     pw, ph = w * k, h * k
     gap, top, bottom = 8, 22, 34
-    canvas = Image.new("RGB", (3 * pw + 4 * gap, top + ph + bottom), "white")
+    canvas = Image.new("RGB", (len(tiles) * (pw + gap) + gap, top + ph + bottom), "white")
     draw = ImageDraw.Draw(canvas)
     font = _font(13)
-    labels = ["input", "reconstruction", "-log p(x|z) per pixel"]
     for i, (tile, label) in enumerate(zip(tiles, labels, strict=True)):
         x0 = gap + i * (pw + gap)
         canvas.paste(Image.fromarray(tile).resize((pw, ph), Image.Resampling.NEAREST), (x0, top))
         draw.text((x0, 4), label, fill="black", font=font)
+    if local is not None and box is not None:  # the region, in working-size pixels
+        x0 = gap + 3 * (pw + gap)
+        bx0, by0, bx1, by1 = (v * k for v in box)
+        draw.rectangle((x0 + bx0, top + by0, x0 + bx1 - 1, top + by1 - 1), outline="#00e5ff", width=2)
     # Colour bar under the map, with its two ends in nats.
     x0, y0 = gap + 2 * (pw + gap), top + ph + 6
     bar = Image.fromarray(np.repeat(lut[None], 8, axis=0)).resize((pw, 8), Image.Resampling.BILINEAR)
