@@ -3,8 +3,8 @@
 Normal material: images that ship inside scikit-image and that no other benchmark uses (brick,
 grass, gravel: grey textures; ihc: an immunohistochemistry slide, RGB). Each normal image is a
 random square crop of one material, randomly flipped and rotated by a multiple of 90 degrees,
-resized to the benchmark's side (256 px: a crop of 256 px, native; 1,024 px: a crop of 512 px
-upsampled twice with Lanczos, since no bundled texture has 1,024 px of its own).
+resized to the benchmark's side (256 px: a crop of 256 px, native; 1,024 px: a crop of 384 px
+upsampled 2.67 times with Lanczos, since no bundled texture has 1,024 px of its own).
 
 Defects, each with a boolean mask of its pixels, at an area of `area` times the image's:
 
@@ -27,6 +27,9 @@ from scipy import ndimage
 MATERIALS = ("brick", "grass", "gravel", "ihc")
 KINDS = ("scratch", "stain", "hole", "colour spot", "blur patch", "foreign patch")
 AREAS = (0.01, 0.02, 0.05, 0.10)
+# The largest crop of a 512-px material: images of more pixels are crops of this side upsampled, so
+# that normal images still differ (a 512-px crop of a 512-px picture is the picture itself).
+CROP = 384
 
 
 def material(name: str) -> np.ndarray:
@@ -40,7 +43,7 @@ def material(name: str) -> np.ndarray:
 
 def normal_image(src: np.ndarray, side: int, rng: np.random.Generator) -> np.ndarray:
     """One normal image of `side` px: a random crop of `src`, flipped and rotated at random."""
-    crop = min(side, 512, src.shape[0], src.shape[1])
+    crop = min(side, CROP, src.shape[0], src.shape[1])
     y = int(rng.integers(0, src.shape[0] - crop + 1))
     x = int(rng.integers(0, src.shape[1] - crop + 1))
     a = np.rot90(src[y : y + crop, x : x + crop], int(rng.integers(4)))

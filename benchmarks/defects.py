@@ -319,7 +319,8 @@ def main() -> int:
             t0 = time.perf_counter()
             results[name] = one_material(work, name, args)
             print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    image = averaged({n: image_figures(r) for n, r in results.items()})
+    per_material = {n: image_figures(r) for n, r in results.items()}
+    image = averaged(per_material)
     pixel = {
         m: {f: float(np.mean([r["pixel"][m][f] for r in results.values()])) for f in ("roc_auc", "pro")} for m in MAPS
     }
@@ -334,6 +335,7 @@ def main() -> int:
         "image": image,
         "pixel": pixel,
         "per_material_pixel": {n: r["pixel"] for n, r in results.items()},
+        "per_material_image": per_material,
     }
     write_results(out, doc, markdown(doc))
     print(markdown(doc))

@@ -43,7 +43,7 @@ def test_model_file_holds_everything_design_lists(model_file: Path) -> None:
     assert tr["images"] == 1000 and tr["calibration_images"] == 400 and tr["seed"] == 0
     assert len(tr["data_fingerprint"]) == 16 and tr["epochs_run"] >= 1 and tr["final_train_loss"] is not None
     # Fitted on an array: the pixel checks of a grey model, no file header to check (width, format, ...).
-    grey = ("brightness", "highlights", "shadows", "contrast", "sharpness", "entropy")
+    grey = ("brightness", "highlights", "shadows", "contrast", "sharpness", "entropy", "balance-x", "balance-y")
     checked = {f"property:{name}" for name in (*grey, "local")}
     assert set(info["calibration"]) == {"elbo", "elbo-ic", "kl", "iwae", "recon-prob"} | checked
     assert info["checks"]["training_files"] == 1000 and info["checks"]["formats"] == {"": 1.0}

@@ -104,6 +104,18 @@ def test_properties_name_what_changed_in_an_image() -> None:
     assert p["width"][0] == 640 and p["aspect"][0] == pytest.approx(640 / 480)
 
 
+def test_balance_says_where_the_bright_content_lies() -> None:
+    x = np.zeros((4, 1, 28, 28), np.uint8)
+    x[0, :, 10:18, 10:18] = 200  # centred
+    x[1, :, :, :14] = 200  # left half only: a right half occluded
+    x[2, :, 20:, :] = 100  # bottom rows only
+    p = properties.measure(x, [(28, 28, False, "PNG")] * 4)
+    assert p["balance-x"][0] == pytest.approx(0) and p["balance-y"][0] == pytest.approx(0)
+    assert p["balance-x"][1] == pytest.approx(7 / 28 - 0.5) and p["balance-y"][1] == pytest.approx(0)
+    assert p["balance-y"][2] == pytest.approx(24 / 28 - 0.5)
+    assert p["balance-x"][3] == 0 and p["balance-y"][3] == 0, "a black frame has no bright content: the centre"
+
+
 def test_properties_of_a_batch_are_those_of_each_image_alone() -> None:
     rng = np.random.default_rng(1)
     x = np.stack([photo(rng).transpose(2, 0, 1) for _ in range(5)])
@@ -294,8 +306,8 @@ def test_no_checks_decides_on_the_model_alone(photos_dir: Path, photos_model: Pa
     doc = json.loads(out)
     assert doc["summary"]["threshold"]["checks"] == 0 and "image checks" not in doc["summary"]["rule"]
     _, out, _ = run("score", photos_dir / "in", "-m", photos_model, "--format", "json")
-    assert json.loads(out)["summary"]["threshold"]["checks"] == 13, (
-        "a colour model from files: all twelve properties and the local statistic"
+    assert json.loads(out)["summary"]["threshold"]["checks"] == 15, (
+        "a colour model from files: all fourteen properties and the local statistic"
     )
 
 

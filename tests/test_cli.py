@@ -226,7 +226,8 @@ def test_info_shows_training_data_and_settings(cli_model: Path) -> None:
     flat = " ".join(out.replace("│", " ").split())  # the table wraps long values onto continuation rows
     assert "training files 16-16 px a side; the working size is their native size up to 48 px" in flat
     assert "time budget" in flat and "no limit; planned up to 100 epochs" in flat
-    assert "checks 11 calibrated on the same images" in flat and "fingerprints of 900 training images" in flat
+    assert "local statistic largest distance of 4-px patches (stride 2, of the 16-px working size)" in flat
+    assert "checks 13 calibrated on the same images" in flat and "fingerprints of 900 training images" in flat
     assert "property:" not in flat and "None sample(s)" not in flat
 
 

@@ -426,6 +426,7 @@ class Detector:
             "fingerprint": self.fingerprint,
             **meta,
             "models": self.n_models,
+            **({"local": self.patches_.describe_rule()} if self.patches_ is not None else {}),
             "calibration": {
                 k: {
                     "n": len(v),

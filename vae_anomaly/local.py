@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -132,6 +133,19 @@ class PatchBank:
                 view = out[:, y : y + p, x : x + p]
                 np.maximum(view, d[:, gy, gx, None, None], out=view)
         return out
+
+    def describe_rule(self) -> dict[str, Any]:
+        """The statistic's settings, for `info`."""
+        p, stride = geometry(self.size)
+        return {
+            "patch": p,
+            "stride": stride,
+            "working_size": self.size,
+            "features": int(self.axes.shape[0]) + 2,
+            "banks": len(self.banks),
+            "bank_patches": int(self.banks[0].shape[0]) if self.banks else 0,
+            "region_bound": self.bound,
+        }
 
     def arrays(self) -> dict[str, np.ndarray]:
         """What the model file keeps, by name (under PREFIX)."""

@@ -49,6 +49,22 @@ PROPERTIES: tuple[Property, ...] = (
     Property("entropy", "information (entropy, bits/pixel)", "two-sided", "plainer", "busier", digits=2),
     Property("colourfulness", "colourfulness (Hasler-Suesstrunk)", "two-sided", "greyer", "more colourful"),
     Property("saturation", "colour spread (max - min channel)", "lower", "greyer", "more saturated"),
+    Property(
+        "balance-x",
+        "brightness centroid, share of the width right of the centre",
+        "two-sided",
+        "with its bright content further left",
+        "with its bright content further right",
+        digits=3,
+    ),
+    Property(
+        "balance-y",
+        "brightness centroid, share of the height below the centre",
+        "two-sided",
+        "with its bright content higher up",
+        "with its bright content lower down",
+        digits=3,
+    ),
     Property("width", "width", "two-sided", "narrower", "wider", unit=" px"),
     Property("height", "height", "two-sided", "shorter", "taller", unit=" px"),
     Property("aspect", "aspect ratio (width/height)", "two-sided", "taller in shape", "wider in shape", digits=2),
@@ -94,6 +110,13 @@ def measure(pixels: np.ndarray, sources: Sequence[Source]) -> dict[str, np.ndarr
     lap = ndimage.correlate1d(grey, [1.0, -2.0, 1.0], axis=1, mode="reflect")
     lap += ndimage.correlate1d(grey, [1.0, -2.0, 1.0], axis=2, mode="reflect")
     out["sharpness"] = _mean_std(lap.reshape(flat.shape))[1] ** 2
+    # Where the bright content lies: the luma-weighted centroid, as a share of the side from the
+    # centre (-0.5 to 0.5); a black frame has none and sits at the centre.
+    h, w = grey.shape[1:]
+    total = flat.sum(axis=1, dtype=np.float64)
+    for name, profile, side in (("balance-x", grey.sum(axis=1), w), ("balance-y", grey.sum(axis=2), h)):
+        centre = profile.astype(np.float64) @ (np.arange(side) + 0.5)
+        out[name] = np.divide(centre, total, out=np.full(b, side / 2), where=total > 0) / side - 0.5
     # 256-level histogram of each image's luma (grey pixels are their own levels; RGB luma is rounded).
     levels = u[:, 0].reshape(flat.shape).astype(np.intp) if x.shape[1] == 1 else np.rint(flat).astype(np.intp)
     levels += 256 * np.arange(b, dtype=np.intp)[:, None]

@@ -52,6 +52,14 @@ def _checks_row(data: dict[str, Any]) -> str:
     )
 
 
+def _local_row(local: dict[str, Any]) -> str:
+    return (
+        f"largest distance of {local['patch']}-px patches (stride {local['stride']}, of the "
+        f"{local['working_size']}-px working size) to {local['banks']} bank(s) of {local['bank_patches']:,} normal "
+        f"patches; regions past {local['region_bound']:.3g}"
+    )
+
+
 def _near(bits: int | None) -> str:
     if bits is None or bits < 0:
         return "exact copies only: distinct training images share perceptual hashes"
@@ -171,6 +179,7 @@ def info_table(model: str, data: dict[str, Any]) -> None:
             if not k.startswith(PREFIX)
         ],
         *([("checks", _checks_row(data))] if "checks" in data else []),
+        *([("local statistic", _local_row(data["local"]))] if "local" in data else []),
         ("versions", ", ".join(f"{k} {v}" for k, v in data["versions"].items())),
     ]
     for k, v in rows:
