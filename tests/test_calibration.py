@@ -45,18 +45,21 @@ def test_smallest_reachable_p_value_and_calibration_needed_agree() -> None:
 
 def _typicality_by_brute_force(cal: np.ndarray, new: np.ndarray, tail: str) -> np.ndarray:
     """Full conformal, spelled out: for each new image, every bag member's rank from the nearer end of
-    each statistic and its largest deviation (bag quartiles by sorting the bag), and the share of the
+    each statistic and its largest deviation (bag percentiles by sorting the bag), and the share of the
     bag at least as atypical."""
     n = cal.shape[1]
     out = []
     for x in new.T:
         bag = np.concatenate([cal, x[:, None]], axis=1)  # (J, n + 1)
         srt = np.sort(bag, axis=1)
-        r = np.clip(np.round(np.array([0.25, 0.5, 0.75]) * n).astype(int), 1, max(n - 1, 1))
-        q1, m, q3 = srt[:, r[0]][:, None], srt[:, r[1]][:, None], srt[:, r[2]][:, None]
+        r = np.clip(np.round(np.array([0.05, 0.25, 0.5, 0.75, 0.95]) * n).astype(int), 1, max(n - 1, 1))
+        q05, q1, m, q3, q95 = (srt[:, i][:, None] for i in r)
         tiny = 1e-9 * np.maximum(1.0, np.abs(m))
-        up = (bag - m) / np.maximum(q3 - m, tiny)
-        down = (m - bag) / np.maximum(m - q1, tiny)
+        outer = 1.6449 / 0.6745  # a side whose quartile is its median: the outer percentile, in the same units
+        high = np.where(q3 > m, q3 - m, np.where(q95 > m, (q95 - m) / outer, tiny))
+        low = np.where(q1 < m, m - q1, np.where(q05 < m, (m - q05) / outer, tiny))
+        up = (bag - m) / high
+        down = (m - bag) / low
         dev = up if tail == "upper" else np.where(bag >= m, up, down)
         d = dev.max(axis=0)
         rank_up = (bag[:, None, :] >= bag[:, :, None]).sum(axis=2)  # (J, n + 1): members >= each
@@ -345,3 +348,15 @@ def test_the_tail_model_is_fitted_only_where_an_image_reaches_the_floor(monkeypa
     far = [np.r_[typical[0], 9.0], np.r_[typical[1], 0.0]]
     p = calibration.p_values(["elbo-ic", "kl"], far, [None, None])
     assert p[-1] < 1 / 301 and fitted == [("elbo-ic", "kl")]
+
+
+def test_a_discrete_statistic_is_scaled_by_its_outer_percentile_where_a_quartile_is_its_median() -> None:
+    """60 of 100 slide tiles share one 99th-percentile grey level: a tile one level brighter is not
+    a billion half-IQRs out (it would outrank every real anomaly in the one test); a constant one is."""
+    cal = np.r_[np.full(60, 229.0), np.linspace(210, 228, 20), np.linspace(230, 240, 20)]
+    from vae_anomaly.calibration import deviation
+
+    d = deviation(np.array([230.0, 300.0]), bag_quantiles(cal, np.array([230.0, 300.0])), "two-sided")
+    assert 0 < d[0] < 1 and 10 < d[1] < 100
+    constant = np.full(100, 256.0)
+    assert deviation(np.array([257.0]), bag_quantiles(constant, np.array([257.0])), "two-sided")[0] > 1e6

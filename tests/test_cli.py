@@ -63,8 +63,8 @@ def test_json_output_field_by_field(cli_model: Path, data_dir: Path, tmp_path: P
     assert s["score"] == "elbo-ic" and s["samples"] == 1 and s["exit_code"] == code == 0
     assert s["threshold"]["rule"] == "auto" and s["threshold"]["tail"] == "two-sided"
     assert s["threshold"]["guard"] == "kl" and "one test of the largest deviation" in s["rule"]
-    assert s["threshold"]["checks"] == 11 and "one of 11 image checks" in s["rule"], (
-        "a grey model from files: 10 + local"
+    assert s["threshold"]["checks"] == 13 and "one of 13 image checks" in s["rule"], (
+        "a grey model from files: 12 properties + local"
     )
     assert s["smallest_p_value"] == 1 / 406  # one test of score and guard, both sides, 405 calibration scores
     assert s["threshold"]["alpha"] == 0.01 and s["calibration_images"] == 405
@@ -248,15 +248,13 @@ def test_python_m_entry_point_runs() -> None:
 
 
 def test_table_shows_tail_model_p_values_below_the_floor_instead_of_zeros(cli_model: Path, data_dir: Path) -> None:
-    """405 calibration scores: exact p-values stop at 1/406; crosses far beyond get the tail model's.
-
-    The model's statistics alone (--no-checks): with every check, the discrete 1st-percentile
-    brightness of these 16-px disks puts a point mass in the deviations' tail, the Pareto fit
-    degenerates (shape 2.4) and, cautious, refines nothing."""
-    code, out, _ = run("score", data_dir / "incoming", "--model", cli_model, "--format", "json", "--no-checks")
+    """405 calibration scores: exact p-values stop at 1/406; crosses far beyond get the tail model's
+    (with every check: a discrete one, whose quartile is its median, is scaled by its outer percentile,
+    so it puts no point mass of huge deviations in the tail)."""
+    code, out, _ = run("score", data_dir / "incoming", "--model", cli_model, "--format", "json")
     smallest = min(r["p_value"] for r in _json(out)["records"] if r["p_value"] is not None)
     assert code == 0 and smallest < 1 / 406 / 10
-    code, out, _ = run("score", data_dir / "incoming", "--model", cli_model, "--top", "1", "--no-checks")
+    code, out, _ = run("score", data_dir / "incoming", "--model", cli_model, "--top", "1")
     assert code == 0
     row = next(line for line in out.splitlines() if "ANOMALY" in line)
     assert f"{smallest:.1e}" in row and "0.0000" not in out

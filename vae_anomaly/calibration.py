@@ -98,12 +98,17 @@ def calibration_needed(alpha: float) -> int:
 # ------------------------------------------------------ the typicality statistic
 # The quantiles that centre and scale each statistic. Order statistics of the
 # bag (the calibration scores plus the scored image), so that the scale is a
-# symmetric function of the bag and the conformal p-value stays exact.
-_QUANTILES = (0.25, 0.5, 0.75)
+# symmetric function of the bag and the conformal p-value stays exact. The
+# 5th and 95th percentiles scale a side whose quartile coincides with the
+# median (a discrete statistic: the 99th-percentile brightness of slide tiles
+# is one grey level for half of them).
+_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+MEDIAN = 2  # the median's column in bag_quantiles
+_OUTER = 1.6449 / 0.6745  # z(0.95) / z(0.75): an outer quantile's span in half-interquartile units
 
 
 def bag_quantiles(calibration: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Lower quartile, median and upper quartile of each bag {s_1..s_n, v}: (m, 3).
+    """The 5th, 25th, 50th, 75th and 95th percentiles of each bag {s_1..s_n, v}: (m, 5).
 
     Order statistic r (0-based, r = round(q n)) of the n + 1 bag values is
     clip(v, s_(r-1), s_(r)) with s sorted: the new value only moves it within
@@ -116,22 +121,34 @@ def bag_quantiles(calibration: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.clip(np.asarray(values, dtype=np.float64)[:, None], lo, hi)
 
 
-def deviation(scores: np.ndarray, quartiles: np.ndarray, tail: str) -> np.ndarray:
+def side_scales(quantiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The scale of each side, (low, high): the half interquartile range m - q1 or q3 - m; where that
+    is 0 (a discrete statistic), the 5th or 95th percentile's distance over z(0.95)/z(0.75), in the
+    same units; where that is 0 too, a constant statistic: a tiny scale, any change infinitely atypical."""
+    q = np.asarray(quantiles, dtype=np.float64)
+    q05, q1, m, q3, q95 = (q[..., i] for i in range(5))
+    tiny = 1e-9 * np.maximum(1.0, np.abs(m))
+    high = np.where(q3 > m, q3 - m, np.where(q95 > m, (q95 - m) / _OUTER, tiny))
+    low = np.where(q1 < m, m - q1, np.where(q05 < m, (m - q05) / _OUTER, tiny))
+    return low, high
+
+
+def deviation(scores: np.ndarray, quantiles: np.ndarray, tail: str) -> np.ndarray:
     """How atypical each score is, in units of its side's half interquartile range.
 
-    With (q1, m, q3) = quartiles[..., 0..2], the bag's quartiles (broadcast against the scores):
+    With (q1, m, q3) the bag's quartiles (`bag_quantiles`, broadcast against the scores):
         d = (s - m) / (q3 - m)  for s >= m, or when tail = "upper"
         d = (m - s) / (m - q1)  for s <  m  (two-sided: too simple, too likely)
-    A scale per side, since scores such as -ELBO are skewed.
+    A scale per side, since scores such as -ELBO are skewed (`side_scales`: a side whose quartile is
+    the median is scaled by its outer percentile).
     """
     s = np.asarray(scores, dtype=np.float64)
-    q = np.asarray(quartiles, dtype=np.float64)
-    q1, m, q3 = q[..., 0], q[..., 1], q[..., 2]
-    tiny = 1e-9 * np.maximum(1.0, np.abs(m))  # a constant statistic: any change is infinitely atypical
-    up = (s - m) / np.maximum(q3 - m, tiny)
+    m = np.asarray(quantiles, dtype=np.float64)[..., MEDIAN]
+    low, high = side_scales(quantiles)
+    up = (s - m) / high
     if tail == "upper":
         return up
-    return np.where(s >= m, up, (m - s) / np.maximum(m - q1, tiny))
+    return np.where(s >= m, up, (m - s) / low)
 
 
 def deviations(calibration: np.ndarray, values: np.ndarray, tail: Tails) -> np.ndarray:
@@ -227,7 +244,10 @@ def _typicality(
     # instead of comparing every new image with every member.
     own = np.stack([_ranks(c, c, t) for c, t in zip(cal, tails, strict=True)])
     r = own.min(axis=(0, 1))
-    quartiles = [bag_quantiles(cal[j], scores[:, j].ravel()).reshape(*scores[:, j].shape, 3) for j in range(n_stats)]
+    quartiles = [
+        bag_quantiles(cal[j], scores[:, j].ravel()).reshape(*scores[:, j].shape, len(_QUANTILES))
+        for j in range(n_stats)
+    ]
     count = np.zeros(m)
     d_new = np.empty((scores.shape[0], m))
     for k in range(scores.shape[0]):

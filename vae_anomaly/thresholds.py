@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .calibration import Tails, bag_quantiles, deviation, tails_of, typicality_p_values
+from .calibration import MEDIAN, Tails, bag_quantiles, deviation, side_scales, tails_of, typicality_p_values
 from .errors import ConfigError
 from .tail_model import TailModel
 
@@ -119,18 +119,20 @@ def score_bounds(calibration: np.ndarray, alpha: float, tail: Tails = "two-sided
         qs = [q, *(bag_quantiles(c, np.array([v]))[0] for c, v in zip(cal[1:], others, strict=True))]
         d = np.max([deviation(c, qj, t) for c, qj, t in zip(cal, qs, tails, strict=True)], axis=0)
         d = np.sort(d)[-(len(cal) * 2 * (k + 2)) :]
-        scale = (q[2] - q[1]) if sign > 0 else (q[1] - q[0])
-        crossings = q[1] + sign * d * max(scale, 1e-9 * max(1.0, abs(q[1])))
+        low, high = side_scales(q)
+        m = float(q[MEDIAN])
+        scale = float(high if sign > 0 else low)
+        crossings = m + sign * d * scale
         points = np.concatenate([extreme, crossings])
         # Just past each point; a computed crossing may be a few units in the last place short of it, in
         # units of the deviation's own arithmetic (m - s is rounded at the size of |m| + |s|, not of s:
         # a score near 0 moved by its own ulps never changes a deviation near 1).
-        unit = np.spacing(np.abs(points) + abs(q[1]) + abs(scale))
+        unit = np.spacing(np.abs(points) + abs(m) + abs(scale))
         # Past a calibration score itself, the count moves at the very next float (a score near 0 has
         # ulps far below the deviation's units): that point is a candidate too.
         past = np.nextafter(extreme, sign * math.inf)
         candidates = np.unique(np.concatenate([past, *(points + sign * j * unit for j in range(8))]))
-        candidates = candidates[sign * (candidates - q[1]) > 0]
+        candidates = candidates[sign * (candidates - m) > 0]
         if len(candidates) == 0:
             bounds.append(None)
             continue
@@ -153,11 +155,10 @@ def tail_bounds(
         return None, None
     d = model.threshold + float(genpareto.isf(share, model.shape, scale=model.scale))
     cal = np.atleast_2d(calibration)[0]
-    _, m, q3 = bag_quantiles(cal, np.array([math.inf]))[0]
-    q1, m_low, _ = bag_quantiles(cal, np.array([-math.inf]))[0]
-    tiny = 1e-9 * max(1.0, abs(m))
-    high = float(m + d * max(q3 - m, tiny))
-    return (float(m_low - d * max(m_low - q1, tiny)) if tail == "two-sided" else None), high
+    q_high = bag_quantiles(cal, np.array([math.inf]))[0]
+    q_low = bag_quantiles(cal, np.array([-math.inf]))[0]
+    high = float(q_high[MEDIAN] + d * side_scales(q_high)[1])
+    return (float(q_low[MEDIAN] - d * side_scales(q_low)[0]) if tail == "two-sided" else None), high
 
 
 def auto_threshold(calibration: np.ndarray, alpha: float, tail: Tails = "two-sided") -> Threshold:
