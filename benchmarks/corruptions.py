@@ -21,6 +21,7 @@ import argparse
 import io
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -100,10 +101,16 @@ def main() -> int:
     fit_s = time.perf_counter() - t0
     kinds = corruptions(x_te[: args.per_kind], args.seed)
 
-    def decide(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    first_reasons: dict[str, dict[str, int]] = {}
+
+    def decide(x: np.ndarray, kind: str = "clean") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         res = det.score(x)
         d = det.decide(res, fpr=args.fpr)
         stat = decision_statistic(det.calibration_[res.score], res.scores, "two-sided", d.p_values)
+        # Which check most sets each flagged image apart (its first reason, checks.explain).
+        which = [int(i) for i in np.nonzero(d.flags)[0]]
+        found = det.explain(res, d, which)
+        first_reasons[kind] = dict(Counter(f[0].check for f in found if f).most_common())
         return d.flags, d.p_values, stat
 
     t0 = time.perf_counter()
@@ -112,7 +119,7 @@ def main() -> int:
     rows: dict[str, dict[str, float]] = {}
     all_p = [clean_p]
     for name, x in kinds.items():
-        flags, p, _ = decide(x)
+        flags, p, _ = decide(x, name)
         all_p.append(p)
         y = np.r_[np.zeros(len(clean_p)), np.ones(len(p))]
         # The decision's statistic is the p-value (smaller = more anomalous); ties are rare
@@ -130,6 +137,7 @@ def main() -> int:
         "overall_roc_auc": float(roc_auc_score(y_all, -p_all)),
         "rule": det.decide(det.score(x_te[:2]), fpr=args.fpr).threshold.describe(),
         "kinds": rows,
+        "first_reasons": first_reasons,
     }
     lines = [
         f"Corruptions, {doc['date']}, {doc['machine']}, commit {doc['commit']}; normal: {args.train_size} "
@@ -138,9 +146,14 @@ def main() -> int:
         "",
         f"    {doc['command']}",
         "",
-        "| kind | detected at default | ROC-AUC vs clean |",
-        "| --- | --- | --- |",
-        *[f"| {k} | {v['detected']:.1%} | {v['roc_auc']:.4f} |" for k, v in rows.items()],
+        "| kind | detected at default | ROC-AUC vs clean | first reason of the flagged ones |",
+        "| --- | --- | --- | --- |",
+        *[
+            f"| {k} | {v['detected']:.1%} | {v['roc_auc']:.4f} | "
+            + ", ".join(f"{c} {n}" for c, n in first_reasons.get(k, {}).items())
+            + " |"
+            for k, v in rows.items()
+        ],
         "",
         f"False-positive rate on the 10,000 clean test digits: {doc['fpr_clean']:.2%}. "
         f"Overall ROC-AUC (clean vs every corrupted image): {doc['overall_roc_auc']:.4f}.",
