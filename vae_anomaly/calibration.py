@@ -145,10 +145,11 @@ def deviation(scores: np.ndarray, quantiles: np.ndarray, tail: str) -> np.ndarra
     s = np.asarray(scores, dtype=np.float64)
     m = np.asarray(quantiles, dtype=np.float64)[..., MEDIAN]
     low, high = side_scales(quantiles)
-    up = (s - m) / high
+    up: np.ndarray = (s - m) / high
     if tail == "upper":
         return up
-    return np.where(s >= m, up, (m - s) / low)
+    both: np.ndarray = np.where(s >= m, up, (m - s) / low)
+    return both
 
 
 def deviations(calibration: np.ndarray, values: np.ndarray, tail: Tails) -> np.ndarray:

@@ -61,7 +61,9 @@ def geometry(size: int) -> tuple[int, int]:
 
 def _windows(a: np.ndarray, p: int, stride: int) -> np.ndarray:
     """(N, G, G, C, p, p) views of every patch of (N, C, S, S) images."""
-    return sliding_window_view(a, (p, p), axis=(2, 3))[:, :, ::stride, ::stride].transpose(0, 2, 3, 1, 4, 5)
+    views: np.ndarray = sliding_window_view(a, (p, p), axis=(2, 3))[:, :, ::stride, ::stride]
+    out: np.ndarray = views.transpose(0, 2, 3, 1, 4, 5)
+    return out
 
 
 def _raw(pixels: np.ndarray, p: int, stride: int) -> tuple[np.ndarray, np.ndarray]:

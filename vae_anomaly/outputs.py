@@ -210,7 +210,8 @@ def pictures(
             local = None if maps.local is None else maps.local[j]
             box = None
             if local is not None and detector.patches_ is not None:
-                box = tuple(int(v) for v in detector.patches_.statistic(img[None])[1][0])
+                x0, y0, x1, y1 = (int(v) for v in detector.patches_.statistic(img[None])[1][0])
+                box = (x0, y0, x1, y1)
             if outputs.heatmaps and rec.flagged:
                 caption = f"#{rec.rank}  score {rec.score:.4g}  p {rec.p_value:.4f}"
                 panel = visualize.heatmap_panel(img, rec_img, heat, caption=caption, lut=lut, local=local, box=box)
