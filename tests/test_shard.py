@@ -97,11 +97,17 @@ def _same_as_one_run(
         # The default decision; shift-p fails, since a third of the batch are crosses.
         ((), ("--gate", "max-rate=0.5,shift-p=0.001,binom-p=0.001"), 1),
         # Benjamini-Hochberg over the union's p-values; the gate passes, the unreadable file exits 3.
-        (("--fdr", "0.1"), ("--gate", "max-count=100"), 3),
+        # (These three run in the full suite; the `not slow` subset keeps the default decision's case.)
+        pytest.param(("--fdr", "0.1"), ("--gate", "max-count=100"), 3, marks=pytest.mark.slow),
         # BH with score bounds (one test, one model) read off the calibration scores; a failing count.
-        (("--fdr", "0.2", "--guard", "none", "--tail", "upper"), ("--max-anomalies", "0", "--skip-unreadable"), 1),
+        pytest.param(
+            ("--fdr", "0.2", "--guard", "none", "--tail", "upper"),
+            ("--max-anomalies", "0", "--skip-unreadable"),
+            1,
+            marks=pytest.mark.slow,
+        ),
         # A raw score threshold ranks by score; no gate, unreadable files skipped.
-        (("--threshold", "-1e9", "--score", "elbo"), ("--skip-unreadable",), 0),
+        pytest.param(("--threshold", "-1e9", "--score", "elbo"), ("--skip-unreadable",), 0, marks=pytest.mark.slow),
     ],
 )
 def test_three_shards_merged_equal_one_unsharded_run(
