@@ -187,7 +187,7 @@ def one_material(work: Path, name: str, args: argparse.Namespace) -> dict[str, A
     # Pixel level: maps at the working size, stretched to the evaluation side.
     residual = (x_in - pca.inverse_transform(pca.transform(x_in))).reshape(px_in.shape) ** 2
     maps = {
-        "local statistic": stretch(bank.maps(px_in)),
+        "local statistic": stretch(bank.maps(px_in)[0]),
         "VAE -log p(x|z)": stretch(det.heatmap(incoming).maps),
         "PCA residual": stretch(residual.sum(1)),
     }

@@ -71,8 +71,10 @@ class HeatMaps:
     kl: np.ndarray  # float64 (N,)
     errors: list[ReadError]
     # The local statistic's map (local.PatchBank.maps): each pixel the largest distance to normal
-    # patches of the patches covering it; None for model files without the local statistic.
+    # patches of the patches covering it, and each image's most unusual region (x0, y0, x1, y1) in
+    # working-size pixels; None for model files without the local statistic.
     local: np.ndarray | None = None
+    regions: np.ndarray | None = None
 
 
 def as_uint8_images(arr: np.ndarray) -> np.ndarray:
@@ -284,7 +286,7 @@ def heat_maps(
     """Per-pixel -log p(x|z), reconstructions and KL, each averaged over the draws and the K models; and,
     with `patches`, the local statistic's map."""
     paths: list[str] = []
-    images, maps, recons, kls, local = [], [], [], [], []
+    images, maps, recons, kls, local, regions = [], [], [], [], [], []
     errors: list[ReadError] = []
     for batch in batches:
         paths += batch.paths
@@ -308,7 +310,9 @@ def heat_maps(
         recons.append((recon / k).clamp(0, 1).mul(255).round().byte().cpu().numpy())
         kls.append((kl / k).cpu().numpy())
         if patches is not None:
-            local.append(patches.maps(batch.pixels))
+            local_map, region = patches.maps(batch.pixels)
+            local.append(local_map)
+            regions.append(region)
     empty = np.zeros((0, prep.channels, prep.size, prep.size), np.uint8)
     return HeatMaps(
         paths,
@@ -318,4 +322,5 @@ def heat_maps(
         np.concatenate(kls) if kls else np.zeros(0),
         errors,
         None if patches is None else np.concatenate(local) if local else np.zeros((0, prep.size, prep.size)),
+        None if patches is None else np.concatenate(regions) if regions else np.zeros((0, 4), np.int64),
     )

@@ -122,13 +122,15 @@ class PatchBank:
         """s_local of each image, and the box (x0, y0, x1, y1, in working-size pixels) of its most
         unusual region: the patches connected to the farthest one whose distance passes `bound`."""
         d = self.distances(pixels, fold)
-        if not len(d):
-            return np.zeros(0), np.zeros((0, 4), np.int64)
-        return d.reshape(len(d), -1).max(1), np.array([region(g, self.size, self.bound) for g in d], np.int64)
+        return (d.reshape(len(d), -1).max(1) if len(d) else np.zeros(0)), self._regions(d)
 
-    def maps(self, pixels: np.ndarray) -> np.ndarray:
-        """Per-pixel maps (N, S, S) at the working size: each pixel the largest distance of the patches
-        covering it; stretched back over the file, a heat map at its own resolution."""
+    def _regions(self, d: np.ndarray) -> np.ndarray:
+        return np.array([region(g, self.size, self.bound) for g in d], np.int64).reshape(-1, 4)
+
+    def maps(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-pixel maps (N, S, S) at the working size, each pixel the largest distance of the patches
+        covering it (stretched back over the file, a heat map at its own resolution), and each image's
+        region as `statistic` gives it, from one pass over the banks."""
         d = self.distances(pixels)
         p, stride = geometry(self.size)
         out = np.zeros((len(d), self.size, self.size))
@@ -137,7 +139,7 @@ class PatchBank:
                 y, x = gy * stride, gx * stride
                 view = out[:, y : y + p, x : x + p]
                 np.maximum(view, d[:, gy, gx, None, None], out=view)
-        return out
+        return out, self._regions(d)
 
     def describe_rule(self) -> dict[str, Any]:
         """The statistic's settings, for `info`."""

@@ -209,8 +209,8 @@ def pictures(
             img, rec_img, heat = maps.images[j], maps.reconstructions[j], maps.maps[j]
             local = None if maps.local is None else maps.local[j]
             box = None
-            if local is not None and detector.patches_ is not None:
-                x0, y0, x1, y1 = (int(v) for v in detector.patches_.statistic(img[None])[1][0])
+            if maps.regions is not None:
+                x0, y0, x1, y1 = (int(v) for v in maps.regions[j])
                 box = (x0, y0, x1, y1)
             if outputs.heatmaps and rec.flagged:
                 caption = f"#{rec.rank}  score {rec.score:.4g}  p {rec.p_value:.4f}"
