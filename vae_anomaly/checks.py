@@ -2,7 +2,8 @@
 
 Each property of `properties.py` is calibrated like the model's score: its
 values on the calibration images (normal, never trained on) are kept in the
-model file. The decision takes them into its one test, two-sided, with the
+model file. The decision takes them into its one test, each on its own side
+(`Property.decided`: two-sided, the local statistic upper), with the
 score and the guard (`DecisionRule.checks`, `calibration._typicality`), so
 the flagged share of normal images stays at the rule's level whatever the
 number of checks. The file format is categorical: its value is the share of

@@ -110,8 +110,9 @@ class DecisionRule:
     # Below the smallest reachable p-value, flag at that floor (the default; the rate that holds is
     # stated) or, strict, flag nothing at the level asked for (`--strict-fpr`).
     strict: bool = False
-    # The image-property checks (checks.py) join the one test, two-sided, where the model file
-    # calibrated them; measured to help (README, "Checks"). False: the model's statistics alone.
+    # The image-property checks and the local statistic (checks.py, local.py) join the one test, each
+    # on its own side, where the model file calibrated them; measured to help (README, "Checks",
+    # "Local defects"). False: the model's statistics alone.
     checks: bool = True
     statistics: tuple[str, ...] = field(init=False, repr=False, compare=False)
 

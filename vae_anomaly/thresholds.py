@@ -47,7 +47,7 @@ class Threshold:
     # The tail model (tail_model.TailModel.to_dict) where the rule flags below the conformal floor
     # 1/(n+1), so that its rate is approximate; None where every flag rests on exact p-values.
     tail_model: dict[str, Any] | None = None
-    checks: int = 0  # image-property checks in the same test (checks.py), two-sided
+    checks: int = 0  # image checks in the same test (checks.py, local.py), each on its own side
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
