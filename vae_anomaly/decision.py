@@ -216,19 +216,17 @@ class DecisionRule:
         self,
         p: np.ndarray,
         calibration: np.ndarray,
+        stats: Sequence[str],
         models: int = 1,
         tail_model: TailModel | None = None,
-        stats: Sequence[str] | None = None,
     ) -> Threshold:
         """The rule as applied to a batch with these p-values: cut-off and, where they exist, score bounds.
 
-        `calibration` is (J, n), as `Calibration.stacked(self.statistics_in(...))` gives; `tail_model` is
-        the one the p-values used."""
+        `calibration` is (J, n), as `Calibration.stacked(stats)` gives for `stats`, the test's statistics
+        (`statistics_in`); `tail_model` is the one the p-values used."""
         if self.threshold != "auto":
             return score_threshold(float(self.threshold))
         calibration = np.atleast_2d(calibration)
-        if stats is None:  # unnamed rows past the rule's own statistics: two-sided checks
-            stats = self.statistics + ("",) * (len(calibration) - len(self.statistics))
         tails = self.tails_for(stats)
         level = self.applied(calibration.shape[1])
         requested = None if level == self.level else self.level
@@ -282,11 +280,11 @@ class DecisionRule:
         stats = self.statistics_in(calibration)
         cal = calibration.stacked(stats)
         n = cal.shape[1]
-        threshold = self.threshold_for(p, cal, calibration.models, stats=stats)
+        threshold = self.threshold_for(p, cal, stats, calibration.models)
         if not self.strict and threshold.p_cutoff is not None and threshold.p_cutoff < self.floor(n):
             # Below the floor the tail model decides; fitted only then (SciPy's import alone costs ~0.5 s).
             tail_model = calibration.tail_model(stats, self.tails_for(stats))
-            threshold = self.threshold_for(p, cal, calibration.models, tail_model, stats)
+            threshold = self.threshold_for(p, cal, stats, calibration.models, tail_model)
         flags = flag(scores, p, threshold)
         return Decision(p, flags, threshold, n, list(warnings), self.floor(n), guarantee(threshold, n))
 

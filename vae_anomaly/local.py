@@ -90,7 +90,7 @@ class PatchBank:
     banks: tuple[np.ndarray, ...]  # K x (BANK, D + 2)
     bound: float  # 99th percentile of calibration patch distances: where a region counts as unusual
 
-    def describe(self, pixels: np.ndarray) -> np.ndarray:
+    def descriptors(self, pixels: np.ndarray) -> np.ndarray:
         """phi of every patch, (N, G, G, D + 2) float32."""
         p, stride = geometry(self.size)
         flat, texture = _raw(pixels, p, stride)
@@ -103,7 +103,7 @@ class PatchBank:
         of IMAGES images, so that memory stays bounded whatever N."""
         if len(pixels) > IMAGES:
             return np.concatenate([self.distances(pixels[i : i + IMAGES], fold) for i in range(0, len(pixels), IMAGES)])
-        phi = self.describe(pixels)
+        phi = self.descriptors(pixels)
         shape = phi.shape[:3]
         flat = phi.reshape(-1, phi.shape[-1])
         banks = self.banks if fold is None else (self.banks[fold],)
@@ -227,7 +227,7 @@ def fit(
     banks = []
     for train, _ in folds:
         chosen = rng.choice(train, min(len(train), 1024), replace=False)
-        phi = bank.describe(pixels[np.sort(chosen)])
+        phi = bank.descriptors(pixels[np.sort(chosen)])
         phi = phi.reshape(-1, phi.shape[-1])
         banks.append(phi[rng.choice(len(phi), min(len(phi), BANK), replace=False)])
     bank = PatchBank(size, bank.mean, bank.axes, tex, tuple(banks), math.inf)
