@@ -74,7 +74,8 @@ def test_json_output_field_by_field(cli_model: Path, data_dir: Path, tmp_path: P
     recs = doc["records"]
     assert [r["rank"] for r in recs] == list(range(1, 81))
     fields = {"rank", "path", "score", "p_value", "flagged", "error", "reasons"}
-    assert all(set(r) == fields | {"duplicate_of", "duplicate_kind", "duplicate_in", "region"} for r in recs)
+    assert all(set(r) == fields | {"duplicate_of", "duplicate_kind", "duplicate_in", "region", "tile"} for r in recs)
+    assert all(r["tile"] is None for r in recs), "16-px files are not tiled"
     boxes = [r["region"] for r in recs]
     assert all(0 <= x0 < x1 <= 16 and 0 <= y0 < y1 <= 16 for x0, y0, x1, y1 in boxes), "in the 16-px files' pixels"
     assert all(r["reasons"] for r in recs if r["flagged"]) and not any(r["reasons"] for r in recs if not r["flagged"])

@@ -66,15 +66,20 @@ class ImageFacts:
     # The most unusual region of each image (local.py): (x0, y0, x1, y1) in the file's own pixels;
     # None where the model has no local statistic.
     regions: np.ndarray | None = None
+    # The tile that region lies in (tiles.py), the same way; rows of -1 where the whole image found it.
+    tiles: np.ndarray | None = None
 
     @classmethod
-    def of(cls, batches: Sequence[ImageBatch], regions: Sequence[np.ndarray] = ()) -> ImageFacts:
+    def of(
+        cls, batches: Sequence[ImageBatch], regions: Sequence[np.ndarray] = (), tiles: Sequence[np.ndarray] = ()
+    ) -> ImageFacts:
         keys = batches[0].properties if batches else {}
         return cls(
             {k: np.concatenate([b.properties[k] for b in batches]) for k in keys},
             [s[3] for b in batches for s in b.sources],
             Fingerprints.concat([b.fingerprints for b in batches]),
             np.concatenate(regions).reshape(-1, 4) if len(regions) else None,
+            np.concatenate(tiles).reshape(-1, 4) if len(tiles) else None,
         )
 
 

@@ -59,6 +59,7 @@ DEFAULT_FOLDS = 5
 # says otherwise: a few thousand photos fit in it on 2 CPU cores (benchmarks/photos.py, README).
 DEFAULT_TIME_BUDGET = 180.0
 MAX_FOLDS = 20
+MIN_TILE = 16  # px: smaller tiles than this would show less than a working-size patch of detail
 MAX_SEED = 2**62  # numpy and torch generators both take it; the noise seed adds 1,000,003
 
 
@@ -175,9 +176,13 @@ class FitConfig:
     folds: int | None = None
     # Worker processes and the decoded-pixel cache: how fast files are read, never what the model learns.
     decode: DecodeOptions = field(default_factory=DecodeOptions)
+    # The local statistic's tiles, in file pixels (tiles.py): None for the automatic rule, 0 for none.
+    tile: int | None = None
 
     def __post_init__(self) -> None:
         check_int("image_size", self.image_size, 4, 1024, none=True)
+        if self.tile != 0:
+            check_int("tile", self.tile, MIN_TILE, none=True)
         check_int("latent_dim", self.latent_dim, 1, 4096)
         check_choice("likelihood", self.likelihood, LIKELIHOODS)
         channels = tuple(self.hidden_channels) if isinstance(self.hidden_channels, (tuple, list)) else None

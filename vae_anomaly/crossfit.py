@@ -17,8 +17,9 @@ import math
 import os
 import platform
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,7 @@ from .decoding import Preprocessing, ReadError, infer_preprocessing
 from .distributed import World
 from .errors import FitError, FitInterrupted, ModelFileError
 from .inference import ImageInput, as_paths, as_uint8_images
-from .listing import find_images, require_images
+from .listing import find_images, real_path, require_images
 from .model import ConvVAE, VAEConfig
 from .train import EpochStats, TrainResult, train
 
@@ -51,6 +52,7 @@ class TrainingImages:
     # Each image's name, properties, format and duplicate fingerprints, for the checks (checks.py).
     facts: ImageFacts
     paths: list[str]
+    files: list[Path] = field(default_factory=list)  # the files read, in order ([] for an array)
 
 
 def read_training_images(data: ImageInput, cfg: FitConfig, warn: Callable[[str], None]) -> TrainingImages:
@@ -81,7 +83,14 @@ def read_training_images(data: ImageInput, cfg: FitConfig, warn: Callable[[str],
             f"--max-unreadable-fraction {cfg.max_unreadable_fraction:g}; fix or remove them, or raise the limit"
         )
     return TrainingImages(
-        batch.pixels, prep, batch.bits, unreadable, listing.ignored, ImageFacts.of([batch]), batch.paths
+        batch.pixels,
+        prep,
+        batch.bits,
+        unreadable,
+        listing.ignored,
+        ImageFacts.of([batch]),
+        batch.paths,
+        [real_path(p) for p in batch.paths],
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import io
+import math
 import os
 import stat
 import warnings
@@ -240,6 +241,26 @@ def decode_image(path: Path, prep: Preprocessing, source: dict[str, Any] | None 
     else:
         arr = arr.transpose(2, 0, 1)
     return np.ascontiguousarray(arr)
+
+
+def read_upright(path: Path, channels: int, reduce: float = 1.0) -> tuple[Image.Image, float]:
+    """One file as an upright (EXIF applied) grey or RGB image, and how many file pixels each of its
+    pixels spans: a JPEG is decoded at the largest DCT reduction that keeps its sides >= 1/`reduce` of
+    the file's (tiles.py asks for just the detail its tiles keep). Raises `ImageReadError`."""
+    try:
+        with _open(path) as img, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img.seek(0)
+            width = img.size[0]
+            if img.format == "JPEG" and reduce > 1:
+                wanted = (math.ceil(img.size[0] / reduce), math.ceil(img.size[1] / reduce))
+                img.draft("L" if channels == 1 else "RGB", wanted)
+            img.load()
+            scale = width / img.size[0]
+            out = _to_mode(ImageOps.exif_transpose(img), channels)
+    except Exception as exc:  # as decode_image: every failure becomes a reason
+        raise ImageReadError(_explain(path, exc)) from exc
+    return out, scale
 
 
 def _turbo(img: Image.Image, prep: Preprocessing) -> Image.Image | None:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import artifact, budget, checks, crossfit, inference, local
+from . import artifact, budget, checks, crossfit, inference, local, tiles
 from .batch_tests import BatchTest, run_batch_tests
 from .batching import DecodeOptions
 from .budget import FitPlan
@@ -41,6 +41,7 @@ from .listing import FileListing
 from .local import PatchBank
 from .model import ConvVAE, VAEConfig
 from .scores import latent_noise
+from .tiles import TileBank
 from .train import EpochStats
 
 
@@ -56,6 +57,8 @@ class Detector:
         self.training_fingerprints_: Fingerprints | None = None
         # The local statistic's patch banks (local.py); None for model files written before it.
         self.patches_: PatchBank | None = None
+        # Its tile scale (tiles.py); None where the training images were too small to tile, or not files.
+        self.tiles_: TileBank | None = None
         self.metadata_: dict[str, Any] = {}
         self.checksum_: str | None = None
         self.device_ = torch.device("cpu")
@@ -134,9 +137,11 @@ class Detector:
             models, images.pixels, folds, noise, device, world, images.bits
         )
         self.patches_, held_out = local.fit(images.pixels, plans, rng)
+        sides = np.stack([images.facts.properties["width"], images.facts.properties["height"]], 1).astype(np.int64)
+        self.tiles_, tiled = tiles.fit(images.files, sides, prep.channels, prep.size, plans, cfg.tile, rng)
         order = np.concatenate(folds)
         images.facts.properties[local.NAME] = np.zeros(len(images.pixels))
-        images.facts.properties[local.NAME][order] = held_out
+        images.facts.properties[local.NAME][order] = np.maximum(held_out, tiled)
         self._calibrate_checks(images, order, warn)
         self.metadata_["training"]["plan"] = {**fit_plan.to_dict(), "seconds": time.perf_counter() - started}
         self.checksum_ = None
@@ -242,7 +247,7 @@ class Detector:
             data, prep, batch_size, self.decode, bits=bits, on_warning=on_warning, threads=threads
         )
         per_model, paths, errors, unlike, facts = inference.score_all(
-            self.models_, it, noise, self.device_, threads, on_batch, self.patches_
+            self.models_, it, noise, self.device_, threads, on_batch, (self.patches_, self.tiles_)
         )
         return inference.results(per_model, paths, errors, unlike, counts, ignored, facts)
 
@@ -259,7 +264,7 @@ class Detector:
         check_choice("score", score, SCORE_NAMES)
         eps = self._noise(samples or self.default_samples(score))
         it, _ = inference.batches(data, prep, batch_size, self.decode)
-        return inference.heat_maps(self.models_, it, eps, self.device_, prep, self.patches_)
+        return inference.heat_maps(self.models_, it, eps, self.device_, prep, (self.patches_, self.tiles_))
 
     # --------------------------------------------------------------- decide
     def rule(self, result: ScoreResult, **options: Any) -> DecisionRule:
@@ -356,6 +361,8 @@ class Detector:
             cal.update(artifact.pack_fingerprints(self.training_fingerprints_.exact, self.training_fingerprints_.near))
         if self.patches_ is not None:
             cal.update({k: torch.from_numpy(v) for k, v in self.patches_.arrays().items()})
+        if self.tiles_ is not None:
+            cal.update({k: torch.from_numpy(v) for k, v in self.tiles_.arrays().items()})
         state = {
             f"{artifact.model_prefix(k)}{name}": t
             for k, m in enumerate(self.models_)
@@ -390,11 +397,12 @@ class Detector:
             packed = artifact.unpack_fingerprints(mf)
             fingerprints = None if packed is None else Fingerprints(*packed)
             skip = {artifact.FOLD_KEY, artifact.TRAIN_EXACT_KEY, artifact.TRAIN_NEAR_KEY}
-            patches = PatchBank.from_arrays({k: v.numpy() for k, v in mf.calibration.items()})
+            arrays = {k: v.numpy() for k, v in mf.calibration.items()}
+            patches, tiled = PatchBank.from_arrays(arrays), TileBank.from_arrays(arrays)
             cal = {
                 k: v.double().numpy()
                 for k, v in mf.calibration.items()
-                if k not in skip and not k.startswith(local.PREFIX)
+                if k not in skip and not k.startswith((local.PREFIX, tiles.PREFIX))
             }
             n_cal = len(next(iter(cal.values())))
             fold_t = mf.calibration.get(artifact.FOLD_KEY)
@@ -413,7 +421,7 @@ class Detector:
         det.preprocessing_, det.metadata_, det.checksum_ = prep, meta, mf.checksum
         det.calibration_, det.calibration_folds_ = cal, folds
         det.training_fingerprints_ = fingerprints
-        det.patches_ = patches
+        det.patches_, det.tiles_ = patches, tiled
         return det
 
     def info(self) -> dict[str, Any]:
@@ -427,6 +435,7 @@ class Detector:
             **meta,
             "models": self.n_models,
             **({"local": self.patches_.describe_rule()} if self.patches_ is not None else {}),
+            **({"tiles": self.tiles_.describe_rule()} if self.tiles_ is not None else {}),
             "calibration": {
                 k: {
                     "n": len(v),

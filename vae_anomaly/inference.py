@@ -23,9 +23,10 @@ from .distributed import World
 from .errors import ConfigError
 from .listing import FileListing, find_images, require_images
 from .local import NAME as LOCAL
-from .local import PatchBank, native_box
+from .local import PatchBank
 from .model import ConvVAE
 from .scores import kl_to_standard_normal, pixel_nll_map, score_batch
+from .tiles import TileBank, maps_batch, measure_batch
 
 ImageInput = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | np.ndarray
 
@@ -207,28 +208,28 @@ def score_all(
     device: torch.device,
     threads: ThreadShare,
     on_batch: Callable[[int, int], None] | None = None,
-    patches: PatchBank | None = None,
+    patches: tuple[PatchBank | None, TileBank | None] = (None, None),
 ) -> tuple[dict[str, np.ndarray], list[str], list[ReadError], Unlike, ImageFacts]:
     """(K, N) scores of every asked-for type, the scored paths, the unreadable files, the unlike counts
-    and what the checks read of each image; with `patches`, each image's local statistic and most
-    unusual region (local.py) among them."""
+    and what the checks read of each image; with `patches` (the local statistic's whole-image and tile
+    scales), each image's local statistic, most unusual region and worst tile (local.py, tiles.py)."""
     paths: list[str] = []
     parts: dict[str, list[np.ndarray]] = {name: [] for name in noise}
     errors: list[ReadError] = []
     unlike: list[Unlike] = []
     measured: list[ImageBatch] = []
     regions: list[np.ndarray] = []
+    worst: list[np.ndarray] = []
+    whole, tiled = patches
     with threads:
         for batch in batches:
             unlike.append(batch.unlike)
-            if patches is not None:
-                batch.properties[LOCAL], boxes = patches.statistic(batch.pixels)
-                sides = [s[:2] for s in batch.sources]
-                regions.append(
-                    np.array(
-                        [native_box(b, patches.size, w, h) for b, (w, h) in zip(boxes, sides, strict=True)], np.int64
-                    ).reshape(-1, 4)
+            if whole is not None:
+                batch.properties[LOCAL], region, tile = measure_batch(
+                    whole, tiled, batch.pixels, batch.paths, batch.sources
                 )
+                regions.append(region)
+                worst.append(tile)
             measured.append(replace(batch, pixels=batch.pixels[:0], bits=None))  # keep the facts, not the pixels
             if len(batch.pixels):
                 t0 = time.perf_counter()
@@ -243,7 +244,7 @@ def score_all(
                 on_batch(len(batch.paths), len(batch.errors))
     k = len(models)
     scores = {name: np.concatenate(p, axis=1) if p else np.zeros((k, 0)) for name, p in parts.items()}
-    return scores, paths, errors, merge_unlike(unlike), ImageFacts.of(measured, regions)
+    return scores, paths, errors, merge_unlike(unlike), ImageFacts.of(measured, regions, worst)
 
 
 def results(
@@ -281,10 +282,10 @@ def heat_maps(
     eps: torch.Tensor,
     device: torch.device,
     prep: Preprocessing,
-    patches: PatchBank | None = None,
+    patches: tuple[PatchBank | None, TileBank | None] = (None, None),
 ) -> HeatMaps:
     """Per-pixel -log p(x|z), reconstructions and KL, each averaged over the draws and the K models; and,
-    with `patches`, the local statistic's map."""
+    with `patches`, the local statistic's map over both its scales (tiles.maps_batch)."""
     paths: list[str] = []
     images, maps, recons, kls, local, regions = [], [], [], [], [], []
     errors: list[ReadError] = []
@@ -309,8 +310,8 @@ def heat_maps(
         maps.append((heat / k).sum(1).cpu().numpy())
         recons.append((recon / k).clamp(0, 1).mul(255).round().byte().cpu().numpy())
         kls.append((kl / k).cpu().numpy())
-        if patches is not None:
-            local_map, region = patches.maps(batch.pixels)
+        if patches[0] is not None:
+            local_map, region = maps_batch(patches[0], patches[1], batch.pixels, batch.paths, batch.sources)
             local.append(local_map)
             regions.append(region)
     empty = np.zeros((0, prep.channels, prep.size, prep.size), np.uint8)
@@ -321,6 +322,6 @@ def heat_maps(
         np.concatenate(maps) if maps else np.zeros((0, prep.size, prep.size)),
         np.concatenate(kls) if kls else np.zeros(0),
         errors,
-        None if patches is None else np.concatenate(local) if local else np.zeros((0, prep.size, prep.size)),
-        None if patches is None else np.concatenate(regions) if regions else np.zeros((0, 4), np.int64),
+        None if patches[0] is None else np.concatenate(local) if local else np.zeros((0, prep.size, prep.size)),
+        None if patches[0] is None else np.concatenate(regions) if regions else np.zeros((0, 4), np.int64),
     )

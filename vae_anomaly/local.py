@@ -21,9 +21,11 @@ distance is that to its nearest neighbour in a bank of normal patches,
 
     d(v) = min_j || phi(v) - b_j ||,
 
-and the image's local statistic is its largest patch distance,
+and the image's local statistic is its largest patch distance, in units of
+the region bound b (the 99th percentile of held-out normal patch
+distances), so that it compares with the same statistic on tiles (tiles.py):
 
-    s_local(x) = max over patches v of x of d(v).
+    s_local(x) = max over patches v of x of d(v) / b.
 
 Cross-fitted like the models: bank k holds patches of the images model k
 trained on, never of its own held-out (calibration) images, so the
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -120,10 +122,11 @@ class PatchBank:
         return (out / len(banks)).reshape(shape)
 
     def statistic(self, pixels: np.ndarray, fold: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """s_local of each image, and the box (x0, y0, x1, y1, in working-size pixels) of its most
-        unusual region: the patches connected to the farthest one whose distance passes `bound`."""
+        """s_local of each image in units of `bound` (so that scales compare: tiles.py), and the box
+        (x0, y0, x1, y1, in working-size pixels) of its most unusual region: the patches connected to
+        the farthest one whose distance passes `bound`."""
         d = self.distances(pixels, fold)
-        return (d.reshape(len(d), -1).max(1) if len(d) else np.zeros(0)), self._regions(d)
+        return (d.reshape(len(d), -1).max(1) / self.bound if len(d) else np.zeros(0)), self._regions(d)
 
     def _regions(self, d: np.ndarray) -> np.ndarray:
         return np.array([region(g, self.size, self.bound) for g in d], np.int64).reshape(-1, 4)
@@ -155,8 +158,8 @@ class PatchBank:
             "region_bound": self.bound,
         }
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """What the model file keeps, by name (under PREFIX)."""
+    def arrays(self, prefix: str = PREFIX) -> dict[str, np.ndarray]:
+        """What the model file keeps, by name (under `prefix`)."""
         out = {
             "size": np.array([self.size], np.float64),
             "mean": self.mean,
@@ -165,13 +168,13 @@ class PatchBank:
             "bound": np.array([self.bound]),
         }
         out.update({f"bank{k}": b for k, b in enumerate(self.banks)})
-        return {PREFIX + k: np.asarray(v, np.float64) for k, v in out.items()}
+        return {prefix + k: np.asarray(v, np.float64) for k, v in out.items()}
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> PatchBank | None:
-        """The bank a model file keeps, or None in files written before it. Raises ValueError when its
-        arrays do not fit together."""
-        a = {k[len(PREFIX) :]: np.asarray(v) for k, v in arrays.items() if k.startswith(PREFIX)}
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], prefix: str = PREFIX) -> PatchBank | None:
+        """The bank a model file keeps under `prefix`, or None in files written before it. Raises
+        ValueError when its arrays do not fit together."""
+        a = {k[len(prefix) :]: np.asarray(v) for k, v in arrays.items() if k.startswith(prefix)}
         if not a:
             return None
         size = int(a["size"][0])
@@ -204,15 +207,12 @@ def native_box(box: Sequence[int], size: int, width: int, height: int) -> list[i
     return [int(x0 * sx), int(y0 * sy), min(width, math.ceil(x1 * sx)), min(height, math.ceil(y1 * sy))]
 
 
-def fit(
-    pixels: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator
-) -> tuple[PatchBank, np.ndarray]:
-    """The bank of the normal images `pixels` (N, C, S, S) cross-fitted as the models are (`folds`:
-    (training, held-out) positions per model), and the local statistic of every held-out image against
-    the bank that never saw it, in the order of the concatenated held-out positions."""
+def fit_banks(pixels: np.ndarray, training: Sequence[np.ndarray], rng: np.random.Generator) -> PatchBank:
+    """The descriptor, fitted on patches of (a sample of) the images in `training`, and one bank per
+    entry of `training` (positions into `pixels`, (N, C, S, S)) from those images only; no bound yet."""
     size = pixels.shape[-1]
     p, stride = geometry(size)
-    train_all = np.unique(np.concatenate([t for t, _ in folds]))
+    train_all = np.unique(np.concatenate(list(training)))
     sample = rng.choice(train_all, min(len(train_all), 512), replace=False)
     flat, texture = _raw(pixels[np.sort(sample)], p, stride)
     flat, texture = flat.reshape(-1, flat.shape[-1]), texture.reshape(-1, 2)
@@ -225,17 +225,28 @@ def fit(
     tex = np.stack([texture.mean(0), t_std, np.full(2, TEXTURE_WEIGHT * rms / np.sqrt(2))]).astype(np.float32)
     bank = PatchBank(size, mean.astype(np.float32), axes.astype(np.float32), tex, (), math.inf)
     banks = []
-    for train, _ in folds:
+    for train in training:
         chosen = rng.choice(train, min(len(train), 1024), replace=False)
         phi = bank.descriptors(pixels[np.sort(chosen)])
         phi = phi.reshape(-1, phi.shape[-1])
         banks.append(phi[rng.choice(len(phi), min(len(phi), BANK), replace=False)])
-    bank = PatchBank(size, bank.mean, bank.axes, tex, tuple(banks), math.inf)
-    values, grids = [], []
-    for k, (_, held) in enumerate(folds):
-        d = bank.distances(pixels[held], fold=k) if len(held) else np.zeros((0, 1, 1))
-        values.append(d.reshape(len(d), -1).max(1) if len(d) else np.zeros(0))
-        grids.append(d.ravel())
-    every = np.concatenate(grids)
-    bound = float(np.percentile(every, 99)) if len(every) else math.inf
-    return PatchBank(size, bank.mean, bank.axes, tex, bank.banks, bound), np.concatenate(values)
+    return PatchBank(size, bank.mean, bank.axes, tex, tuple(banks), math.inf)
+
+
+def bound_of(distances: Sequence[np.ndarray]) -> float:
+    """The region bound: the 99th percentile of held-out normal patch distances (inf without any)."""
+    every = np.concatenate([d.ravel() for d in distances]) if len(distances) else np.zeros(0)
+    return float(np.percentile(every, 99)) if len(every) else math.inf
+
+
+def fit(
+    pixels: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator
+) -> tuple[PatchBank, np.ndarray]:
+    """The bank of the normal images `pixels` (N, C, S, S) cross-fitted as the models are (`folds`:
+    (training, held-out) positions per model), and the local statistic of every held-out image against
+    the bank that never saw it, in the order of the concatenated held-out positions."""
+    bank = fit_banks(pixels, [t for t, _ in folds], rng)
+    grids = [bank.distances(pixels[h], fold=k) if len(h) else np.zeros((0, 1, 1)) for k, (_, h) in enumerate(folds)]
+    bank = replace(bank, bound=bound_of(grids))
+    values = [g.reshape(len(g), -1).max(1) / bank.bound if len(g) else np.zeros(0) for g in grids]
+    return bank, np.concatenate(values)

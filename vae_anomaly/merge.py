@@ -273,6 +273,7 @@ def merge_reports(
         reasons=reasons,
         duplicates=duplicates,
         regions=[r.get("region") for r in readable],
+        tiles=[r.get("tile") for r in readable],
     )
 
 

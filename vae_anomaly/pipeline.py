@@ -189,6 +189,7 @@ def score_report(config: ScoreConfig, *, on_message: Say = _quiet, on_warning: S
         reasons=reasons,
         duplicates=duplicates,
         regions=None if result.facts is None or result.facts.regions is None else list(result.facts.regions),
+        tiles=None if result.facts is None or result.facts.tiles is None else list(result.facts.tiles),
     )
     of_listing = ""
     if shard is not None:

@@ -72,7 +72,7 @@ PROPERTIES: tuple[Property, ...] = (
     # Not measured here: the fitted model's patch bank gives it (local.py), at score time.
     Property(
         "local",
-        "largest patch distance to normal patches",
+        "largest patch distance to normal patches, over its bound",
         "upper",
         "closer to normal patches",
         "with a region farther from every normal patch",

@@ -6,7 +6,7 @@ Schema file `schemas/score-report.schema.json` shipped in this package:
     {"schema": "vae-anomaly/score", "schema_version": 1,
      "summary": {...}, "warnings": [...],
      "records": [{"rank", "path", "score", "p_value", "flagged", "error",
-                  "reasons", "duplicate_of", "duplicate_kind", "duplicate_in", "region"}, ...]}
+                  "reasons", "duplicate_of", "duplicate_kind", "duplicate_in", "region", "tile"}, ...]}
 
 A flagged record's `reasons` say why, in words (checks.py): the model's
 own finding and every image-property check at p <= the cut-off, at least
@@ -14,7 +14,8 @@ one. `duplicate_of` names a training image (`duplicate_in` "training": a
 leak) or an earlier image of the batch ("batch") that the image copies,
 `duplicate_kind` "exact" or "near" (duplicates.py). `region` is the box
 [x0, y0, x1, y1], in the file's own pixels, of the image's most unusual
-region by the local statistic (local.py).
+region by the local statistic (local.py); `tile`, the tile it lies in
+where a tile found it (tiles.py), else null.
 
 Records come most anomalous first (by the decision's own statistic), then
 the unreadable files. CI writers live in `ci.py`; reading reports back in,
@@ -76,6 +77,8 @@ class ImageRecord:
     # The most unusual region (local.py): [x0, y0, x1, y1] in the file's own pixels; None for model
     # files without the local statistic and for unreadable files.
     region: tuple[int, int, int, int] | None = None
+    # The tile that region lies in (tiles.py), the same way; None where the whole image found it.
+    tile: tuple[int, int, int, int] | None = None
 
     @property
     def leak(self) -> bool:
@@ -192,11 +195,12 @@ def build_report(
     reasons: Sequence[Sequence[Reason]] | None = None,
     duplicates: Sequence[Duplicate | None] | None = None,
     regions: Sequence[Sequence[int] | None] | None = None,
+    tiles: Sequence[Sequence[int] | None] | None = None,
 ) -> Report:
     """Records ranked by the decision's own statistic, the summary, and the gate's verdict.
 
-    `reasons[i]`, `duplicates[i]` and `regions[i]` belong to `paths[i]` (Detector.explain,
-    Detector.duplicates, local.py)."""
+    `reasons[i]`, `duplicates[i]`, `regions[i]` and `tiles[i]` belong to `paths[i]` (Detector.explain,
+    Detector.duplicates, local.py, tiles.py)."""
     threshold, p, flags = decision.threshold, decision.p_values, decision.flags
     # Most anomalous first, by the decision's own statistic (a raw threshold ranks by score).
     if threshold.rule == "score":
@@ -218,6 +222,7 @@ def build_report(
                 duplicate_kind=None if dup is None else dup.kind,
                 duplicate_in=None if dup is None else ("training" if dup.training else "batch"),
                 region=_region(regions[i]) if regions is not None else None,
+                tile=_region(tiles[i]) if tiles is not None else None,
             )
         )
     records += [ImageRecord(None, path, None, None, None, reason) for path, reason in errors]
@@ -256,7 +261,10 @@ def build_report(
 
 
 def _region(box: Sequence[int] | None) -> tuple[int, int, int, int] | None:
-    return None if box is None else (int(box[0]), int(box[1]), int(box[2]), int(box[3]))
+    """A box as four ints; None for none (or the -1 rows that stand for none in arrays)."""
+    if box is None or int(box[0]) < 0:
+        return None
+    return (int(box[0]), int(box[1]), int(box[2]), int(box[3]))
 
 
 def _clean(value: Any) -> Any:
@@ -332,6 +340,7 @@ def to_csv(report: Report) -> str:
             "duplicate_kind",
             "duplicate_in",
             "region",
+            "tile",
         ]
     )
     for r in report.records:
@@ -348,6 +357,7 @@ def to_csv(report: Report) -> str:
                 r.duplicate_kind or "",
                 r.duplicate_in or "",
                 "" if r.region is None else " ".join(map(str, r.region)),
+                "" if r.tile is None else " ".join(map(str, r.tile)),
             ]
         )
     return buf.getvalue()

@@ -128,7 +128,7 @@ def heatmap_panel(
     labels = ["input", "reconstruction", "-log p(x|z) per pixel"]
     if local is not None:
         tiles.append(heat_overlay(image, local, lut=lut))
-        labels.append("local: patch distance")
+        labels.append("local: patch distance / bound")
     h, w = tiles[0].shape[:2]
     k = max(1, PANEL // max(h, w))
     pw, ph = w * k, h * k

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from .. import artifact, distributed, launch
 from ..batching import DecodeOptions
 from ..budget import FitPlan
-from ..config import CROSS_FIT_BELOW, DEFAULT_FOLDS, DEFAULT_TIME_BUDGET, LIKELIHOODS, FitConfig
+from ..config import CROSS_FIT_BELOW, DEFAULT_FOLDS, DEFAULT_TIME_BUDGET, LIKELIHOODS, MIN_TILE, FitConfig
 from ..detector import Detector
 from ..errors import FitInterrupted, OutputError
 from ..pipeline import fit_summary
@@ -34,6 +34,19 @@ def _channels(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         return tuple(int(v) for v in value.split(","))
     except ValueError:
         raise click.BadParameter(f"a comma-separated list of whole numbers, e.g. 32,64,128; got {value!r}") from None
+
+
+def _tile(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
+    """'auto' -> None (the automatic rule), else the tile side in file pixels (0: none)."""
+    if value == "auto":
+        return None
+    try:
+        side = int(value)
+    except ValueError:
+        side = -1
+    if side != 0 and side < MIN_TILE:
+        raise click.BadParameter(f"auto, 0 or a side of at least {MIN_TILE} px; got {value!r}")
+    return side
 
 
 @click.command()
@@ -131,6 +144,14 @@ def _channels(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     help=f"Cross-fit K models on K folds, every image then calibrates. Default: {DEFAULT_FOLDS} below "
     f"{CROSS_FIT_BELOW} readable images, else 1 (one model, --calibration-fraction held out).",
 )
+@click.option(
+    "--tile",
+    callback=_tile,
+    default="auto",
+    show_default=True,
+    help="Tiles of the local statistic, in file pixels: auto (files of 4 working sizes or more, in tiles "
+    "of max(2 working sizes, long side / 3)), 0 (no tiles), or a side N applied to every larger file.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @max_pixels_option
 @decode_options
@@ -154,6 +175,7 @@ def fit(
     resume: bool,
     checkpoint_every: float,
     folds: int | None,
+    tile: int | None,
     quiet: bool,
     decode: DecodeOptions,
 ) -> None:
@@ -184,6 +206,7 @@ def fit(
         max_unreadable_fraction=max_unreadable_fraction,
         folds=folds,
         decode=decode,
+        tile=tile,
     )
     world = distributed.init(device) if distributed.launched() else distributed.World()
     try:

@@ -60,6 +60,14 @@ def _local_row(local: dict[str, Any]) -> str:
     )
 
 
+def _tiles_row(tiles: dict[str, Any]) -> str:
+    return (
+        f"{tiles['tiles']}, overlap {tiles['overlap']:.0%}; each tile read at {tiles['working_size']} px and "
+        f"measured as above against {tiles['banks']} bank(s) of {tiles['bank_patches']:,} tile patches; the larger "
+        f"scale, each over its own region bound ({tiles['region_bound']:.3g} for tiles), is the statistic"
+    )
+
+
 def _near(bits: int | None) -> str:
     if bits is None or bits < 0:
         return "exact copies only: distinct training images share perceptual hashes"
@@ -180,6 +188,7 @@ def info_table(model: str, data: dict[str, Any]) -> None:
         ],
         *([("checks", _checks_row(data))] if "checks" in data else []),
         *([("local statistic", _local_row(data["local"]))] if "local" in data else []),
+        *([("tiles", _tiles_row(data["tiles"]))] if "tiles" in data else []),
         ("versions", ", ".join(f"{k} {v}" for k, v in data["versions"].items())),
     ]
     for k, v in rows:
