@@ -99,6 +99,7 @@ class Tiled:
     value: float
     region: tuple[int, int, int, int]
     tile: tuple[int, int, int, int]
+    sides: tuple[int, int]  # the upright file's width and height (EXIF orientation applied)
 
 
 @dataclass(frozen=True)
@@ -117,40 +118,25 @@ class TileBank:
         for part, pixels in read_tiles(path, self.channels, self.bank.size, t):
             yield part, self.bank.distances(pixels, fold)
 
-    def measure(self, path: Path, width: int, height: int, fold: int | None = None) -> Tiled | None:
-        """The file's tile scale, or None where it is not tiled. Raises `ImageReadError`."""
+    def measure(
+        self, path: Path, width: int, height: int, fold: int | None = None, paint: np.ndarray | None = None
+    ) -> Tiled | None:
+        """The file's tile scale, or None where it is not tiled; with `paint`, a working-size map (S, S)
+        of the whole file in units of each scale's bound, raised to the tiles' patch distances where
+        they are larger (heat maps). Raises `ImageReadError`."""
         t = self.side(width, height)
         if not t:
             return None
-        best: Tiled | None = None
-        for part, d in self._grids(path, t, fold):
-            top = d.reshape(len(d), -1).max(1)
-            j = int(np.argmax(top))
-            value = float(top[j]) / self.bank.bound
-            if best is None or value > best.value:
-                box = local.region(d[j], self.bank.size, self.bank.bound)
-                x0, y0, x1, y1 = (int(v) for v in part[j])
-                best = Tiled(value, _in_tile(box, part[j], self.bank.size), (x0, y0, x1, y1))
-        return best
-
-    def paint(self, path: Path, width: int, height: int, out: np.ndarray) -> None:
-        """Raise the working-size map `out` (S, S) of the whole file, in units of each scale's bound,
-        to the tile scale's patch distances where they are larger (for heat maps)."""
-        t = self.side(width, height)
-        if not t:
-            return
-        s = self.bank.size
-        p, stride = local.geometry(s)
-        fx, fy = s / width, s / height
-        for part, d in self._grids(path, t, None):
-            for box, grid in zip(part, d / self.bank.bound, strict=True):
-                k = (box[2] - box[0]) / s  # file pixels per tile pixel
-                for gy in range(grid.shape[0]):
-                    for gx in range(grid.shape[1]):
-                        x0, y0 = box[0] + gx * stride * k, box[1] + gy * stride * k
-                        xs = slice(int(x0 * fx), max(int(x0 * fx) + 1, math.ceil((x0 + p * k) * fx)))
-                        ys = slice(int(y0 * fy), max(int(y0 * fy) + 1, math.ceil((y0 + p * k) * fy)))
-                        np.maximum(out[ys, xs], grid[gy, gx], out=out[ys, xs])
+        size, bound = self.bank.size, self.bank.bound
+        parts, grids = zip(*self._grids(path, t, fold), strict=True)
+        every, d = np.concatenate(parts), np.concatenate(grids) / bound
+        j = int(np.argmax(d.reshape(len(d), -1).max(1)))
+        x0, y0, x1, y1 = (int(v) for v in every[j])
+        sides = int(every[:, 2].max()), int(every[:, 3].max())  # the last tiles end flush with the edges
+        region = _in_tile(local.region(d[j], size, 1.0), every[j], size)
+        if paint is not None:
+            _paint(paint, every, d, *sides)
+        return Tiled(float(d[j].max()), region, (x0, y0, x1, y1), sides)
 
     def describe_rule(self) -> dict[str, Any]:
         """The tiling's settings, for `info`."""
@@ -175,6 +161,21 @@ class TileBank:
             return None
         tile, channels = (int(v) for v in np.asarray(arrays[PREFIX + "setting"]))
         return cls(bank, None if tile < 0 else tile, channels)
+
+
+def _paint(out: np.ndarray, tiles: np.ndarray, grids: np.ndarray, width: int, height: int) -> None:
+    """Raise `out` (S, S), a map of the whole width x height file, to each tile patch's value."""
+    s = out.shape[0]
+    p, stride = local.geometry(s)
+    fx, fy = s / width, s / height
+    for box, grid in zip(tiles, grids, strict=True):
+        k = (box[2] - box[0]) / s  # file pixels per tile pixel
+        for gy in range(grid.shape[0]):
+            for gx in range(grid.shape[1]):
+                x0, y0 = box[0] + gx * stride * k, box[1] + gy * stride * k
+                xs = slice(int(x0 * fx), max(int(x0 * fx) + 1, math.ceil((x0 + p * k) * fx)))
+                ys = slice(int(y0 * fy), max(int(y0 * fy) + 1, math.ceil((y0 + p * k) * fy)))
+                np.maximum(out[ys, xs], grid[gy, gx], out=out[ys, xs])
 
 
 def _in_tile(box: Sequence[int], tile: np.ndarray, size: int) -> tuple[int, int, int, int]:
@@ -274,18 +275,16 @@ def maps_batch(
     working-size pixels, where `measure_batch` puts it."""
     maps, boxes = patches.maps(pixels)
     maps = maps / patches.bound
-    if tiles is not None:
-        _, native, worst = measure_batch(patches, tiles, pixels, paths, sources)
-        for j, (path, source) in enumerate(zip(paths, sources, strict=True)):
-            w, h = int(source[0]), int(source[1])
-            if not source[3]:
-                continue
-            try:
-                tiles.paint(real_path(path), w, h, maps[j])
-            except ImageReadError:
-                continue
-            if worst[j][0] >= 0:
-                s, (x0, y0, x1, y1) = patches.size, native[j]
-                x1, y1 = min(s, math.ceil(x1 * s / w)), min(s, math.ceil(y1 * s / h))
-                boxes[j] = (int(x0 * s / w), int(y0 * s / h), x1, y1)
+    values = maps.reshape(len(maps), -1).max(1) if len(maps) else np.zeros(0)
+    for j, (path, source) in enumerate(zip(paths, sources, strict=True)):
+        if tiles is None or not source[3]:
+            continue  # an array's image: no file to tile
+        try:
+            got = tiles.measure(real_path(path), int(source[0]), int(source[1]), paint=maps[j])
+        except ImageReadError:
+            continue
+        if got is not None and got.value > values[j]:
+            s, (x0, y0, x1, y1) = patches.size, got.region
+            w, h = got.sides
+            boxes[j] = (int(x0 * s / w), int(y0 * s / h), min(s, math.ceil(x1 * s / w)), min(s, math.ceil(y1 * s / h)))
     return maps, boxes
