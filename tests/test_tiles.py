@@ -14,8 +14,9 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from vae_anomaly import Detector, FitConfig
+from vae_anomaly.batching import DecodeOptions, iter_batches, read_images
 from vae_anomaly.cli import main
-from vae_anomaly.decoding import read_upright
+from vae_anomaly.decoding import Preprocessing, read_upright
 from vae_anomaly.errors import ConfigError
 from vae_anomaly.local import fit as fit_whole
 from vae_anomaly.tiles import CHUNK, TileBank, boxes, fit, read_tiles, tile_side
@@ -164,3 +165,31 @@ def test_fit_tiles_large_files_keeps_the_banks_and_score_names_the_worst_tile(
     assert done.exit_code == 0 and Detector.load(off).tiles_ is None
     bad = runner.invoke(main, ["fit", str(folder), "-o", str(off), "--tile", "5"])
     assert bad.exit_code == 2 and "at least 16 px" in bad.output
+
+
+def test_workers_and_the_pixel_cache_give_the_local_statistic_the_parent_gives(
+    grain: dict[str, list[Path]], tmp_path: Path
+) -> None:
+    """Measured where files are decoded (workers), or here for rows the pixel cache already holds: the
+    same values, regions and tiles either way."""
+    normal = grain["normal"]
+    prep = Preprocessing(1, 48)
+    pixels = read_images(normal, prep).pixels
+    folds = [(np.arange(0, 30), np.arange(30, 40))]
+    whole, _ = fit_whole(pixels, folds, np.random.default_rng(0))
+    tiled, _ = fit(normal, np.full((40, 2), SIDE), 1, 48, folds, None, np.random.default_rng(0))
+    files = grain["clean"] + grain["blurred"]
+
+    def run(options: DecodeOptions) -> tuple[np.ndarray, np.ndarray]:
+        batches = list(iter_batches(files, prep, 8, options=options, local=(whole, tiled)))
+        assert all(b.boxes is not None for b in batches)
+        return np.concatenate([b.properties["local"] for b in batches]), np.concatenate([b.boxes for b in batches])
+
+    here = run(DecodeOptions(workers=0, cache=False))
+    there = run(DecodeOptions(workers=2, cache=False))
+    cache = str(tmp_path / "cache")
+    run(DecodeOptions(workers=0, cache=True, cache_dir=cache))
+    cached = run(DecodeOptions(workers=0, cache=True, cache_dir=cache))  # every row from the cache
+    for other in (there, cached):
+        assert np.allclose(here[0], other[0]) and np.array_equal(here[1], other[1])
+    assert np.all(here[1][12:, 4] >= 0), "the blurred files' regions were found in tiles"

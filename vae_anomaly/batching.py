@@ -22,13 +22,16 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from threadpoolctl import threadpool_limits
 
 from . import properties
 from .decoding import Preprocessing, ReadError, Source, Unlike, decode_image, merge_unlike, png_bits, unlike_kinds
 from .duplicates import Fingerprints, fingerprints
 from .errors import ConfigError, ImageReadError
 from .listing import display_path
+from .local import NAME as LOCAL
 from .pixel_cache import CacheHit, FileKey, PixelCache, default_cache_dir
+from .tiles import Scales, measure_batch
 
 
 @dataclass
@@ -46,14 +49,20 @@ class ImageBatch:
     sources: list[Source] = field(default_factory=list)
     properties: dict[str, np.ndarray] = field(default_factory=dict)
     fingerprints: Fingerprints = field(default_factory=Fingerprints.empty)
+    # With a model's local statistic (tiles.Scales): each image's most unusual region and the tile it
+    # lies in, (B, 8) int64, -1 where there is none; its value is properties["local"].
+    boxes: np.ndarray | None = None
 
-    def measured(self) -> ImageBatch:
-        """This batch with its properties and fingerprints computed from its pixels and sources."""
-        self.properties, self.fingerprints = _measure(self.pixels, self.sources)
+    def measured(self, local: Scales | None = None) -> ImageBatch:
+        """This batch with its properties and fingerprints (and, with `local`, the local statistic)
+        computed from its pixels and sources."""
+        self.properties, self.fingerprints, self.boxes = _measure(self.pixels, self.sources, self.paths, local)
         return self
 
 
-Facts = tuple[dict[str, np.ndarray], Fingerprints]
+# What is measured of each image where it is decoded: properties, fingerprints, and the local
+# statistic's boxes (region and tile) when a model's scales were given.
+Facts = tuple[dict[str, np.ndarray], Fingerprints, np.ndarray | None]
 
 
 @dataclass
@@ -83,9 +92,16 @@ class ImageFacts:
         )
 
 
-def _measure(pixels: np.ndarray, sources: Sequence[Source]) -> Facts:
-    """The properties and duplicate fingerprints of decoded images (properties.py, duplicates.py)."""
-    return properties.measure(pixels, sources), fingerprints(pixels, sources)
+def _measure(pixels: np.ndarray, sources: Sequence[Source], paths: Sequence[str], local: Scales | None) -> Facts:
+    """The properties and duplicate fingerprints of decoded images (properties.py, duplicates.py), and
+    with `local` their local statistic (tiles.measure_batch): measured in the decode workers, where
+    it overlaps the parent's scoring."""
+    found = properties.measure(pixels, sources)
+    boxes = None
+    if local is not None:
+        found[LOCAL], region, tile = measure_batch(local[0], local[1], pixels, paths, sources)
+        boxes = np.concatenate([region, tile], 1)
+    return found, fingerprints(pixels, sources), boxes
 
 
 # ---------------------------------------------------------------- decoding in worker processes
@@ -148,7 +164,7 @@ class _Decoded:
     facts: Facts
 
 
-def _decode_chunk(files: Sequence[Path], prep: Preprocessing, bits: bool) -> _Decoded:
+def _decode_chunk(files: Sequence[Path], prep: Preprocessing, bits: bool, local: Scales | None = None) -> _Decoded:
     index: list[int] = []
     arrays: list[np.ndarray] = []
     sources: list[Source] = []
@@ -165,13 +181,17 @@ def _decode_chunk(files: Sequence[Path], prep: Preprocessing, bits: bool) -> _De
         sources.append((int(w), int(h), bool(source.get("colour", False)), str(source.get("format", ""))))
     pixels = np.stack(arrays) if arrays else np.zeros((0, prep.channels, prep.size, prep.size), np.uint8)
     lengths = png_bits(pixels, prep.png_level) if bits else None
-    return _Decoded(index, pixels, sources, lengths, errors, _measure(pixels, sources))
+    shown = [display_path(files[i]) for i in index]
+    return _Decoded(index, pixels, sources, lengths, errors, _measure(pixels, sources, shown, local))
 
 
 def _worker_init(max_image_pixels: int | None) -> None:
     # Ctrl-C reaches the whole process group; the parent decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     Image.MAX_IMAGE_PIXELS = max_image_pixels
+    # One BLAS thread a worker (the local statistic's products): the parent and the other workers
+    # have the other CPUs, and threads competing for them run slower than one each.
+    threadpool_limits(1)
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
@@ -196,6 +216,7 @@ class _Pending:
     keys: dict[int, FileKey]
     misses: list[int]  # positions in the chunk sent to be decoded
     decoded: Future[_Decoded] | _Decoded | None
+    local: Scales | None = None  # the model's local statistic, measured with the other facts
 
 
 def _assemble(p: _Pending, prep: Preprocessing, bits: bool, cache: PixelCache | None) -> ImageBatch:
@@ -223,7 +244,7 @@ def _assemble(p: _Pending, prep: Preprocessing, bits: bool, cache: PixelCache | 
         kept = set(good)
         redo_pos = [i for i in hits if i not in kept] if rows is not None else list(hits)
         if redo_pos:  # the cache broke between lookup and read, or rows failed their digest: decode here
-            redo = _decode_chunk([p.chunk[i] for i in redo_pos], prep, bits)
+            redo = _decode_chunk([p.chunk[i] for i in redo_pos], prep, bits, p.local)
             for j, reason in redo.errors:
                 reasons[redo_pos[j]] = reason
             fresh = [redo_pos[j] for j in redo.index]
@@ -283,9 +304,10 @@ def _assemble(p: _Pending, prep: Preprocessing, bits: bool, cache: PixelCache | 
     readable = [sources[i] for i in range(n) if ok[i]]
     unmeasured = [i for i in range(n) if ok[i] and not facts.have[i]]  # read from the cache: measured here
     if unmeasured:
-        facts.put(unmeasured, _measure(pixels[unmeasured], [sources[i] for i in unmeasured]))
-    found, prints = facts.rows(ok)
-    return ImageBatch(paths, pixels[ok], errors, unlike, out_bits[ok] if bits else None, readable, found, prints)
+        shown = [display_path(p.chunk[i]) for i in unmeasured]
+        facts.put(unmeasured, _measure(pixels[unmeasured], [sources[i] for i in unmeasured], shown, p.local))
+    found, prints, boxes = facts.rows(ok)
+    return ImageBatch(paths, pixels[ok], errors, unlike, out_bits[ok] if bits else None, readable, found, prints, boxes)
 
 
 class _Rows:
@@ -296,16 +318,22 @@ class _Rows:
         self.values: dict[str, np.ndarray] = {}
         self.exact = np.zeros(n, np.uint64)
         self.near = np.zeros(n, np.uint64)
+        self.boxes: np.ndarray | None = None
 
     def put(self, rows: Sequence[int], facts: Facts) -> None:
-        found, prints = facts
+        found, prints, boxes = facts
         for name, v in found.items():
             self.values.setdefault(name, np.full(len(self.have), np.nan))[rows] = v
         self.exact[rows], self.near[rows] = prints.exact, prints.near
+        if boxes is not None:
+            if self.boxes is None:
+                self.boxes = np.full((len(self.have), 8), -1, np.int64)
+            self.boxes[rows] = boxes
         self.have[rows] = True
 
     def rows(self, ok: np.ndarray) -> Facts:
-        return {k: v[ok] for k, v in self.values.items()}, Fingerprints(self.exact[ok], self.near[ok])
+        boxes = None if self.boxes is None else self.boxes[ok]
+        return {k: v[ok] for k, v in self.values.items()}, Fingerprints(self.exact[ok], self.near[ok]), boxes
 
 
 def iter_batches(
@@ -319,6 +347,7 @@ def iter_batches(
     reserve: int = 0,
     on_workers: Callable[[int], None] | None = None,
     worth_it: Callable[[float], bool] | None = None,
+    local: Scales | None = None,
 ) -> Iterator[ImageBatch]:
     """Decode files in batches, in input order, so memory stays bounded whatever the folder's size.
 
@@ -332,7 +361,8 @@ def iter_batches(
     `worth_it`, the first batches to decode are decoded here and timed, and
     `worth_it(seconds per file)` decides whether workers start at all: where
     the caller's own work per image dwarfs decoding, the CPUs are better
-    left to it.
+    left to it. With `local` (a model's local statistic), each image's value,
+    region and tile are measured where it is decoded, beside its properties.
     """
     options = options or DecodeOptions(cache=False)
     files = list(files)
@@ -355,9 +385,9 @@ def iter_batches(
                     # Decode this batch here, timed, and hand it over at once, so that the caller
                     # has worked on it before being asked whether workers would pay.
                     t0 = time.perf_counter()
-                    decoded = _decode_chunk(todo, prep, bits)
+                    decoded = _decode_chunk(todo, prep, bits, local)
                     probes.append((time.perf_counter() - t0) / len(todo))
-                    pending.append(_Pending(chunk, hits, keys, misses, decoded))
+                    pending.append(_Pending(chunk, hits, keys, misses, decoded, local))
                     while pending:
                         yield _assemble(pending.popleft(), prep, bits, _usable(cache, on_warning))
                     continue
@@ -369,12 +399,12 @@ def iter_batches(
                     workers = depth = 0
             if todo:
                 if pool is None:
-                    decoded = _decode_chunk(todo, prep, bits)
+                    decoded = _decode_chunk(todo, prep, bits, local)
                 else:
                     with warnings.catch_warnings():  # Python >= 3.12 warns about forking a threaded process
                         warnings.simplefilter("ignore", DeprecationWarning)
-                        decoded = pool.submit(_decode_chunk, todo, prep, bits)
-            pending.append(_Pending(chunk, hits, keys, misses, decoded))
+                        decoded = pool.submit(_decode_chunk, todo, prep, bits, local)
+            pending.append(_Pending(chunk, hits, keys, misses, decoded, local))
             if len(pending) > depth:
                 yield _assemble(pending.popleft(), prep, bits, _usable(cache, on_warning))
         while pending:

@@ -243,11 +243,12 @@ class Detector:
         noise = {name: self._noise(n) for name, n in counts.items()}
         threads = ThreadShare(self.device_)
         bits = "elbo-ic" in scores
+        local = None if self.patches_ is None else (self.patches_, self.tiles_)
         it, ignored = inference.batches(
-            data, prep, batch_size, self.decode, bits=bits, on_warning=on_warning, threads=threads
+            data, prep, batch_size, self.decode, bits=bits, on_warning=on_warning, threads=threads, local=local
         )
         per_model, paths, errors, unlike, facts = inference.score_all(
-            self.models_, it, noise, self.device_, threads, on_batch, (self.patches_, self.tiles_)
+            self.models_, it, noise, self.device_, threads, on_batch
         )
         return inference.results(per_model, paths, errors, unlike, counts, ignored, facts)
 

@@ -22,11 +22,10 @@ from .devices import ThreadShare, to_device
 from .distributed import World
 from .errors import ConfigError
 from .listing import FileListing, find_images, require_images
-from .local import NAME as LOCAL
 from .local import PatchBank
 from .model import ConvVAE
 from .scores import kl_to_standard_normal, pixel_nll_map, score_batch
-from .tiles import TileBank, maps_batch, measure_batch
+from .tiles import Scales, TileBank, maps_batch
 
 ImageInput = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | np.ndarray
 
@@ -105,8 +104,10 @@ def batches(
     bits: bool = False,
     on_warning: Callable[[str], None] | None = None,
     threads: ThreadShare | None = None,
+    local: Scales | None = None,
 ) -> tuple[Iterator[ImageBatch], int]:
-    """Batches of pixels at the model's input size from files, folders, a listing or an array; and `ignored`."""
+    """Batches of pixels at the model's input size from files, folders, a listing or an array; and `ignored`.
+    With `local`, each batch carries the local statistic (measured where it is decoded)."""
     if isinstance(data, np.ndarray):
         pixels = as_uint8_images(data)
         if pixels.shape[1:] != (prep.channels, prep.size, prep.size):
@@ -123,7 +124,7 @@ def batches(
                 [],
                 bits=png_bits(chunk, prep.png_level) if bits else None,
                 sources=[source] * len(chunk),
-            ).measured()
+            ).measured(local)
             for i in range(0, len(pixels), batch_size)
             for chunk in [pixels[i : i + batch_size]]
         )
@@ -146,6 +147,7 @@ def batches(
         on_workers=threads.share if threads is not None else None,
         # An explicit --workers N is obeyed; only the default asks whether workers pay.
         worth_it=threads.worth_it if threads is not None and decode.workers is None else None,
+        local=local,
     )
     return stream, listing.ignored
 
@@ -208,11 +210,10 @@ def score_all(
     device: torch.device,
     threads: ThreadShare,
     on_batch: Callable[[int, int], None] | None = None,
-    patches: tuple[PatchBank | None, TileBank | None] = (None, None),
 ) -> tuple[dict[str, np.ndarray], list[str], list[ReadError], Unlike, ImageFacts]:
     """(K, N) scores of every asked-for type, the scored paths, the unreadable files, the unlike counts
-    and what the checks read of each image; with `patches` (the local statistic's whole-image and tile
-    scales), each image's local statistic, most unusual region and worst tile (local.py, tiles.py)."""
+    and what the checks read of each image (with the local statistic, its region and tile, where the
+    batches carry them: `batches(local=...)`)."""
     paths: list[str] = []
     parts: dict[str, list[np.ndarray]] = {name: [] for name in noise}
     errors: list[ReadError] = []
@@ -220,16 +221,12 @@ def score_all(
     measured: list[ImageBatch] = []
     regions: list[np.ndarray] = []
     worst: list[np.ndarray] = []
-    whole, tiled = patches
     with threads:
         for batch in batches:
             unlike.append(batch.unlike)
-            if whole is not None:
-                batch.properties[LOCAL], region, tile = measure_batch(
-                    whole, tiled, batch.pixels, batch.paths, batch.sources
-                )
-                regions.append(region)
-                worst.append(tile)
+            if batch.boxes is not None:
+                regions.append(batch.boxes[:, :4])
+                worst.append(batch.boxes[:, 4:])
             measured.append(replace(batch, pixels=batch.pixels[:0], bits=None))  # keep the facts, not the pixels
             if len(batch.pixels):
                 t0 = time.perf_counter()

@@ -244,6 +244,10 @@ def fit(
     return TileBank(bank, tile, channels), raw / bank.bound
 
 
+# A model's local statistic: its whole-image scale and, where it has one, its tile scale.
+Scales = tuple[PatchBank, "TileBank | None"]
+
+
 def measure_batch(
     patches: PatchBank, tiles: TileBank | None, pixels: np.ndarray, paths: Sequence[str], sources: Sequence[Any]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
