@@ -28,7 +28,7 @@ reduction), and at most CHUNK tiles are held at once. No torch.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ CHUNK = 64  # tiles read and described at once
 FIT_IMAGES = 512  # training images whose tiles feed the banks
 FIT_TILES = 4  # tiles drawn from each of them
 MIN_TILED = 10  # fewer tiled training images than this: no tile banks
+BOUND_SAMPLE = 2048  # patch distances per chunk of a held-out file's tiles kept for the region bound
 
 
 def tile_side(width: int, height: int, size: int, tile: int | None) -> int:
@@ -74,12 +75,17 @@ def boxes(width: int, height: int, t: int) -> np.ndarray:
     return np.array([(x, y, x + t, y + t) for y in starts(height) for x in starts(width)], np.int64).reshape(-1, 4)
 
 
-def read_tiles(path: Path, channels: int, size: int, t: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(boxes in file pixels, uint8 (n, C, size, size)) of a file's tiles of side t, CHUNK at a time.
-    Raises `ImageReadError`."""
+def read_tiles(
+    path: Path, channels: int, size: int, t: int, sample: tuple[int, np.random.Generator] | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(boxes in file pixels, uint8 (n, C, size, size)) of a file's tiles of side t, CHUNK at a time;
+    with `sample` (n, rng), n of them drawn at random. Raises `ImageReadError`."""
     img, scale = read_upright(path, channels, t / size)
     width, height = round(img.size[0] * scale), round(img.size[1] * scale)
     every = boxes(width, height, min(t, width, height))
+    if sample is not None:
+        n, rng = sample
+        every = every[np.sort(rng.choice(len(every), min(n, len(every)), replace=False))]
     for start in range(0, len(every), CHUNK):
         part = every[start : start + CHUNK]
         arrays = []
@@ -154,7 +160,7 @@ class TileBank:
         return {**self.bank.arrays(PREFIX), PREFIX + "setting": setting}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> TileBank | None:
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> TileBank | None:
         """The tile banks a model file keeps, or None (no tiling, or files written before it)."""
         bank = PatchBank.from_arrays(arrays, PREFIX)
         if bank is None:
@@ -176,6 +182,13 @@ def _paint(out: np.ndarray, tiles: np.ndarray, grids: np.ndarray, width: int, he
                 xs = slice(int(x0 * fx), max(int(x0 * fx) + 1, math.ceil((x0 + p * k) * fx)))
                 ys = slice(int(y0 * fy), max(int(y0 * fy) + 1, math.ceil((y0 + p * k) * fy)))
                 np.maximum(out[ys, xs], grid[gy, gx], out=out[ys, xs])
+
+
+def _some(d: np.ndarray, rng: np.random.Generator, n: int = BOUND_SAMPLE) -> np.ndarray:
+    """At most n of a chunk's patch distances, at random: enough for the 99th percentile, whatever the
+    number of tiles."""
+    flat = d.ravel()
+    return flat if len(flat) <= n else rng.choice(flat, n, replace=False)
 
 
 def _in_tile(box: Sequence[int], tile: np.ndarray, size: int) -> tuple[int, int, int, int]:
@@ -216,10 +229,9 @@ def fit(
     for i in np.sort(rng.choice(candidates, min(len(candidates), FIT_IMAGES), replace=False)):
         try:
             t = tile_side(int(sides[i][0]), int(sides[i][1]), size, tile)
-            got = np.concatenate([p for _, p in read_tiles(files[i], channels, size, t)])
+            pixels.append(np.concatenate([p for _, p in read_tiles(files[i], channels, size, t, (FIT_TILES, rng))]))
         except ImageReadError:
             continue  # changed since it was read: its whole-image scale stands
-        pixels.append(got[rng.choice(len(got), min(len(got), FIT_TILES), replace=False)])
         owner += [i] * len(pixels[-1])
     owners = np.array(owner, np.int64)
     members = [np.nonzero(np.isin(owners, t))[0] for t, _ in folds]
@@ -233,19 +245,19 @@ def fit(
             t = tile_side(int(sides[i][0]), int(sides[i][1]), size, tile)
             if t:
                 try:
-                    d = np.concatenate([g for _, g in TileBank(bank, tile, channels)._grids(files[i], t, k)])
+                    tops = [(g.max(), _some(g, rng)) for _, g in TileBank(bank, tile, channels)._grids(files[i], t, k)]
                 except ImageReadError:
-                    d = np.zeros(0)
-                if d.size:
-                    raw[position] = d.max()
-                    grids.append(d)
+                    tops = []
+                if tops:
+                    raw[position] = max(top for top, _ in tops)
+                    grids += [some for _, some in tops]
             position += 1
     bank = replace(bank, bound=local.bound_of(grids))
     return TileBank(bank, tile, channels), raw / bank.bound
 
 
 # A model's local statistic: its whole-image scale and, where it has one, its tile scale.
-Scales = tuple[PatchBank, "TileBank | None"]
+Scales = tuple[PatchBank, TileBank | None]
 
 
 def measure_batch(
