@@ -77,6 +77,11 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     Image.fromarray(arr).save(p, exif=exif)
     out = decode_image(p, GREY8)[0]
     assert out[:, -1].min() > 200 and out[0, :4].max() < 60  # the top row became the right column
+    tall = tmp_path / "tall.jpg"
+    Image.fromarray(np.zeros((8, 12, 3), np.uint8)).save(tall, exif=exif)  # 12 wide, 8 high, shown turned
+    source: dict[str, object] = {}
+    decode_image(tall, GREY8, source)
+    assert source["size"] == (8, 12), "width and height as shown: boxes in records are in these pixels"
 
 
 def test_modes_are_converted_not_refused(tmp_path: Path) -> None:

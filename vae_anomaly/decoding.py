@@ -216,7 +216,10 @@ def decode_image(path: Path, prep: Preprocessing, source: dict[str, Any] | None 
             warnings.simplefilter("ignore")
             img.seek(0)
             if source is not None:
-                source["size"] = img.size
+                # The size as the image is shown: a quarter turn (EXIF orientations 5-8) swaps the sides,
+                # so that width, height and every box in a record are in the upright image's pixels.
+                w, h = img.size
+                source["size"] = (h, w) if img.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
                 source["colour"] = img.mode not in GREY_MODES
                 source["format"] = img.format or ""
             fast = None

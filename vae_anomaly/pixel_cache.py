@@ -21,7 +21,7 @@ from .decoding import Preprocessing, Source
 from .listing import display_path
 
 # 2: inode, ctime and a digest per row; 3: each file's format (older folders are left alone)
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 
 
 def default_cache_dir() -> Path:
