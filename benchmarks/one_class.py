@@ -76,6 +76,35 @@ def baselines(x_train: np.ndarray, x_test: np.ndarray, seed: int, with_pyod: boo
 DECISION = "default decision (elbo-ic, kl guard, two-sided)"
 
 
+PROBE = "probe: z(elbo-ic) + z(latent 5-NN distance)"
+
+
+def latent_neighbours_probe(det: Detector, normal: np.ndarray, x_te: np.ndarray) -> np.ndarray:
+    """Not a shipped score: z(elbo-ic) + z(mean distance of the latent mean to its 5 nearest training
+    latents), each standardised by its median and interquartile range (elbo-ic's on the calibration
+    images, the distance's leave-one-out on the training images). The latents are the mean of the
+    K models' encoder means."""
+    import torch
+
+    def latents(x: np.ndarray) -> np.ndarray:
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(x), 2000):
+                xb = torch.from_numpy(np.array(x[i : i + 2000][:, None] if x.ndim == 3 else x[i : i + 2000]))
+                out.append(np.mean([m.encode(xb)[0].numpy() for m in det.models_], 0))
+        return np.concatenate(out)
+
+    def z(v: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        q1, med, q3 = np.percentile(ref, [25, 50, 75])
+        return np.asarray((v - med) / (q3 - q1))
+
+    score = det.score(x_te, score="elbo-ic", batch_size=1000, guard=None).scores
+    nn = NearestNeighbors(n_neighbors=6).fit(latents(normal))
+    ref = nn.kneighbors()[0][:, :5].mean(1)  # without itself
+    dist = nn.kneighbors(latents(x_te), n_neighbors=5)[0].mean(1)
+    return z(score, det.calibration_["elbo-ic"]) + z(dist, ref)
+
+
 def run_digit(
     args: tuple[str, int, int, float | None, int, bool, tuple[str, ...], bool, tuple[int, ...]],
 ) -> dict[str, Any]:
@@ -127,6 +156,7 @@ def run_digit(
             other = png_bits(x4, level)
             row["png_us_per_image"][level] = 1e6 * (time.perf_counter() - t0) / len(x4)
             row["auc"][f"elbo-ic, PNG level {level}"] = roc_auc_score(labels, res.scores + base - other)
+    row["auc"][PROBE] = roc_auc_score(labels, latent_neighbours_probe(det, normal, x_te))
     for name, s in baselines(normal, x_te, seed, with_pyod).items():
         row["auc"][name] = roc_auc_score(labels, s)
     if via_files:
