@@ -213,7 +213,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def markdown(doc: dict[str, Any]) -> str:
     t = doc["table"]
     digits = [int(d) for d in next(iter(t.values()))["per_digit"]]
-    ours = [m for m in t if m.split(" ")[0].rstrip(",") in SCORE_NAMES or m == DECISION]
+    ours = [m for m in t if m.split(" ")[0].rstrip(",") in SCORE_NAMES or m in (DECISION, PROBE)]
     base = [m for m in t if m not in ours]
     best_base = max(base, key=lambda m: t[m]["mean"]) if base else None
     lines = [
