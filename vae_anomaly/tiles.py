@@ -260,6 +260,17 @@ def fit(
 Scales = tuple[PatchBank, TileBank | None]
 
 
+def _scan(tiles: TileBank, path: str, source: Any, paint: np.ndarray | None = None) -> Tiled | None:
+    """One scored file's tile scale (`path` as `display_path` writes it); None for an array's image (no
+    file) or a file changed since it was decoded (its whole-image scale stands)."""
+    if not source[3]:
+        return None
+    try:
+        return tiles.measure(real_path(path), int(source[0]), int(source[1]), paint=paint)
+    except ImageReadError:
+        return None
+
+
 def measure_batch(
     patches: PatchBank, tiles: TileBank | None, pixels: np.ndarray, paths: Sequence[str], sources: Sequence[Any]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -273,12 +284,7 @@ def measure_batch(
     worst = np.full((len(values), 4), -1, np.int64)
     if tiles is not None:
         for j, (path, source) in enumerate(zip(paths, sources, strict=True)):
-            if not source[3]:
-                continue  # an array's image: no file to tile
-            try:
-                got = tiles.measure(real_path(path), int(source[0]), int(source[1]))
-            except ImageReadError:
-                got = None  # changed since it was decoded: its whole-image scale stands
+            got = _scan(tiles, path, source)
             if got is not None and got.value > values[j]:
                 values[j], regions[j], worst[j] = got.value, got.region, got.tile
     return values, regions, worst
@@ -293,12 +299,7 @@ def maps_batch(
     maps = maps / patches.bound
     values = maps.reshape(len(maps), -1).max(1) if len(maps) else np.zeros(0)
     for j, (path, source) in enumerate(zip(paths, sources, strict=True)):
-        if tiles is None or not source[3]:
-            continue  # an array's image: no file to tile
-        try:
-            got = tiles.measure(real_path(path), int(source[0]), int(source[1]), paint=maps[j])
-        except ImageReadError:
-            continue
+        got = None if tiles is None else _scan(tiles, path, source, maps[j])
         if got is not None and got.value > values[j]:
             s, (x0, y0, x1, y1) = patches.size, got.region
             w, h = got.sides
