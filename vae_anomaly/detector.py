@@ -41,7 +41,7 @@ from .listing import FileListing
 from .local import PatchBank
 from .model import ConvVAE, VAEConfig
 from .scores import latent_noise
-from .tiles import TileBank
+from .tiles import Scales, TileBank
 from .train import EpochStats
 
 
@@ -164,6 +164,11 @@ class Detector:
         return self.models_[0] if self.models_ else None
 
     @property
+    def local_(self) -> Scales | None:
+        """The local statistic's scales (whole image, tiles), or None for model files without it."""
+        return None if self.patches_ is None else (self.patches_, self.tiles_)
+
+    @property
     def n_models(self) -> int:
         """K: 1 for a single model, K > 1 for cross-fitted models."""
         return max(1, len(self.models_))
@@ -243,9 +248,8 @@ class Detector:
         noise = {name: self._noise(n) for name, n in counts.items()}
         threads = ThreadShare(self.device_)
         bits = "elbo-ic" in scores
-        local = None if self.patches_ is None else (self.patches_, self.tiles_)
         it, ignored = inference.batches(
-            data, prep, batch_size, self.decode, bits=bits, on_warning=on_warning, threads=threads, local=local
+            data, prep, batch_size, self.decode, bits=bits, on_warning=on_warning, threads=threads, local=self.local_
         )
         per_model, paths, errors, unlike, facts = inference.score_all(
             self.models_, it, noise, self.device_, threads, on_batch
@@ -265,7 +269,7 @@ class Detector:
         check_choice("score", score, SCORE_NAMES)
         eps = self._noise(samples or self.default_samples(score))
         it, _ = inference.batches(data, prep, batch_size, self.decode)
-        return inference.heat_maps(self.models_, it, eps, self.device_, prep, (self.patches_, self.tiles_))
+        return inference.heat_maps(self.models_, it, eps, self.device_, prep, self.local_)
 
     # --------------------------------------------------------------- decide
     def rule(self, result: ScoreResult, **options: Any) -> DecisionRule:

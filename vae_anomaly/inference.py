@@ -22,10 +22,9 @@ from .devices import ThreadShare, to_device
 from .distributed import World
 from .errors import ConfigError
 from .listing import FileListing, find_images, require_images
-from .local import PatchBank
 from .model import ConvVAE
 from .scores import kl_to_standard_normal, pixel_nll_map, score_batch
-from .tiles import Scales, TileBank, maps_batch
+from .tiles import Scales, maps_batch
 
 ImageInput = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | np.ndarray
 
@@ -279,12 +278,12 @@ def heat_maps(
     eps: torch.Tensor,
     device: torch.device,
     prep: Preprocessing,
-    patches: tuple[PatchBank | None, TileBank | None] = (None, None),
+    local: Scales | None = None,
 ) -> HeatMaps:
     """Per-pixel -log p(x|z), reconstructions and KL, each averaged over the draws and the K models; and,
-    with `patches`, the local statistic's map over both its scales (tiles.maps_batch)."""
+    with `local`, the local statistic's map over both its scales (tiles.maps_batch)."""
     paths: list[str] = []
-    images, maps, recons, kls, local, regions = [], [], [], [], [], []
+    images, maps, recons, kls, local_maps, regions = [], [], [], [], [], []
     errors: list[ReadError] = []
     for batch in batches:
         paths += batch.paths
@@ -307,9 +306,9 @@ def heat_maps(
         maps.append((heat / k).sum(1).cpu().numpy())
         recons.append((recon / k).clamp(0, 1).mul(255).round().byte().cpu().numpy())
         kls.append((kl / k).cpu().numpy())
-        if patches[0] is not None:
-            local_map, region = maps_batch(patches[0], patches[1], batch.pixels, batch.paths, batch.sources)
-            local.append(local_map)
+        if local is not None:
+            local_map, region = maps_batch(local[0], local[1], batch.pixels, batch.paths, batch.sources)
+            local_maps.append(local_map)
             regions.append(region)
     empty = np.zeros((0, prep.channels, prep.size, prep.size), np.uint8)
     return HeatMaps(
@@ -319,6 +318,6 @@ def heat_maps(
         np.concatenate(maps) if maps else np.zeros((0, prep.size, prep.size)),
         np.concatenate(kls) if kls else np.zeros(0),
         errors,
-        None if patches[0] is None else np.concatenate(local) if local else np.zeros((0, prep.size, prep.size)),
-        None if patches[0] is None else np.concatenate(regions) if regions else np.zeros((0, 4), np.int64),
+        None if local is None else np.concatenate(local_maps) if local_maps else np.zeros((0, prep.size, prep.size)),
+        None if local is None else np.concatenate(regions) if regions else np.zeros((0, 4), np.int64),
     )
