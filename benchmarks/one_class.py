@@ -73,36 +73,7 @@ def baselines(x_train: np.ndarray, x_test: np.ndarray, seed: int, with_pyod: boo
     return out
 
 
-DECISION = "default decision (elbo-ic, kl guard, two-sided)"
-
-
-PROBE = "probe: z(elbo-ic) + z(latent 5-NN distance)"
-
-
-def latent_neighbours_probe(det: Detector, normal: np.ndarray, x_te: np.ndarray) -> np.ndarray:
-    """Not a shipped score: z(elbo-ic) + z(mean distance of the latent mean to its 5 nearest training
-    latents), each standardised by its median and interquartile range (elbo-ic's on the calibration
-    images, the distance's leave-one-out on the training images). The latents are the mean of the
-    K models' encoder means."""
-    import torch
-
-    def latents(x: np.ndarray) -> np.ndarray:
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(x), 2000):
-                xb = torch.from_numpy(np.array(x[i : i + 2000][:, None] if x.ndim == 3 else x[i : i + 2000]))
-                out.append(np.mean([m.encode(xb)[0].numpy() for m in det.models_], 0))
-        return np.concatenate(out)
-
-    def z(v: np.ndarray, ref: np.ndarray) -> np.ndarray:
-        q1, med, q3 = np.percentile(ref, [25, 50, 75])
-        return np.asarray((v - med) / (q3 - q1))
-
-    score = det.score(x_te, score="elbo-ic", batch_size=1000, guard=None).scores
-    nn = NearestNeighbors(n_neighbors=6).fit(latents(normal))
-    ref = nn.kneighbors()[0][:, :5].mean(1)  # without itself
-    dist = nn.kneighbors(latents(x_te), n_neighbors=5)[0].mean(1)
-    return z(score, det.calibration_["elbo-ic"]) + z(dist, ref)
+DECISION = "default decision (elbo-ic-nn, kl guard, checks, two-sided)"
 
 
 def run_digit(
@@ -136,7 +107,7 @@ def run_digit(
         res = det.score(x_te, score=name, batch_size=1000, guard=None)
         row["images_per_s"][name] = len(x_te) / (time.perf_counter() - t0)
         row["auc"][name] = roc_auc_score(labels, res.scores)
-    # The default decision ranks by its own statistic: the p-value of its one test of elbo-ic and kl.
+    # The default decision ranks by its own statistic: the p-value of its one test of the score, kl and checks.
     res = det.score(x_te, batch_size=1000)
     d = det.decide(res)
     stat = decision_statistic(det.calibration_[res.score], res.scores, "two-sided", d.p_values)
@@ -156,7 +127,6 @@ def run_digit(
             other = png_bits(x4, level)
             row["png_us_per_image"][level] = 1e6 * (time.perf_counter() - t0) / len(x4)
             row["auc"][f"elbo-ic, PNG level {level}"] = roc_auc_score(labels, res.scores + base - other)
-    row["auc"][PROBE] = roc_auc_score(labels, latent_neighbours_probe(det, normal, x_te))
     for name, s in baselines(normal, x_te, seed, with_pyod).items():
         row["auc"][name] = roc_auc_score(labels, s)
     if via_files:
@@ -213,7 +183,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def markdown(doc: dict[str, Any]) -> str:
     t = doc["table"]
     digits = [int(d) for d in next(iter(t.values()))["per_digit"]]
-    ours = [m for m in t if m.split(" ")[0].rstrip(",") in SCORE_NAMES or m in (DECISION, PROBE)]
+    ours = [m for m in t if m.split(" ")[0].rstrip(",") in SCORE_NAMES or m == DECISION]
     base = [m for m in t if m not in ours]
     best_base = max(base, key=lambda m: t[m]["mean"]) if base else None
     lines = [
@@ -275,7 +245,9 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=1, help="digits trained in parallel (each with --threads)")
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2)))
     ap.add_argument("--via-files", action="store_true", help="also run each digit through PNG files and the CLI")
-    ap.add_argument("--scores", default="elbo-ic,elbo,kl", help=f"score types to rank by, of {', '.join(SCORE_NAMES)}")
+    ap.add_argument(
+        "--scores", default="elbo-ic-nn,elbo-ic,elbo,kl", help=f"score types to rank by, of {', '.join(SCORE_NAMES)}"
+    )
     ap.add_argument("--no-pyod", action="store_true", help="skip PyOD's baselines even where pyod is installed")
     ap.add_argument(
         "--png-levels", default="", help="also rank by elbo-ic with the PNG length at these deflate levels, e.g. 1,3"

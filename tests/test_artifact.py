@@ -45,7 +45,7 @@ def test_model_file_holds_everything_design_lists(model_file: Path) -> None:
     # Fitted on an array: the pixel checks of a grey model, no file header to check (width, format, ...).
     grey = ("brightness", "highlights", "shadows", "contrast", "sharpness", "entropy", "balance-x", "balance-y")
     checked = {f"property:{name}" for name in (*grey, "local")}
-    assert set(info["calibration"]) == {"elbo", "elbo-ic", "kl", "iwae", "recon-prob"} | checked
+    assert set(info["calibration"]) == {"elbo-ic-nn", "elbo", "elbo-ic", "kl", "iwae", "recon-prob"} | checked
     assert info["checks"]["training_files"] == 1000 and info["checks"]["formats"] == {"": 1.0}
     assert {"vae_anomaly", "torch", "numpy", "python"} <= set(info["versions"])
 

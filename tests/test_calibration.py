@@ -187,8 +187,8 @@ def test_default_score_and_guard_flag_a_blank_frame_on_either_tail(fitted: Detec
     """The complexity correction turns 'too simple' into a high score: PNG codes a blank frame in
     a few bits, the VAE still needs its usual code, so elbo-ic is far above the normal range."""
     blank = fitted.score(np.full((1, SIZE, SIZE), BACKGROUND, np.uint8))
-    assert blank.score == "elbo-ic" and blank.guard is not None and blank.guard.score == "kl"
-    assert blank.scores[0] > fitted.calibration_["elbo-ic"].max()
+    assert blank.score == "elbo-ic-nn" and blank.guard is not None and blank.guard.score == "kl"
+    assert blank.scores[0] > fitted.calibration_["elbo-ic-nn"].max()
     assert fitted.decide(blank).flags[0] and fitted.decide(blank, tail="upper").flags[0]
 
 
@@ -196,7 +196,7 @@ def test_guard_and_score_are_one_test_with_the_floor_of_one(fitted: Detector) ->
     x = np.concatenate([disks(5, seed=31), crosses(5, seed=32)])
     both = fitted.score(x)
     assert both.guard is not None
-    cal = np.stack([fitted.calibration_["elbo-ic"], fitted.calibration_["kl"]])
+    cal = np.stack([fitted.calibration_[both.score], fitted.calibration_["kl"]])
     scores = np.stack([both.scores, both.guard.scores])[None]
     exact = typicality_p_values(cal, np.zeros(cal.shape[1], np.int64), scores, "two-sided")
     n = cal.shape[1]

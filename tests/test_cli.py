@@ -60,7 +60,7 @@ def test_json_output_field_by_field(cli_model: Path, data_dir: Path, tmp_path: P
         "leaks",
     }
     assert (s["total"], s["scored"], s["unreadable"], s["ignored"]) == (80, 80, 0, 0)
-    assert s["score"] == "elbo-ic" and s["samples"] == 1 and s["exit_code"] == code == 0
+    assert s["score"] == "elbo-ic-nn" and s["samples"] == 1 and s["exit_code"] == code == 0
     assert s["threshold"]["rule"] == "auto" and s["threshold"]["tail"] == "two-sided"
     assert s["threshold"]["guard"] == "kl" and "one test of the largest deviation" in s["rule"]
     assert s["threshold"]["checks"] == 13 and "one of 13 image checks" in s["rule"], (

@@ -44,7 +44,7 @@ def test_figures_equal_sklearn_on_the_same_scores(fitted: Detector, labelled: Pa
     ev = evaluate_detector(fitted, labelled_folders(labelled / "lab"), fpr=0.05, tail="two-sided", checks=False)
     y = ev.labels
     assert (int((y == 0).sum()), int((y == 1).sum())) == (40, 40)
-    assert list(ev.results) == ["elbo", "elbo-ic", "kl", "iwae", "recon-prob"]
+    assert list(ev.results) == ["elbo-ic-nn", "elbo", "elbo-ic", "kl", "iwae", "recon-prob"]
     for name, r in ev.results.items():
         s = fitted.score([Path(p) for p in ev.paths], score=name).scores  # plain scoring gives the same
         np.testing.assert_allclose(r.scores, s, rtol=1e-6)

@@ -143,7 +143,7 @@ def test_score_heatmaps_writes_one_png_per_flagged_image(model_file: Path, mixed
     assert files[0].startswith("00001_") and all(n.endswith(".png") and "<" not in n for n in files)
     with Image.open(tmp_path / "hm" / files[0]) as im:
         assert im.width > 3 * 192
-    assert (tmp_path / "plots" / "histogram_elbo-ic.png").exists()
+    assert (tmp_path / "plots" / "histogram_elbo-ic-nn.png").exists()
     assert f"wrote {flagged} heat map(s)" in err and "heat map" not in out
 
 

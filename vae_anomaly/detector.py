@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import artifact, budget, checks, crossfit, inference, local, tiles
+from . import artifact, budget, checks, crossfit, inference, local, neighbours, tiles
 from .batch_tests import BatchTest, run_batch_tests
 from .batching import DecodeOptions
 from .budget import FitPlan
@@ -40,6 +40,7 @@ from .inference import HeatMaps, ImageInput, ScoreResult
 from .listing import FileListing
 from .local import PatchBank
 from .model import ConvVAE, VAEConfig
+from .neighbours import LatentBank
 from .scores import latent_noise
 from .tiles import Scales, TileBank
 from .train import EpochStats
@@ -59,6 +60,8 @@ class Detector:
         self.patches_: PatchBank | None = None
         # Its tile scale (tiles.py); None where the training images were too small to tile, or not files.
         self.tiles_: TileBank | None = None
+        # Each model's training latents for the default score elbo-ic-nn (neighbours.py); None in files before it.
+        self.neighbours_: tuple[LatentBank, ...] | None = None
         self.metadata_: dict[str, Any] = {}
         self.checksum_: str | None = None
         self.device_ = torch.device("cpu")
@@ -133,8 +136,11 @@ class Detector:
         self.metadata_ = crossfit.training_metadata(vae_cfg, images, cfg, trained, settings, data_fp, device, world)
         self.calibration_folds_ = np.concatenate([np.full(len(c), k, np.int64) for k, (_, c) in enumerate(plans)])
         folds = [c for _, c in plans]
+        self.neighbours_ = inference.latent_banks(
+            models, images.pixels, [f for f, _ in plans], noise[neighbours.SCORE], device, images.bits, rng.spawn(1)[0]
+        )
         self.calibration_ = inference.calibration_scores(
-            models, images.pixels, folds, noise, device, world, images.bits
+            models, images.pixels, folds, noise, device, world, images.bits, banks=self.neighbours_
         )
         self.patches_, held_out = local.fit(images.pixels, plans, rng)
         sides = np.stack([images.facts.properties["width"], images.facts.properties["height"]], 1).astype(np.int64)
@@ -247,12 +253,12 @@ class Detector:
         counts = {name: given.get(name) or self.default_samples(name) for name in scores}
         noise = {name: self._noise(n) for name, n in counts.items()}
         threads = ThreadShare(self.device_)
-        bits = "elbo-ic" in scores
+        bits = bool({"elbo-ic", "elbo-ic-nn"} & set(scores))
         it, ignored = inference.batches(
             data, prep, batch_size, self.decode, bits=bits, on_warning=on_warning, threads=threads, local=self.local_
         )
         per_model, paths, errors, unlike, facts = inference.score_all(
-            self.models_, it, noise, self.device_, threads, on_batch
+            self.models_, it, noise, self.device_, threads, on_batch, self.neighbours_
         )
         return inference.results(per_model, paths, errors, unlike, counts, ignored, facts)
 
@@ -368,6 +374,8 @@ class Detector:
             cal.update({k: torch.from_numpy(v) for k, v in self.patches_.arrays().items()})
         if self.tiles_ is not None:
             cal.update({k: torch.from_numpy(v) for k, v in self.tiles_.arrays().items()})
+        if self.neighbours_ is not None:
+            cal.update({k: torch.from_numpy(v) for k, v in neighbours.arrays(self.neighbours_).items()})
         state = {
             f"{artifact.model_prefix(k)}{name}": t
             for k, m in enumerate(self.models_)
@@ -404,10 +412,11 @@ class Detector:
             skip = {artifact.FOLD_KEY, artifact.TRAIN_EXACT_KEY, artifact.TRAIN_NEAR_KEY}
             arrays = {k: v.numpy() for k, v in mf.calibration.items()}
             patches, tiled = PatchBank.from_arrays(arrays), TileBank.from_arrays(arrays)
+            banks = neighbours.from_arrays(arrays, len(models))
             cal = {
                 k: v.double().numpy()
                 for k, v in mf.calibration.items()
-                if k not in skip and not k.startswith((local.PREFIX, tiles.PREFIX))
+                if k not in skip and not k.startswith((local.PREFIX, tiles.PREFIX, neighbours.PREFIX))
             }
             n_cal = len(next(iter(cal.values())))
             fold_t = mf.calibration.get(artifact.FOLD_KEY)
@@ -426,7 +435,7 @@ class Detector:
         det.preprocessing_, det.metadata_, det.checksum_ = prep, meta, mf.checksum
         det.calibration_, det.calibration_folds_ = cal, folds
         det.training_fingerprints_ = fingerprints
-        det.patches_, det.tiles_ = patches, tiled
+        det.patches_, det.tiles_, det.neighbours_ = patches, tiled, banks
         return det
 
     def info(self) -> dict[str, Any]:

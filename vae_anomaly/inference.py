@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from . import neighbours
 from .batching import DecodeOptions, ImageBatch, ImageFacts, iter_batches
 from .decoding import Preprocessing, ReadError, Unlike, merge_unlike, png_bits, unlike_warnings
 from .devices import ThreadShare, to_device
@@ -23,6 +24,7 @@ from .distributed import World
 from .errors import ConfigError
 from .listing import FileListing, find_images, require_images
 from .model import ConvVAE
+from .neighbours import LatentBank
 from .scores import kl_to_standard_normal, pixel_nll_map, score_batch
 from .tiles import Scales, maps_batch
 
@@ -152,11 +154,48 @@ def batches(
 
 
 def score_pixels(
-    model: ConvVAE, x: torch.Tensor, noise: Mapping[str, torch.Tensor], bits: np.ndarray | None
+    model: ConvVAE,
+    x: torch.Tensor,
+    noise: Mapping[str, torch.Tensor],
+    bits: np.ndarray | None,
+    bank: LatentBank | None = None,
 ) -> dict[str, np.ndarray]:
     """Every asked-for score of one batch under one model, as float64 arrays."""
     b = None if bits is None else torch.from_numpy(np.asarray(bits, dtype=np.float64))
-    return {k: v.double().cpu().numpy() for k, v in score_batch(model, x, noise, b).items()}
+    return {k: v.double().cpu().numpy() for k, v in score_batch(model, x, noise, b, bank).items()}
+
+
+def _bank(banks: Sequence[LatentBank] | None, k: int) -> LatentBank | None:
+    return None if banks is None else banks[k]
+
+
+def latent_banks(
+    models: Sequence[ConvVAE],
+    pixels: np.ndarray,
+    rows: Sequence[np.ndarray],
+    eps: torch.Tensor,
+    device: torch.device,
+    bits: np.ndarray | None,
+    rng: np.random.Generator,
+    batch_size: int = 512,
+) -> tuple[LatentBank, ...]:
+    """Each model's bank (neighbours.py): the latent means of the images it trained on (`rows[k]`), and
+    S_ic on at most SCALE_SAMPLE of them, scored with the draws `eps` of `elbo-ic`."""
+    banks = []
+    for model, idx in zip(models, rows, strict=True):
+        means = []
+        with torch.no_grad():
+            for i in range(0, len(idx), batch_size):
+                x = to_device(torch.from_numpy(np.require(pixels[idx[i : i + batch_size]], requirements=["W"])), device)
+                means.append(model.encode(x)[0].float().cpu().numpy())
+        sample = np.sort(rng.choice(idx, min(len(idx), neighbours.SCALE_SAMPLE), replace=False))
+        ic = []
+        for i in range(0, len(sample), batch_size):
+            part = sample[i : i + batch_size]
+            x = to_device(torch.from_numpy(np.require(pixels[part], requirements=["W"])), device)
+            ic.append(score_pixels(model, x, {"elbo-ic": eps}, None if bits is None else bits[part])["elbo-ic"])
+        banks.append(LatentBank.build(np.concatenate(means), np.concatenate(ic), rng))
+    return tuple(banks)
 
 
 DECODED_PER_BATCH = 2**24  # decoded pixel values per calibration batch (64 MB per float32 activation)
@@ -171,6 +210,7 @@ def calibration_scores(
     world: World,
     bits: np.ndarray | None = None,
     batch_size: int = 512,
+    banks: Sequence[LatentBank] | None = None,
 ) -> dict[str, np.ndarray]:
     """Every score type of every calibration image, by the model that did not train on it.
 
@@ -192,7 +232,7 @@ def calibration_scores(
             if task % world.size == world.rank:
                 rows = idx[i : i + batch_size]
                 x = to_device(torch.from_numpy(np.require(pixels[rows], requirements=["W"])), device)
-                scores = score_pixels(models[k], x, noise, None if bits is None else bits[rows])
+                scores = score_pixels(models[k], x, noise, None if bits is None else bits[rows], _bank(banks, k))
                 for name in names:
                     out[name][offsets[k] + i : offsets[k] + i + len(rows)] = scores[name]
             task += 1
@@ -209,6 +249,7 @@ def score_all(
     device: torch.device,
     threads: ThreadShare,
     on_batch: Callable[[int, int], None] | None = None,
+    banks: Sequence[LatentBank] | None = None,
 ) -> tuple[dict[str, np.ndarray], list[str], list[ReadError], Unlike, ImageFacts]:
     """(K, N) scores of every asked-for type, the scored paths, the unreadable files, the unlike counts
     and what the checks read of each image (with the local statistic, its region and tile, where the
@@ -230,7 +271,7 @@ def score_all(
             if len(batch.pixels):
                 t0 = time.perf_counter()
                 x = to_device(torch.from_numpy(np.require(batch.pixels, requirements=["W"])), device)
-                per_model = [score_pixels(m, x, noise, batch.bits) for m in models]
+                per_model = [score_pixels(m, x, noise, batch.bits, _bank(banks, k)) for k, m in enumerate(models)]
                 for name in noise:
                     parts[name].append(np.stack([s[name] for s in per_model]))
                 threads.observe(time.perf_counter() - t0, len(batch.pixels))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -19,6 +19,7 @@ from .config import SCORE_NAMES
 from .decoding import png_bits
 from .errors import ConfigError
 from .model import ConvVAE
+from .neighbours import LatentBank
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -65,12 +66,14 @@ class _Terms:
     ll: torch.Tensor | None  # (L, B) log p(x|z_l); None when no decoding was needed
     z: torch.Tensor | None  # (L, B, D)
     eps: torch.Tensor  # (L, D)
+    mu: torch.Tensor | None = None  # (B, D), for the latent neighbours of `elbo-ic-nn`
+    bank: LatentBank | None = None  # the model's training latents (neighbours.py)
 
 
 def _terms(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor, decode: bool = True) -> _Terms:
     mu, logvar = model.encode(x)
     ll, z = _log_likelihoods(model, x, mu, logvar, eps) if decode else (None, None)
-    return _Terms(logvar, kl_to_standard_normal(mu, logvar), ll, z, eps)
+    return _Terms(logvar, kl_to_standard_normal(mu, logvar), ll, z, eps, mu)
 
 
 def _negative_elbo(t: _Terms) -> torch.Tensor:
@@ -156,6 +159,29 @@ def complexity_corrected_elbo(
     return _complexity_corrected(model, x, _terms(model, x, eps), bits)
 
 
+def _with_neighbours(model: ConvVAE, x: torch.Tensor, t: _Terms, bits: torch.Tensor | None) -> torch.Tensor:
+    if t.bank is None or t.mu is None:
+        raise ConfigError(
+            "the score elbo-ic-nn needs the training images' latent codes, which this model file does not keep "
+            "(it was fitted by an earlier release); re-fit it, or score with --score elbo-ic"
+        )
+    ic = _complexity_corrected(model, x, t, bits)
+    return torch.from_numpy(t.bank.combine(ic.double().cpu().numpy(), t.mu.float().cpu().numpy())).to(ic)
+
+
+def complexity_corrected_neighbours(
+    model: ConvVAE, x: torch.Tensor, eps: torch.Tensor, bank: LatentBank, bits: torch.Tensor | None = None
+) -> torch.Tensor:
+    """S_nn(x) = S_ic(x) / IQR_train(S_ic) + d_5(mu(x)) / IQR_train(d_5), per image (B,).
+
+    `elbo-ic` plus the mean distance of the latent mean to its 5 nearest
+    training latents of this model, each in units of its spread on the
+    training images (neighbours.py gives the equation and why).
+    """
+    t = _terms(model, x, eps)
+    return _with_neighbours(model, x, replace(t, bank=bank), bits)
+
+
 def latent_kl(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """KL(q(z|x) || N(0, I)) alone (Kingma & Welling 2014, Appendix B), per image (B,).
 
@@ -169,6 +195,7 @@ def latent_kl(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tenso
 # The one dispatch table: each score from the terms of one encoder pass (and the decoder passes
 # its draws need); `score_batch` and every public function above go through it.
 _FROM_TERMS: dict[str, Callable[[ConvVAE, torch.Tensor, _Terms, torch.Tensor | None], torch.Tensor]] = {
+    "elbo-ic-nn": _with_neighbours,
     "elbo": lambda model, x, t, bits: _negative_elbo(t),
     "elbo-ic": _complexity_corrected,
     "kl": lambda model, x, t, bits: t.kl,
@@ -181,14 +208,19 @@ NEEDS_DECODER = frozenset(SCORE_NAMES) - {"kl"}
 
 
 def score_batch(
-    model: ConvVAE, x: torch.Tensor, noise: Mapping[str, torch.Tensor], bits: torch.Tensor | None = None
+    model: ConvVAE,
+    x: torch.Tensor,
+    noise: Mapping[str, torch.Tensor],
+    bits: torch.Tensor | None = None,
+    bank: LatentBank | None = None,
 ) -> dict[str, torch.Tensor]:
     """Several scores of one batch from one encoder pass; scores with equal draws share the decoder passes.
 
     `noise` maps each score name to its draws. Each result equals the score's
-    own function above (tested): `elbo`, `elbo-ic` and the `kl` guard of the
-    default decision cost one encoder and one decoder pass together, not three
-    and two.
+    own function above (tested): `elbo-ic-nn`, `elbo-ic` and the `kl` guard
+    of the default decision cost one encoder and one decoder pass together,
+    not three and two. `bank` is the model's training latents, which
+    `elbo-ic-nn` needs.
     """
     for name in noise:
         if name not in _FROM_TERMS:
@@ -205,7 +237,7 @@ def score_batch(
                 if key not in decoded:
                     decoded[key] = _log_likelihoods(model, x, mu, logvar, eps)
                 ll, z = decoded[key]
-            out[name] = _FROM_TERMS[name](model, x, _Terms(logvar, kl, ll, z, eps), bits)
+            out[name] = _FROM_TERMS[name](model, x, _Terms(logvar, kl, ll, z, eps, mu, bank), bits)
         return out
 
 
