@@ -6,7 +6,7 @@ frames, content shrunk into a corner, half occluded, Gaussian and
 salt-and-pepper noise, blur, inverted, contrast crushed, heavy JPEG).
 
 For each kind: the detection rate at the default decision (`--threshold
-auto`, `--fpr 0.01`, two-sided, elbo-ic score with the kl guard) and the
+auto`, `--fpr 0.01`, two-sided, elbo-ic-nn score with the kl guard) and the
 ROC-AUC of the decision's own statistic against the clean test digits; the
 false-positive rate on the clean digits; the overall ROC-AUC.
 

@@ -3,7 +3,7 @@
 Per dataset (shapes, mnist, digits), training size n and repetition r: fit a `Detector` with default
 settings (FitConfig(seed=r), --folds K if given) on n normal images, score held-out normals (up to
 2,000) and obvious anomalies (~100 per kind) once, and compare, from those scores,
-  new: the default decision (`det.decide`, fpr 0.01): one conformal test of elbo-ic and its kl
+  new: the default decision (`det.decide`, fpr 0.01): one conformal test of elbo-ic-nn and its kl
        guard (`typicality_p_values`), floor 1/(n+1);
   old: the rule of the previous release: two two-sided (cross-)conformal p-values, Bonferroni,
        p = min(1, 2 min(p_score, p_kl)), floor 4/(n+1); flag p <= 0.01, or at the floor where
@@ -288,7 +288,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Per n: {doc['reps']} repetition(s), each a fit with default settings (folds {doc['folds'] or 'default'}"
         + (f", time budget {doc['time_budget']:g} s" if doc["time_budget"] else "")
         + "); "
-        "means over repetitions. **new**: the default decision (one conformal test of elbo-ic and its kl guard, "
+        "means over repetitions. **new**: the default decision (one conformal test of elbo-ic-nn and its kl guard, "
         f"floor 1/(n+1), fpr {FPR}); **old**: the previous release's rule, two two-sided conformal tests, "
         f"Bonferroni, floor 4/(n+1), flagging at that floor where {FPR} is below it, from the same scores.",
         "",

@@ -11,7 +11,7 @@ For 28x28 grey images (MNIST digits with `--data`, else generated blobs) and
 - `vae-anomaly fit FOLDER` wall time in a fresh process, default settings,
   decoding included (cold cache, then warm);
 - scoring images/s from files for each score type and for the default
-  decision (elbo-ic with the kl guard), decoding included, cold cache;
+  decision (elbo-ic-nn with the kl guard), decoding included, cold cache;
   and the whole `vae-anomaly score` command's wall time;
 - with `--stream N` (28x28 only), `vae-anomaly score` over N PNG files:
   images/s and peak memory of the process tree (RSS of the main process;
@@ -156,7 +156,7 @@ def measure(name: str, images: np.ndarray, tmp: Path, repeats: int, device: str)
     row["fit_end_to_end_warm_cache_s"] = timed(fit_cmd, env)
     row["fit_epochs"] = Detector.load(model, device).metadata_["training"]["epochs_run"]
     score: dict[str, float] = {}
-    for s in [*SCORE_NAMES, "default decision (elbo-ic + kl guard)"]:
+    for s in [*SCORE_NAMES, "default decision (elbo-ic-nn + kl guard)"]:
         det = Detector.load(model, device, DecodeOptions(cache=True, cache_dir=str(tmp / f"cache-{name}-{len(score)}")))
         t0 = time.perf_counter()
         if s in SCORE_NAMES:

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from vae_anomaly.config import SCORE_NAMES
 from vae_anomaly.model import ConvVAE, VAEConfig
+from vae_anomaly.neighbours import LatentBank
 from vae_anomaly.scores import (
+    complexity_corrected_neighbours,
     iwae_bound,
     kl_to_standard_normal,
     latent_noise,
@@ -17,6 +20,7 @@ from vae_anomaly.scores import (
     negative_elbo,
     pixel_nll_map,
     reconstruction_probability,
+    score_batch,
     score_images,
 )
 
@@ -94,9 +98,23 @@ def test_importance_weights_have_one_row_per_sample() -> None:
 def test_scores_do_not_depend_on_the_batch_an_image_sits_in() -> None:
     model, x = _model(), _x(8)
     eps = latent_noise(4, 4, seed=9)
-    for name in ("elbo", "elbo-ic", "kl", "iwae", "recon-prob"):
-        whole = score_images(model, x, name, eps)
-        parts = torch.cat([score_images(model, x[:3], name, eps), score_images(model, x[3:], name, eps)])
+    rng = np.random.default_rng(0)
+    bank = LatentBank.build(rng.normal(size=(30, 4)), rng.normal(size=30), rng)
+
+    def score(name: str, part: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return score_batch(model, part, {name: eps}, bank=bank)[name]
+
+    for name in SCORE_NAMES:
+        whole = score(name, x)
+        parts = torch.cat([score(name, x[:3]), score(name, x[3:])])
+        with torch.no_grad():
+            alone = (
+                complexity_corrected_neighbours(model, x, eps, bank)
+                if name == "elbo-ic-nn"
+                else score_images(model, x, name, eps)
+            )
+        torch.testing.assert_close(whole, alone)
         torch.testing.assert_close(whole, parts, rtol=1e-5, atol=1e-4)
 
 

@@ -450,6 +450,7 @@ class Detector:
             "models": self.n_models,
             **({"local": self.patches_.describe_rule()} if self.patches_ is not None else {}),
             **({"tiles": self.tiles_.describe_rule()} if self.tiles_ is not None else {}),
+            **({"neighbours": neighbours.describe(self.neighbours_)} if self.neighbours_ is not None else {}),
             "calibration": {
                 k: {
                     "n": len(v),

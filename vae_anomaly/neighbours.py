@@ -86,6 +86,16 @@ class LatentBank:
         return cls(means, spread(ic), spread(dist[:, 1:].mean(1)))  # column 0: the image itself
 
 
+def describe(banks: Sequence[LatentBank]) -> dict[str, object]:
+    """The banks in numbers, for `info`: latents kept per model and the two spreads of each."""
+    return {
+        "neighbours": banks[0].k,
+        "latents": [len(b.means) for b in banks],
+        "ic_spread": [b.ic_scale for b in banks],
+        "distance_spread": [b.distance_scale for b in banks],
+    }
+
+
 def arrays(banks: Sequence[LatentBank], prefix: str = PREFIX) -> dict[str, np.ndarray]:
     """What the model file keeps, by name: each model's means and its two spreads."""
     out: dict[str, np.ndarray] = {}

@@ -60,6 +60,16 @@ def _local_row(local: dict[str, Any]) -> str:
     )
 
 
+def _neighbours_row(nn: dict[str, Any]) -> str:
+    lat = nn["latents"]
+    kept = f"{lat[0]:,}" if len(set(lat)) == 1 else f"{min(lat):,}-{max(lat):,}"
+    return (
+        f"elbo-ic-nn adds the mean distance to the {nn['neighbours']} nearest of {kept} training latents per model; "
+        f"spreads on the training images: elbo-ic {nn['ic_spread'][0]:.4g}, distance {nn['distance_spread'][0]:.4g}"
+        + (" (model 1)" if len(lat) > 1 else "")
+    )
+
+
 def _tiles_row(tiles: dict[str, Any]) -> str:
     return (
         f"{tiles['tiles']}, overlap {tiles['overlap']:.0%}; each tile read at {tiles['working_size']} px and "
@@ -189,6 +199,7 @@ def info_table(model: str, data: dict[str, Any]) -> None:
         *([("checks", _checks_row(data))] if "checks" in data else []),
         *([("local statistic", _local_row(data["local"]))] if "local" in data else []),
         *([("tiles", _tiles_row(data["tiles"]))] if "tiles" in data else []),
+        *([("latent neighbours", _neighbours_row(data["neighbours"]))] if "neighbours" in data else []),
         ("versions", ", ".join(f"{k} {v}" for k, v in data["versions"].items())),
     ]
     for k, v in rows:

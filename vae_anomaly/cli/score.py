@@ -37,7 +37,8 @@ from .render import report_table, say, warn
     type=click.Choice(SCORE_NAMES),
     default=DEFAULT_SCORE,
     show_default=True,
-    help="elbo-ic: -ELBO in bits minus the PNG length (complexity-corrected); see README for all.",
+    help="elbo-ic-nn: elbo-ic (-ELBO in bits minus the PNG length) plus the latent distance to the training "
+    "images, each over its spread; see README for all.",
 )
 @guard_option("A second statistic, the latent KL, in the same test as the score: catches shrunk, noisy, dim frames.")
 @click.option(
