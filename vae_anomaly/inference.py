@@ -177,7 +177,7 @@ def latent_banks(
     device: torch.device,
     bits: np.ndarray | None,
     rng: np.random.Generator,
-    batch_size: int = 512,
+    batch_size: int = 128,
 ) -> tuple[LatentBank, ...]:
     """Each model's bank (neighbours.py): the latent means of the images it trained on (`rows[k]`), and
     S_ic on at most SCALE_SAMPLE of them, scored with the draws `eps` of `elbo-ic`."""

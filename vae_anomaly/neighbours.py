@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.neighbors import NearestNeighbors
+from scipy.spatial import KDTree
 
 SCORE = "elbo-ic-nn"
 NEIGHBOURS = 5
@@ -48,14 +48,14 @@ class LatentBank:
     means: np.ndarray  # (n, D) float32
     ic_scale: float  # IQR_train(S_ic)
     distance_scale: float  # IQR_train(d_5), leave-one-out
-    index: NearestNeighbors = field(init=False, repr=False, compare=False)
+    index: KDTree = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.means.ndim != 2 or len(self.means) < 2:
             raise ValueError(f"latent bank: need at least 2 training latents, got shape {self.means.shape}")
         if not (self.ic_scale > 0 and self.distance_scale > 0):
             raise ValueError(f"latent bank: spreads must be positive, got {self.ic_scale}, {self.distance_scale}")
-        object.__setattr__(self, "index", NearestNeighbors(n_neighbors=self.k).fit(self.means))
+        object.__setattr__(self, "index", KDTree(self.means))
 
     @property
     def k(self) -> int:
@@ -66,7 +66,7 @@ class LatentBank:
         """d_5 of each latent mean (B, D) to the bank: the mean of its 5 nearest distances."""
         if not len(mu):
             return np.zeros(0)
-        dist, _ = self.index.kneighbors(np.asarray(mu, np.float32), n_neighbors=self.k)
+        dist, _ = self.index.query(np.asarray(mu, np.float64), k=range(1, self.k + 1))
         return np.asarray(dist.mean(1), np.float64)
 
     def combine(self, ic: np.ndarray, mu: np.ndarray) -> np.ndarray:
@@ -82,8 +82,8 @@ class LatentBank:
         k = min(NEIGHBOURS, len(means) - 1)
         if k < 1:
             raise ValueError("latent bank: need at least 2 training latents")
-        dist, _ = NearestNeighbors(n_neighbors=k + 1).fit(means).kneighbors(means)
-        return cls(means, spread(ic), spread(dist[:, 1:].mean(1)))  # column 0: the image itself
+        dist, _ = KDTree(means).query(means, k=range(2, k + 2))  # the first neighbour is the image itself
+        return cls(means, spread(ic), spread(dist.mean(1)))
 
 
 def describe(banks: Sequence[LatentBank]) -> dict[str, object]:
