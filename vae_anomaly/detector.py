@@ -41,7 +41,7 @@ from .listing import FileListing
 from .local import PatchBank
 from .model import ConvVAE, VAEConfig
 from .neighbours import LatentBank
-from .scores import latent_noise
+from .scores import NEEDS_BITS, latent_noise
 from .tiles import Scales, TileBank
 from .train import EpochStats
 
@@ -253,7 +253,7 @@ class Detector:
         counts = {name: given.get(name) or self.default_samples(name) for name in scores}
         noise = {name: self._noise(n) for name, n in counts.items()}
         threads = ThreadShare(self.device_)
-        bits = bool({"elbo-ic", "elbo-ic-nn"} & set(scores))
+        bits = not NEEDS_BITS.isdisjoint(scores)
         it, ignored = inference.batches(
             data, prep, batch_size, self.decode, bits=bits, on_warning=on_warning, threads=threads, local=self.local_
         )

@@ -205,6 +205,7 @@ _FROM_TERMS: dict[str, Callable[[ConvVAE, torch.Tensor, _Terms, torch.Tensor | N
 if tuple(_FROM_TERMS) != SCORE_NAMES:  # pragma: no cover - a new score must be added to both tables
     raise ImportError(f"scores.py computes {tuple(_FROM_TERMS)}, config.SCORE_SPECS lists {SCORE_NAMES}")
 NEEDS_DECODER = frozenset(SCORE_NAMES) - {"kl"}
+NEEDS_BITS = frozenset({"elbo-ic", "elbo-ic-nn"})  # the scores with the PNG length L(x) in them
 
 
 def score_batch(
