@@ -41,6 +41,13 @@ def spread(values: np.ndarray) -> float:
     return float(q3 - q1) if q3 > q1 else 1.0
 
 
+def neighbours_in(n: int) -> int:
+    """Neighbours averaged in a bank of n latents: 5, or fewer where the bank is smaller (itself excluded)."""
+    if n < 2:
+        raise ValueError(f"latent bank: need at least 2 training latents, got {n}")
+    return min(NEIGHBOURS, n - 1)
+
+
 @dataclass(frozen=True)
 class LatentBank:
     """One model's training latent means and the two spreads that put S_ic and d_5 in the same units."""
@@ -51,8 +58,9 @@ class LatentBank:
     index: KDTree = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.means.ndim != 2 or len(self.means) < 2:
-            raise ValueError(f"latent bank: need at least 2 training latents, got shape {self.means.shape}")
+        if self.means.ndim != 2:
+            raise ValueError(f"latent bank: means must be (n, D), got shape {self.means.shape}")
+        neighbours_in(len(self.means))
         if not (self.ic_scale > 0 and self.distance_scale > 0):
             raise ValueError(f"latent bank: spreads must be positive, got {self.ic_scale}, {self.distance_scale}")
         object.__setattr__(self, "index", KDTree(self.means))
@@ -60,7 +68,7 @@ class LatentBank:
     @property
     def k(self) -> int:
         """Neighbours averaged: 5, or fewer where the bank is smaller."""
-        return min(NEIGHBOURS, len(self.means) - 1)
+        return neighbours_in(len(self.means))
 
     def distances(self, mu: np.ndarray) -> np.ndarray:
         """d_5 of each latent mean (B, D) to the bank: the mean of its 5 nearest distances."""
@@ -79,9 +87,7 @@ class LatentBank:
         means = np.asarray(means, np.float32)
         if len(means) > BANK:
             means = means[np.sort(rng.choice(len(means), BANK, replace=False))]
-        k = min(NEIGHBOURS, len(means) - 1)
-        if k < 1:
-            raise ValueError("latent bank: need at least 2 training latents")
+        k = neighbours_in(len(means))
         dist, _ = KDTree(means).query(means, k=range(2, k + 2))  # the first neighbour is the image itself
         return cls(means, spread(ic), spread(dist.mean(1)))
 
