@@ -10,7 +10,7 @@ from vae_anomaly import Detector, FitConfig
 from vae_anomaly.calibration import p_values
 from vae_anomaly.checks import key
 from vae_anomaly.decision import DecisionRule
-from vae_anomaly.local import NAME, PatchBank, fit, geometry, native_box, region
+from vae_anomaly.local import NAME, PatchBank, coreset, fit, geometry, native_box, region
 
 
 def textures(n: int, seed: int, size: int = 32) -> np.ndarray:
@@ -63,6 +63,23 @@ def test_each_bank_holds_patches_of_its_models_training_images_only() -> None:
     order = np.concatenate([out for _, out in folds])
     again = np.concatenate([bank.statistic(x[out], fold=k)[0] for k, (_, out) in enumerate(folds)])
     assert np.allclose(held, again) and len(order) == len(held)
+
+
+def test_the_bank_coreset_keeps_rare_normal_patches_a_random_sample_drops() -> None:
+    """Greedy k-center: 5 rare patches among 20,000 common ones all get into a bank of 64, and every
+    patch lies closer to the bank than to a random sample of the same size."""
+    rng = np.random.default_rng(0)
+    common = rng.normal(size=(20_000, 6)).astype(np.float32)
+    rare = (12.0 + rng.normal(size=(5, 6)) + 6.0 * np.arange(5)[:, None]).astype(np.float32)
+    phi = np.concatenate([common, rare])
+    chosen = coreset(phi, 64, np.random.default_rng(1))
+    assert len(np.unique(chosen)) == 64 and set(range(20_000, 20_005)) <= set(chosen.tolist())
+
+    def radius(bank: np.ndarray) -> float:
+        return float(np.sqrt(((phi[:, None] - bank[None]) ** 2).sum(-1).min(1)).max())
+
+    assert radius(phi[chosen]) < 0.5 * radius(phi[rng.choice(len(phi), 64, replace=False)])
+    assert np.array_equal(coreset(phi[:10], 64, rng), np.arange(10)), "a small set is kept whole"
 
 
 def test_the_decision_tests_the_local_statistic_on_its_upper_side_only(textured: Detector) -> None:

@@ -21,6 +21,16 @@ distance is that to its nearest neighbour in a bank of normal patches,
 
     d(v) = min_j || phi(v) - b_j ||,
 
+the bank a coreset of BANK patches chosen by greedy k-center selection
+(each next patch the one farthest from those already chosen, as PatchCore
+does: Roth et al., CVPR 2022) among every patch of the images it may
+see, so that rare normal patches are covered as well as common ones. A
+random sample of the same size leaves them out and calls them unusual:
+on the defect benchmark at 256 px (a prototype, 2-10% defects, the
+statistic alone) random 2,048 patches gave mean ROC-AUC 0.934, random
+8,192 0.952, all 32,768 0.963, and the 2,048-patch coreset 0.972 (worst
+kind 0.857, 0.872, 0.877, 0.900), at the same cost per scored patch.
+
 and the image's local statistic is its largest patch distance, in units of
 the region bound b (the 99th percentile of held-out normal patch
 distances), so that it compares with the same statistic on tiles (tiles.py):
@@ -51,6 +61,7 @@ PREFIX = "local:"  # the bank's arrays in the model file's calibration tensors
 FEATURES = 16  # principal axes of the pixel part
 TEXTURE_WEIGHT = 3.0
 BANK = 2048  # normal patches per bank (per cross-fitted model)
+CANDIDATES = 131_072  # patches a bank's coreset is chosen from, at most (1.6 s on one core)
 FIT_PATCHES = 20_000  # patches the principal axes are fitted on
 CHUNK = 256  # patches per distance block (a 2 MB float32 matrix against the bank)
 IMAGES = 256  # images described at once (25 MB of patches at 48x48 RGB)
@@ -229,8 +240,28 @@ def fit_banks(pixels: np.ndarray, training: Sequence[np.ndarray], rng: np.random
         chosen = rng.choice(train, min(len(train), 1024), replace=False)
         phi = bank.descriptors(pixels[np.sort(chosen)])
         phi = phi.reshape(-1, phi.shape[-1])
-        banks.append(phi[rng.choice(len(phi), min(len(phi), BANK), replace=False)])
+        if len(phi) > CANDIDATES:
+            phi = phi[rng.choice(len(phi), CANDIDATES, replace=False)]
+        banks.append(phi[coreset(phi, BANK, rng)])
     return PatchBank(size, bank.mean, bank.axes, tex, tuple(banks), math.inf)
+
+
+def coreset(phi: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions of m rows of phi chosen by greedy k-center selection: from a random start, each next
+    row the one farthest from those chosen (its distance to them is the coverage radius it closes).
+    Every row when there are no more than m."""
+    if len(phi) <= m:
+        return np.arange(len(phi))
+    x = np.asarray(phi, np.float32)
+    sq = (x * x).sum(1)
+    chosen = np.empty(m, np.int64)
+    chosen[0] = int(rng.integers(len(x)))
+    nearest = sq - 2.0 * (x @ x[chosen[0]]) + sq[chosen[0]]  # squared distance to the chosen set
+    for i in range(1, m):
+        j = int(np.argmax(nearest))
+        chosen[i] = j
+        np.minimum(nearest, sq - 2.0 * (x @ x[j]) + sq[j], out=nearest)
+    return chosen
 
 
 def bound_of(distances: Sequence[np.ndarray]) -> float:
