@@ -129,7 +129,8 @@ def mixed_dir(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(data_dir / "incoming", root, dirs_exist_ok=True)
     # Noise, the farthest of all from the disks, so the report's top rows hold it whatever the ties
     # among crosses.
-    size = Image.open(data_dir / "incoming" / "cross_0001.png").size
+    with Image.open(data_dir / "incoming" / "cross_0001.png") as im:
+        size = im.size
     noise = np.random.default_rng(7).integers(0, 256, (size[1], size[0]), dtype=np.uint8)
     Image.fromarray(noise).save(root / f"{EVIL}.png")
     (root / f"{EVIL}broken.png").write_bytes(b"\x89PNG\r\n\x1a\n<script>alert(2)</script>")

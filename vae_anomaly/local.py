@@ -23,14 +23,9 @@ distance is that to its nearest neighbour in a bank of normal patches,
 
 the bank a coreset of BANK patches chosen by greedy k-center selection
 (each next patch the one farthest from those already chosen, as PatchCore
-does: Roth et al., CVPR 2022) among every patch of the images it may
-see, so that rare normal patches are covered as well as common ones. A
-random sample of the same size leaves them out and calls them unusual:
-on the defect benchmark at 256 px (a prototype, 2-10% defects, the
-statistic alone) random 2,048 patches gave mean ROC-AUC 0.934, random
-8,192 0.952, all 32,768 0.963, and the 2,048-patch coreset 0.972 (worst
-kind 0.857, 0.872, 0.877, 0.900), at the same cost per scored patch.
-
+does: Roth et al., CVPR 2022), so that rare normal patches are covered as
+well as common ones (a random sample leaves them out and calls them
+unusual; README, "Local defects", has the measurement);
 and the image's local statistic is its largest patch distance, in units of
 the region bound b (the 99th percentile of held-out normal patch
 distances), so that it compares with the same statistic on tiles (tiles.py):
