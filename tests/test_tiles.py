@@ -19,7 +19,7 @@ from vae_anomaly.cli import main
 from vae_anomaly.decoding import Preprocessing, read_upright
 from vae_anomaly.errors import ConfigError
 from vae_anomaly.local import fit as fit_whole
-from vae_anomaly.tiles import CHUNK, TileBank, boxes, fit, read_tiles, tile_side
+from vae_anomaly.tiles import CHUNK, TileBank, boxes, fit, maps_batch, measure_batch, read_tiles, tile_side
 
 SIDE = 384  # px: eight working sizes, so tiled by the automatic rule (t = 128)
 DEFECT = (200, 120, 236, 156)  # x0, y0, x1, y1: 0.9% of the area, 4.5 px at the working size
@@ -193,3 +193,27 @@ def test_workers_and_the_pixel_cache_give_the_local_statistic_the_parent_gives(
     for other in (there, cached):
         assert np.allclose(here[0], other[0]) and np.array_equal(here[1], other[1])
     assert np.all(here[1][12:, 4] >= 0), "the blurred files' regions were found in tiles"
+
+
+def test_tiles_read_on_several_threads_give_what_one_thread_gives_in_input_order(
+    grain: dict[str, list[Path]],
+) -> None:
+    """The parent reads a batch's tiles on a thread per CPU (tiles._scan_all): each file's value, region,
+    tile and painted heat map are its own, whichever thread got it."""
+    normal = grain["normal"]
+    prep = Preprocessing(1, 48)
+    folds = [(np.arange(0, 30), np.arange(30, 40))]
+    whole, _ = fit_whole(read_images(normal, prep).pixels, folds, np.random.default_rng(0))
+    tiled, _ = fit(normal, np.full((40, 2), SIDE), 1, 48, folds, None, np.random.default_rng(0))
+    files = grain["blurred"] + grain["clean"]  # regions in the blur first, elsewhere after
+    pixels = read_images(files, prep).pixels
+    paths, sources = [str(p) for p in files], [(SIDE, SIDE, False, "PNG")] * len(files)
+    one = measure_batch(whole, tiled, pixels, paths, sources, threads=1)
+    four = measure_batch(whole, tiled, pixels, paths, sources, threads=4)
+    for a, b in zip(one, four, strict=True):
+        assert np.array_equal(a, b)
+    assert all(overlaps(r, DEFECT) for r in one[1][:12]) and not all(overlaps(r, DEFECT) for r in one[1][12:])
+    maps_one, boxes_one = maps_batch(whole, tiled, pixels, paths, sources, threads=1)
+    maps_four, boxes_four = maps_batch(whole, tiled, pixels, paths, sources, threads=4)
+    assert np.array_equal(maps_one, maps_four) and np.array_equal(boxes_one, boxes_four)
+    assert not np.array_equal(maps_one[0], maps_one[12]), "each file painted its own map"

@@ -95,11 +95,11 @@ class ImageFacts:
 def _measure(pixels: np.ndarray, sources: Sequence[Source], paths: Sequence[str], local: Scales | None) -> Facts:
     """The properties and duplicate fingerprints of decoded images (properties.py, duplicates.py), and
     with `local` their local statistic (tiles.measure_batch): measured in the decode workers, where
-    it overlaps the parent's scoring."""
+    it overlaps the parent's scoring, or here with a thread per CPU for the tiles."""
     found = properties.measure(pixels, sources)
     boxes = None
     if local is not None:
-        found[LOCAL], region, tile = measure_batch(local[0], local[1], pixels, paths, sources)
+        found[LOCAL], region, tile = measure_batch(local[0], local[1], pixels, paths, sources, tile_threads())
         boxes = np.concatenate([region, tile], 1)
     return found, fingerprints(pixels, sources), boxes
 
@@ -112,6 +112,15 @@ PROBE_BATCHES = 4
 # Below this many files, starting worker processes costs more than it saves.
 PARALLEL_FROM = 1024
 MAX_WORKERS = 8
+
+
+# Threads that read a batch's tiles (tiles.measure_batch): None, one per CPU (up to MAX_WORKERS);
+# a decode worker has one (`_worker_init`), the other workers have the other CPUs.
+_TILE_THREADS: int | None = None
+
+
+def tile_threads() -> int:
+    return _TILE_THREADS or min(available_cpus(), MAX_WORKERS)
 
 
 def available_cpus() -> int:
@@ -192,6 +201,8 @@ def _worker_init(max_image_pixels: int | None) -> None:
     # One BLAS thread a worker (the local statistic's products): the parent and the other workers
     # have the other CPUs, and threads competing for them run slower than one each.
     threadpool_limits(1)
+    global _TILE_THREADS
+    _TILE_THREADS = 1
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:

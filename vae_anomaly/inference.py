@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import neighbours
-from .batching import DecodeOptions, ImageBatch, ImageFacts, iter_batches
+from .batching import DecodeOptions, ImageBatch, ImageFacts, iter_batches, tile_threads
 from .decoding import Preprocessing, ReadError, Unlike, merge_unlike, png_bits, unlike_warnings
 from .devices import ThreadShare, to_device
 from .distributed import World
@@ -348,7 +348,7 @@ def heat_maps(
         recons.append((recon / k).clamp(0, 1).mul(255).round().byte().cpu().numpy())
         kls.append((kl / k).cpu().numpy())
         if local is not None:
-            local_map, region = maps_batch(local[0], local[1], batch.pixels, batch.paths, batch.sources)
+            local_map, region = maps_batch(local[0], local[1], batch.pixels, batch.paths, batch.sources, tile_threads())
             local_maps.append(local_map)
             regions.append(region)
     empty = np.zeros((0, prep.channels, prep.size, prep.size), np.uint8)
