@@ -105,5 +105,5 @@ def test_region_and_native_box() -> None:
     grid = np.zeros((11, 11))
     grid[2, 3] = grid[2, 4] = 5.0
     grid[9, 9] = 4.0  # past the bound too, but not connected to the farthest patch
-    assert region(grid, 48, 1.0) == (12, 8, 24, 16)
+    assert region(grid, 48, 1.0, stride) == (12, 8, 24, 16)
     assert native_box((12, 8, 24, 16), 48, 480, 96) == [120, 16, 240, 32]
