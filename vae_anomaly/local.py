@@ -77,11 +77,26 @@ def _windows(a: np.ndarray, p: int, stride: int) -> np.ndarray:
     return out
 
 
-def _raw(pixels: np.ndarray, p: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each patch's pixels (N, G, G, C*p*p) and texture (N, G, G, 2), float32."""
+def _planes(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The images in [0, 1] and their absolute gradients, (N, C, S, S) float32 each."""
     x = np.asarray(pixels, dtype=np.float32) / 255.0
     x = x[:, None] if x.ndim == 3 else x  # (N, H, W) grey
     grad = np.abs(np.diff(x, axis=2, append=x[:, :, -1:])) + np.abs(np.diff(x, axis=3, append=x[:, :, :, -1:]))
+    return x, grad
+
+
+def _raw_at(pixels: np.ndarray, p: int, at: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels (M, C*p*p) and texture (M, 2) of the patches at `at` = (image, y, x) only."""
+    x, grad = _planes(pixels)
+    img, ys, xs = at
+    flat = sliding_window_view(x, (p, p), axis=(2, 3))[img, :, ys, xs].reshape(len(img), -1)
+    g = sliding_window_view(grad, (p, p), axis=(2, 3))[img, :, ys, xs].reshape(len(img), -1)
+    return flat, np.stack([g.mean(-1), flat.std(-1)], -1)
+
+
+def _raw(pixels: np.ndarray, p: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each patch's pixels (N, G, G, C*p*p) and texture (N, G, G, 2), float32."""
+    x, grad = _planes(pixels)
     win = _windows(x, p, stride)
     n, g, d = win.shape[0], win.shape[1], win.shape[3] * p * p
     flat = win.reshape(n, g, g, d)
@@ -106,7 +121,9 @@ class PatchBank:
 
     def descriptors(self, pixels: np.ndarray, stride: int | None = None) -> np.ndarray:
         """phi of every patch on the grid (or `stride` px apart), (N, G, G, D + 2) float32."""
-        flat, texture = _raw(pixels, geometry(self.size)[0], stride or self.stride)
+        return self._phi(*_raw(pixels, geometry(self.size)[0], stride or self.stride))
+
+    def _phi(self, flat: np.ndarray, texture: np.ndarray) -> np.ndarray:
         t_mean, t_std, scale = self.texture
         part = (flat - self.mean) @ self.axes.T
         return np.concatenate([part, (texture - t_mean) / t_std * scale], -1).astype(np.float32)
@@ -148,17 +165,22 @@ class PatchBank:
         top = d.reshape(len(d), -1).max(1) if len(d) else np.zeros(0)
         if not self.refine or not len(d):
             return top
-        for i in range(0, len(d), IMAGES):
-            phi = self.descriptors(pixels[i : i + IMAGES], stride=1)  # (n, F, F, D + 2)
-            n, side, g, s = len(phi), phi.shape[1], d.shape[1], self.stride
-            far = np.argsort(-d[i : i + n].reshape(n, -1), 1)[:, : self.refine]
-            gy, gx = np.divmod(far, g)
-            near = np.arange(1 - s, s)  # every position up to a grid step away
-            ys = np.clip(gy[:, :, None, None] * s + near[:, None], 0, side - 1)
-            xs = np.clip(gx[:, :, None, None] * s + near[None, :], 0, side - 1)
-            ys, xs = np.broadcast_arrays(ys, xs)
-            rows = phi[np.arange(n)[:, None, None, None], ys, xs].reshape(-1, phi.shape[-1])
-            top[i : i + n] = np.maximum(top[i : i + n], self.nearest(rows, fold).reshape(n, -1).max(1))
+        p, s, g = geometry(self.size)[0], self.stride, d.shape[1]
+        side = self.size - p + 1  # positions a side at stride 1
+        far = np.argsort(-d.reshape(len(d), -1), 1)[:, : self.refine]
+        gy, gx = np.divmod(far, g)
+        near = np.arange(1 - s, s)  # every position up to a grid step away
+        ys = np.clip(gy[:, :, None, None] * s + near[:, None], 0, side - 1)
+        xs = np.clip(gx[:, :, None, None] * s + near[None, :], 0, side - 1)
+        img = np.broadcast_to(np.arange(len(d))[:, None, None, None], ys.shape)
+        # Each position once (the farthest patches' neighbourhoods overlap), described where it is.
+        key = np.unique((img * side + ys) * side + xs)
+        at = (key // (side * side), key // side % side, key % side)
+        for i in range(0, len(d), IMAGES):  # IMAGES images at a time, as `distances`
+            lo, hi = np.searchsorted(at[0], [i, i + IMAGES])
+            part = (at[0][lo:hi] - i, at[1][lo:hi], at[2][lo:hi])
+            dist = self.nearest(self._phi(*_raw_at(pixels[i : i + IMAGES], p, part)), fold)
+            np.maximum.at(top, part[0] + i, dist)
         return top
 
     def _regions(self, d: np.ndarray) -> np.ndarray:
