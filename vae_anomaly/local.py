@@ -32,6 +32,12 @@ distances), so that it compares with the same statistic on tiles (tiles.py):
 
     s_local(x) = max over patches v of x of d(v) / b.
 
+At working sizes up to FINE_UP_TO px the grid is refined: the bank is chosen
+among the patches at every position (stride 1), and the maximum also runs
+over every position up to a grid step from the image's REFINE farthest grid
+patches, where a corner or a thin line cut in two by the grid lies whole
+(README, "Local defects", has the measurement).
+
 Cross-fitted like the models: bank k holds patches of the images model k
 trained on, never of its own held-out (calibration) images, so the
 calibration values are what a new normal image would get; a new image's
