@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -107,63 +105,5 @@ def test_region_and_native_box() -> None:
     grid = np.zeros((11, 11))
     grid[2, 3] = grid[2, 4] = 5.0
     grid[9, 9] = 4.0  # past the bound too, but not connected to the farthest patch
-    assert region(grid, 48, 1.0, stride) == (12, 8, 24, 16)
+    assert region(grid, 48, 1.0) == (12, 8, 24, 16)
     assert native_box((12, 8, 24, 16), 48, 480, 96) == [120, 16, 240, 32]
-
-
-def shapes(kind: str, n: int, seed: int) -> np.ndarray:
-    """n bright discs or squares of the same area on a noisy dark ground, uint8 (n, 32, 32)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:32, :32]
-    out = np.clip(rng.normal(20, 8, (n, 32, 32)), 0, 255)
-    for i in range(n):
-        r = rng.uniform(6, 10)
-        cx, cy = rng.uniform(r, 31 - r, 2)
-        dx, dy = np.abs(xx - cx), np.abs(yy - cy)
-        inside = dx**2 + dy**2 <= r**2 if kind == "disc" else np.maximum(dx, dy) <= 0.89 * r
-        out[i][inside] = rng.uniform(150, 255)
-    return out.round().astype(np.uint8)
-
-
-def test_refined_patches_are_the_largest_distance_over_every_position_near_the_farthest() -> None:
-    """With every grid patch refined, the statistic is the largest distance over every position
-    (stride 1), by brute force; with few refined, it lies between that and the grid's own largest."""
-    discs = shapes("disc", 60, seed=0)[:, None]
-    bank, _ = fit(discs, [(np.arange(40), np.arange(40, 60))], np.random.default_rng(0))
-    assert bank.refine > 0 and bank.stride == geometry(32)[1]
-    x = shapes("square", 6, seed=1)[:, None]
-    d = bank.distances(x)
-    phi = bank.descriptors(x, stride=1)
-    brute = bank.nearest(phi.reshape(-1, phi.shape[-1])).reshape(len(x), -1).max(1)
-    grid = d.reshape(len(x), -1).max(1)
-    full = replace(bank, refine=d.shape[1] * d.shape[2])
-    assert np.allclose(full.largest(x, d), brute)
-    some = bank.largest(x, d)
-    assert np.all(grid <= some + 1e-9) and np.all(some <= brute + 1e-9)
-    assert np.any(some > grid), "a corner between grid positions is found"
-
-
-def test_refined_small_images_tell_squares_from_discs_that_the_grid_alone_misses() -> None:
-    discs, held = shapes("disc", 100, seed=2)[:, None], shapes("disc", 60, seed=3)[:, None]
-    squares = shapes("square", 30, seed=4)[:, None]
-    folds = [(np.arange(0, 80), np.arange(80, 100))]
-    bank, _ = fit(discs, folds, np.random.default_rng(0))
-    grid_only = replace(bank, refine=0)
-
-    def beyond(b: PatchBank) -> float:
-        """The share of squares farther than every held-out disc."""
-        return float(np.mean(b.statistic(squares)[0] > b.statistic(held)[0].max()))
-
-    assert beyond(bank) >= 0.9 and beyond(grid_only) <= beyond(bank) - 0.2, (beyond(bank), beyond(grid_only))
-
-
-def test_larger_working_sizes_and_old_model_files_keep_the_grid() -> None:
-    big = textures(30, seed=5, size=48)[:, None]
-    bank, _ = fit(big, [(np.arange(20), np.arange(20, 30))], np.random.default_rng(0))
-    assert bank.refine == 0
-    arrays = {k: v for k, v in bank.arrays().items() if not k.endswith(("refine", "stride"))}
-    old = PatchBank.from_arrays(arrays)
-    assert old is not None and old.refine == 0 and old.stride == geometry(48)[1]
-    small, _ = fit(shapes("disc", 30, seed=6)[:, None], [(np.arange(20), np.arange(20, 30))], np.random.default_rng(0))
-    again = PatchBank.from_arrays(small.arrays())
-    assert again is not None and again.refine == small.refine > 0

@@ -32,12 +32,6 @@ distances), so that it compares with the same statistic on tiles (tiles.py):
 
     s_local(x) = max over patches v of x of d(v) / b.
 
-At working sizes up to FINE_UP_TO px the grid is refined: the bank is chosen
-among the patches at every position (stride 1), and the maximum also runs
-over every position up to a grid step from the image's REFINE farthest grid
-patches, where a corner or a thin line cut in two by the grid lies whole
-(README, "Local defects", has the measurement).
-
 Cross-fitted like the models: bank k holds patches of the images model k
 trained on, never of its own held-out (calibration) images, so the
 calibration values are what a new normal image would get; a new image's
@@ -66,8 +60,6 @@ CANDIDATES = 131_072  # patches a bank's coreset is chosen from, at most (1.6 s 
 FIT_PATCHES = 20_000  # patches the principal axes are fitted on
 CHUNK = 256  # patches per distance block (a 2 MB float32 matrix against the bank)
 IMAGES = 256  # images described at once (25 MB of patches at 48x48 RGB)
-FINE_UP_TO = 32  # working sizes (px) up to which the whole-image scale refines its grid (`PatchBank.refine`)
-REFINE = 8  # grid patches, the farthest, around which every position is measured
 
 
 def geometry(size: int) -> tuple[int, int]:
@@ -83,26 +75,11 @@ def _windows(a: np.ndarray, p: int, stride: int) -> np.ndarray:
     return out
 
 
-def _planes(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The images in [0, 1] and their absolute gradients, (N, C, S, S) float32 each."""
+def _raw(pixels: np.ndarray, p: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each patch's pixels (N, G, G, C*p*p) and texture (N, G, G, 2), float32."""
     x = np.asarray(pixels, dtype=np.float32) / 255.0
     x = x[:, None] if x.ndim == 3 else x  # (N, H, W) grey
     grad = np.abs(np.diff(x, axis=2, append=x[:, :, -1:])) + np.abs(np.diff(x, axis=3, append=x[:, :, :, -1:]))
-    return x, grad
-
-
-def _raw_at(pixels: np.ndarray, p: int, at: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The pixels (M, C*p*p) and texture (M, 2) of the patches at `at` = (image, y, x) only."""
-    x, grad = _planes(pixels)
-    img, ys, xs = at
-    flat = sliding_window_view(x, (p, p), axis=(2, 3))[img, :, ys, xs].reshape(len(img), -1)
-    g = sliding_window_view(grad, (p, p), axis=(2, 3))[img, :, ys, xs].reshape(len(img), -1)
-    return flat, np.stack([g.mean(-1), flat.std(-1)], -1)
-
-
-def _raw(pixels: np.ndarray, p: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each patch's pixels (N, G, G, C*p*p) and texture (N, G, G, 2), float32."""
-    x, grad = _planes(pixels)
     win = _windows(x, p, stride)
     n, g, d = win.shape[0], win.shape[1], win.shape[3] * p * p
     flat = win.reshape(n, g, g, d)
@@ -115,21 +92,16 @@ class PatchBank:
     """The descriptor (principal axes, texture scaling) and the K banks of normal patch descriptors."""
 
     size: int
-    stride: int  # px between patches (`geometry`)
     mean: np.ndarray  # (C*p*p,)
     axes: np.ndarray  # (D, C*p*p)
     texture: np.ndarray  # (3, 2): mean, std, scale row-wise
     banks: tuple[np.ndarray, ...]  # K x (BANK, D + 2)
     bound: float  # 99th percentile of calibration patch distances: where a region counts as unusual
-    # Around this many farthest grid patches, every position (stride 1) is measured too, and the bank
-    # was chosen among every position's patches; 0: the grid alone (tiles, larger working sizes).
-    refine: int = 0
 
-    def descriptors(self, pixels: np.ndarray, stride: int | None = None) -> np.ndarray:
-        """phi of every patch on the grid (or `stride` px apart), (N, G, G, D + 2) float32."""
-        return self._phi(*_raw(pixels, geometry(self.size)[0], stride or self.stride))
-
-    def _phi(self, flat: np.ndarray, texture: np.ndarray) -> np.ndarray:
+    def descriptors(self, pixels: np.ndarray) -> np.ndarray:
+        """phi of every patch, (N, G, G, D + 2) float32."""
+        p, stride = geometry(self.size)
+        flat, texture = _raw(pixels, p, stride)
         t_mean, t_std, scale = self.texture
         part = (flat - self.mean) @ self.axes.T
         return np.concatenate([part, (texture - t_mean) / t_std * scale], -1).astype(np.float32)
@@ -140,10 +112,8 @@ class PatchBank:
         if len(pixels) > IMAGES:
             return np.concatenate([self.distances(pixels[i : i + IMAGES], fold) for i in range(0, len(pixels), IMAGES)])
         phi = self.descriptors(pixels)
-        return self.nearest(phi.reshape(-1, phi.shape[-1]), fold).reshape(phi.shape[:3])
-
-    def nearest(self, flat: np.ndarray, fold: int | None = None) -> np.ndarray:
-        """d(v) of descriptors (M, D + 2): against bank `fold`, or the mean over the K banks."""
+        shape = phi.shape[:3]
+        flat = phi.reshape(-1, phi.shape[-1])
         banks = self.banks if fold is None else (self.banks[fold],)
         out = np.zeros(len(flat), np.float64)
         f2 = (flat * flat).sum(1)
@@ -155,49 +125,24 @@ class PatchBank:
                 d2 = flat[i : i + CHUNK] @ minus2
                 d2 += b2
                 out[i : i + CHUNK] += np.sqrt(np.maximum(d2.min(1) + f2[i : i + CHUNK], 0.0))
-        return out / len(banks)
+        return (out / len(banks)).reshape(shape)
 
     def statistic(self, pixels: np.ndarray, fold: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """s_local of each image in units of `bound` (so that scales compare: tiles.py), and the box
         (x0, y0, x1, y1, in working-size pixels) of its most unusual region: the patches connected to
         the farthest one whose distance passes `bound`."""
         d = self.distances(pixels, fold)
-        return self.largest(pixels, d, fold) / self.bound, self._regions(d)
-
-    def largest(self, pixels: np.ndarray, d: np.ndarray, fold: int | None = None) -> np.ndarray:
-        """Each image's largest patch distance: over the grid `d` (`distances`) and, with `refine`, over
-        every position next to its `refine` farthest grid patches (a corner or a thin line falls between
-        grid positions; measuring every position everywhere costs 4 to 9 times as much)."""
-        top = d.reshape(len(d), -1).max(1) if len(d) else np.zeros(0)
-        if not self.refine or not len(d):
-            return top
-        p, s, g = geometry(self.size)[0], self.stride, d.shape[1]
-        side = self.size - p + 1  # positions a side at stride 1
-        far = np.argsort(-d.reshape(len(d), -1), 1)[:, : self.refine]
-        gy, gx = np.divmod(far, g)
-        near = np.arange(1 - s, s)  # every position up to a grid step away
-        ys = np.clip(gy[:, :, None, None] * s + near[:, None], 0, side - 1)
-        xs = np.clip(gx[:, :, None, None] * s + near[None, :], 0, side - 1)
-        img = np.broadcast_to(np.arange(len(d))[:, None, None, None], ys.shape)
-        # Each position once (the farthest patches' neighbourhoods overlap), described where it is.
-        key = np.unique((img * side + ys) * side + xs)
-        at = (key // (side * side), key // side % side, key % side)
-        for i in range(0, len(d), IMAGES):  # IMAGES images at a time, as `distances`
-            lo, hi = np.searchsorted(at[0], [i, i + IMAGES])
-            part = (at[0][lo:hi] - i, at[1][lo:hi], at[2][lo:hi])
-            dist = self.nearest(self._phi(*_raw_at(pixels[i : i + IMAGES], p, part)), fold)
-            np.maximum.at(top, part[0] + i, dist)
-        return top
+        return (d.reshape(len(d), -1).max(1) / self.bound if len(d) else np.zeros(0)), self._regions(d)
 
     def _regions(self, d: np.ndarray) -> np.ndarray:
-        return np.array([region(g, self.size, self.bound, self.stride) for g in d], np.int64).reshape(-1, 4)
+        return np.array([region(g, self.size, self.bound) for g in d], np.int64).reshape(-1, 4)
 
     def maps(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-pixel maps (N, S, S) at the working size, each pixel the largest distance of the patches
         covering it (stretched back over the file, a heat map at its own resolution), and each image's
         region as `statistic` gives it, from one pass over the banks."""
         d = self.distances(pixels)
-        p, stride = geometry(self.size)[0], self.stride
+        p, stride = geometry(self.size)
         out = np.zeros((len(d), self.size, self.size))
         for gy in range(d.shape[1]):
             for gx in range(d.shape[2]):
@@ -208,14 +153,14 @@ class PatchBank:
 
     def describe_rule(self) -> dict[str, Any]:
         """The statistic's settings, for `info`."""
+        p, stride = geometry(self.size)
         return {
-            "patch": geometry(self.size)[0],
-            "stride": self.stride,
+            "patch": p,
+            "stride": stride,
             "working_size": self.size,
             "features": int(self.axes.shape[0]) + 2,
             "banks": len(self.banks),
             "bank_patches": int(self.banks[0].shape[0]) if self.banks else 0,
-            "refined_patches": self.refine,
             "region_bound": self.bound,
         }
 
@@ -223,8 +168,6 @@ class PatchBank:
         """What the model file keeps, by name (under `prefix`)."""
         out = {
             "size": np.array([self.size], np.float64),
-            "stride": np.array([self.stride], np.float64),
-            "refine": np.array([self.refine], np.float64),
             "mean": self.mean,
             "axes": self.axes,
             "texture": self.texture,
@@ -241,8 +184,7 @@ class PatchBank:
         if not a:
             return None
         size = int(a["size"][0])
-        p, stride = geometry(size)
-        stride = int(a["stride"][0]) if "stride" in a else stride  # files before it: half a patch
+        p, _ = geometry(size)
         k = sum(1 for name in a if name.startswith("bank"))
         banks = tuple(a[f"bank{i}"].astype(np.float32) for i in range(k))
         axes = a["axes"].astype(np.float32)
@@ -251,15 +193,13 @@ class PatchBank:
         if not banks or any(b.shape[1] != axes.shape[0] + 2 for b in banks):
             raise ValueError("local statistic: the banks do not fit its descriptor")
         texture = a["texture"].astype(np.float32)
-        refine = int(a["refine"][0]) if "refine" in a else 0
-        return cls(size, stride, a["mean"].astype(np.float32), axes, texture, banks, float(a["bound"][0]), refine)
+        return cls(size, a["mean"].astype(np.float32), axes, texture, banks, float(a["bound"][0]))
 
 
-def region(grid: np.ndarray, size: int, bound: float, stride: int) -> tuple[int, int, int, int]:
+def region(grid: np.ndarray, size: int, bound: float) -> tuple[int, int, int, int]:
     """The box (x0, y0, x1, y1) in working-size pixels of the patches connected (8-neighbours) to the
-    farthest one among those past `bound`, patches `stride` px apart; the farthest patch alone when
-    none passes it."""
-    p = geometry(size)[0]
+    farthest one among those past `bound`; the farthest patch alone when none passes it."""
+    p, stride = geometry(size)
     top = np.unravel_index(int(np.argmax(grid)), grid.shape)
     labels, _ = ndimage.label(grid >= min(bound, float(grid[top])), structure=np.ones((3, 3)))
     ys, xs = np.nonzero(labels == labels[top])
@@ -273,15 +213,11 @@ def native_box(box: Sequence[int], size: int, width: int, height: int) -> list[i
     return [int(x0 * sx), int(y0 * sy), min(width, math.ceil(x1 * sx)), min(height, math.ceil(y1 * sy))]
 
 
-def fit_banks(
-    pixels: np.ndarray, training: Sequence[np.ndarray], rng: np.random.Generator, whole: bool = True
-) -> PatchBank:
+def fit_banks(pixels: np.ndarray, training: Sequence[np.ndarray], rng: np.random.Generator) -> PatchBank:
     """The descriptor, fitted on patches of (a sample of) the images in `training`, and one bank per
-    entry of `training` (positions into `pixels`, (N, C, S, S)) from those images only; no bound yet.
-    `whole`: the whole-image scale, refined up to FINE_UP_TO px (tiles are not)."""
+    entry of `training` (positions into `pixels`, (N, C, S, S)) from those images only; no bound yet."""
     size = pixels.shape[-1]
     p, stride = geometry(size)
-    refine = REFINE if whole and size <= FINE_UP_TO else 0
     train_all = np.unique(np.concatenate(list(training)))
     sample = rng.choice(train_all, min(len(train_all), 512), replace=False)
     flat, texture = _raw(pixels[np.sort(sample)], p, stride)
@@ -293,16 +229,16 @@ def fit_banks(
     rms = float(np.sqrt((((flat[pick] - mean) @ axes.T) ** 2).sum(1).mean()))
     t_std = np.maximum(texture.std(0), 1e-6)
     tex = np.stack([texture.mean(0), t_std, np.full(2, TEXTURE_WEIGHT * rms / np.sqrt(2))]).astype(np.float32)
-    bank = PatchBank(size, stride, mean.astype(np.float32), axes.astype(np.float32), tex, (), math.inf)
+    bank = PatchBank(size, mean.astype(np.float32), axes.astype(np.float32), tex, (), math.inf)
     banks = []
     for train in training:
         chosen = rng.choice(train, min(len(train), 1024), replace=False)
-        phi = bank.descriptors(pixels[np.sort(chosen)], stride=1 if refine else None)
+        phi = bank.descriptors(pixels[np.sort(chosen)])
         phi = phi.reshape(-1, phi.shape[-1])
         if len(phi) > CANDIDATES:
             phi = phi[rng.choice(len(phi), CANDIDATES, replace=False)]
         banks.append(phi[coreset(phi, BANK, rng)])
-    return PatchBank(size, stride, bank.mean, bank.axes, tex, tuple(banks), math.inf, refine)
+    return PatchBank(size, bank.mean, bank.axes, tex, tuple(banks), math.inf)
 
 
 def coreset(phi: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
@@ -338,6 +274,5 @@ def fit(
     bank = fit_banks(pixels, [t for t, _ in folds], rng)
     grids = [bank.distances(pixels[h], fold=k) if len(h) else np.zeros((0, 1, 1)) for k, (_, h) in enumerate(folds)]
     bank = replace(bank, bound=bound_of(grids))
-    held = [h for _, h in folds]
-    values = [bank.largest(pixels[h], g, k) / bank.bound for k, (h, g) in enumerate(zip(held, grids, strict=True))]
+    values = [g.reshape(len(g), -1).max(1) / bank.bound if len(g) else np.zeros(0) for g in grids]
     return bank, np.concatenate(values)

@@ -141,9 +141,9 @@ class TileBank:
         j = int(np.argmax(d.reshape(len(d), -1).max(1)))
         x0, y0, x1, y1 = (int(v) for v in every[j])
         sides = int(every[:, 2].max()), int(every[:, 3].max())  # the last tiles end flush with the edges
-        region = _in_tile(local.region(d[j], size, 1.0, self.bank.stride), every[j], size)
+        region = _in_tile(local.region(d[j], size, 1.0), every[j], size)
         if paint is not None:
-            _paint(paint, every, d, *sides, self.bank.stride)
+            _paint(paint, every, d, *sides)
         return Tiled(float(d[j].max()), region, (x0, y0, x1, y1), sides)
 
     def describe_rule(self) -> dict[str, Any]:
@@ -171,11 +171,10 @@ class TileBank:
         return cls(bank, None if tile < 0 else tile, channels)
 
 
-def _paint(out: np.ndarray, tiles: np.ndarray, grids: np.ndarray, width: int, height: int, stride: int) -> None:
-    """Raise `out` (S, S), a map of the whole width x height file, to each tile patch's value (patches
-    `stride` tile pixels apart)."""
+def _paint(out: np.ndarray, tiles: np.ndarray, grids: np.ndarray, width: int, height: int) -> None:
+    """Raise `out` (S, S), a map of the whole width x height file, to each tile patch's value."""
     s = out.shape[0]
-    p = local.geometry(s)[0]
+    p, stride = local.geometry(s)
     fx, fy = s / width, s / height
     for box, grid in zip(tiles, grids, strict=True):
         k = (box[2] - box[0]) / s  # file pixels per tile pixel
@@ -240,7 +239,7 @@ def fit(
     members = [np.nonzero(np.isin(owners, t))[0] for t, _ in folds]
     if not pixels or any(len(m) == 0 for m in members):
         return none
-    bank = local.fit_banks(np.concatenate(pixels), members, rng, whole=False)
+    bank = local.fit_banks(np.concatenate(pixels), members, rng)
     raw, grids = np.zeros(len(held_order)), []
     position = 0
     for k, (_, held) in enumerate(folds):
