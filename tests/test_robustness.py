@@ -575,13 +575,18 @@ def test_score_interrupted_exits_128_plus_the_signal_and_keeps_the_old_report(
         Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(folder / f"{i:05d}.png")
     report = tmp_path / "r.json"
     report.write_text('{"previous": true}')
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "vae_anomaly", "score", str(folder), "-m", str(model_file), "-o", str(report)]
     cmd += ["--no-cache", "--score", "iwae", "--samples", "2000", "--threshold", "0"]  # slow: minutes
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     time.sleep(6.0)  # started, and most likely scoring: either way the signal must end it cleanly
     proc.send_signal(signum)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # a hang: SIGABRT makes faulthandler print every thread's stack
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=30)
+        pytest.fail(f"no exit within 60 s of signal {signum}; where each thread was:\n{err[-6000:]}")
     assert proc.returncode == code, err
     assert "Traceback" not in err and json.loads(report.read_text()) == {"previous": True}
 
