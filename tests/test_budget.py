@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from conftest import cli_run, disks, write_pngs
-from vae_anomaly import Detector, FitConfig, budget
+from vae_anomaly import Detector, FitConfig, budget, local
 from vae_anomaly.budget import CALIBRATION_MARGIN, SAVE_SECONDS, Speed, measure_speed, model_time, plan_fit
 from vae_anomaly.config import DEFAULT_TIME_BUDGET
 from vae_anomaly.errors import ConfigError
@@ -76,6 +77,23 @@ def test_a_fit_stops_at_its_budget_and_records_the_plan() -> None:
     per_model = det.metadata_["training"]["per_model"]
     assert {m["stopped"] for m in per_model} == {"time-budget"}
     assert plan["seconds"] < 3.0 + 5.0  # each model stops at its share; calibration and a busy machine add a little
+
+
+@pytest.mark.slow  # a real fit against a real clock: seconds
+def test_the_local_statistics_banks_are_paid_from_the_budget_before_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Describing the patch banks takes no model, so it comes first and the plan sees its time as spent:
+    a slow one (4 s here, 15 s at 1,024 px) shortens training instead of overrunning the budget."""
+    slow = local.fit
+
+    def fit_slowly(*args: Any) -> Any:
+        time.sleep(4.0)
+        return slow(*args)
+
+    monkeypatch.setattr(local, "fit", fit_slowly)
+    det = Detector(FitConfig(time_budget=6.0, latent_dim=4, seed=0, device="cpu", folds=2)).fit(disks(300, seed=4))
+    plan = det.metadata_["training"]["plan"]
+    assert plan["spent"] >= 4.0 and plan["capped"]
+    assert plan["seconds"] < 6.0 + 2.5  # after training, it took 10 s and more
 
 
 def test_each_model_stops_at_its_share_of_the_time_left() -> None:

@@ -362,7 +362,7 @@ class _FitProgress:
         err.print(
             f"plan: {models}, up to {p.default_epochs} epochs of {p.train_images:,} images, training at "
             f"{1 / p.speed.train:,.0f} images/s on this machine; expected {p.expected:,.0f} s for the whole fit "
-            f"({p.spent:.1f} s of it already spent starting and reading images){capped}",
+            f"({p.spent:.1f} s of it already spent starting, reading images and describing their patches){capped}",
             highlight=False,
         )
 
