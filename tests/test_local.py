@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import ndimage
+from scipy.spatial.distance import cdist
 
 from vae_anomaly import Detector, FitConfig
 from vae_anomaly.calibration import p_values
@@ -63,6 +64,36 @@ def test_each_bank_holds_patches_of_its_models_training_images_only() -> None:
     order = np.concatenate([out for _, out in folds])
     again = np.concatenate([bank.statistic(x[out], fold=k)[0] for k, (_, out) in enumerate(folds)])
     assert np.allclose(held, again) and len(order) == len(held)
+
+
+def test_a_new_image_is_measured_against_the_one_bank_its_pixels_pick() -> None:
+    """One search instead of K: the bank is a hash of the pixels, so an image gets the same value in
+    any batch, order or run."""
+    x = textures(120, seed=5)[:, None]
+    folds = [(np.arange(0, 60), np.arange(60, 120)), (np.arange(60, 120), np.arange(0, 60))]
+    bank, _ = fit(x, folds, np.random.default_rng(0))
+    fresh = textures(40, seed=6)[:, None]
+    picks = bank.bank_of(fresh)
+    assert set(picks.tolist()) == {0, 1}, "both banks take their share"
+    assert np.array_equal(picks, bank.bank_of(fresh[::-1])[::-1]) and np.array_equal(picks, bank.bank_of(fresh.copy()))
+    d, phi = bank.distances(fresh), bank.descriptors(fresh)
+    for k in (0, 1):
+        brute = cdist(phi[picks == k].reshape(-1, phi.shape[-1]), bank.banks[k]).min(1)
+        assert np.allclose(d[picks == k].ravel(), brute, atol=1e-3), f"bank {k} alone"
+    alone = np.array([bank.statistic(fresh[i : i + 1])[0][0] for i in range(len(fresh))])
+    assert np.allclose(alone, bank.statistic(fresh)[0]), "the same value alone as in a batch"
+
+
+def test_new_normal_images_pass_the_cross_fitted_statistic_at_the_level_asked() -> None:
+    """Bank k never saw a new image nor fold k's held-out images: the new value is exchangeable with
+    theirs, so the pooled conformal p-value holds its level (400 calibration, 2,000 new images)."""
+    x = textures(400, seed=7)[:, None]
+    fold_of = np.arange(400) % 4
+    folds = [(np.nonzero(fold_of != k)[0], np.nonzero(fold_of == k)[0]) for k in range(4)]
+    bank, held = fit(x, folds, np.random.default_rng(0))
+    p = p_values(held, bank.statistic(textures(2000, seed=8)[:, None])[0], "upper")
+    for level in (0.05, 0.1, 0.2):
+        assert abs(float(np.mean(p <= level)) - level) < 0.3 * level + 0.01, f"at {level}"
 
 
 def test_the_bank_coreset_keeps_rare_normal_patches_a_random_sample_drops() -> None:

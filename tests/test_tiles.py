@@ -98,8 +98,8 @@ def test_a_blur_the_working_size_cannot_see_is_found_in_its_tile_and_boxed(grain
     folds = [(np.arange(0, 30), np.arange(30, 40))]
     bank, held = fit(normal, sides, 1, 48, folds, None, np.random.default_rng(0))
     assert bank is not None and held.shape == (10,) and np.all(held > 0)
-    clean = [bank.measure(p, SIDE, SIDE) for p in grain["clean"]]
-    blurred = [bank.measure(p, SIDE, SIDE) for p in grain["blurred"]]
+    clean = [bank.measure(p, SIDE, SIDE, 0) for p in grain["clean"]]
+    blurred = [bank.measure(p, SIDE, SIDE, 0) for p in grain["blurred"]]
     assert all(m is not None for m in clean + blurred)
     v_clean = np.array([m.value for m in clean if m is not None])
     v_blur = np.array([m.value for m in blurred if m is not None])
@@ -135,6 +135,27 @@ def test_each_tile_bank_holds_tiles_of_its_models_training_files_only(grain: dic
 
         assert np.mean([nearest(i) < 1e-3 for i in train]) > 0.5, f"bank {k} holds its training tiles"
         assert all(nearest(i) > 1e-3 for i in out), "and none of its held-out files' tiles"
+
+
+def test_a_files_tiles_are_measured_against_the_fold_its_whole_image_picks(grain: dict[str, list[Path]]) -> None:
+    """Both scales of a file search one fold's banks (PatchBank.bank_of of its working-size pixels):
+    one search a tile instead of K, and the tile scale exchangeable with that fold's calibration."""
+    normal = grain["normal"]
+    prep = Preprocessing(1, 48)
+    folds = [(np.arange(0, 20), np.arange(20, 40)), (np.arange(20, 40), np.arange(0, 20))]
+    whole, _ = fit_whole(read_images(normal, prep).pixels, folds, np.random.default_rng(0))
+    tiled, _ = fit(normal, np.full((40, 2), SIDE), 1, 48, folds, None, np.random.default_rng(0))
+    assert tiled is not None
+    files = grain["blurred"] + grain["clean"]
+    pixels = read_images(files, prep).pixels
+    picks = whole.bank_of(pixels)
+    assert set(picks.tolist()) == {0, 1}
+    sources = [(SIDE, SIDE, True, "PNG")] * len(files)
+    values, _, _ = measure_batch(whole, tiled, pixels, [str(p) for p in files], sources)
+    for j, path in enumerate(files):
+        at = tiled.measure(path, SIDE, SIDE, int(picks[j]))
+        assert at is not None
+        assert values[j] == pytest.approx(max(whole.statistic(pixels[j : j + 1])[0][0], at.value)), files[j].name
 
 
 def test_a_tile_side_below_the_least_is_refused() -> None:

@@ -122,14 +122,13 @@ class TileBank:
     def side(self, width: int, height: int) -> int:
         return tile_side(width, height, self.bank.size, self.tile)
 
-    def _grids(self, path: Path, t: int, fold: int | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _grids(self, path: Path, t: int, fold: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for part, pixels in read_tiles(path, self.channels, self.bank.size, t):
             yield part, self.bank.distances(pixels, fold)
 
-    def measure(
-        self, path: Path, width: int, height: int, fold: int | None = None, paint: np.ndarray | None = None
-    ) -> Tiled | None:
-        """The file's tile scale, or None where it is not tiled; with `paint`, a working-size map (S, S)
+    def measure(self, path: Path, width: int, height: int, fold: int, paint: np.ndarray | None = None) -> Tiled | None:
+        """The file's tile scale against tile bank `fold` (the one its whole image is measured against:
+        `PatchBank.bank_of`), or None where it is not tiled; with `paint`, a working-size map (S, S)
         of the whole file in units of each scale's bound, raised to the tiles' patch distances where
         they are larger (heat maps). Raises `ImageReadError`."""
         t = self.side(width, height)
@@ -262,13 +261,13 @@ def fit(
 Scales = tuple[PatchBank, TileBank | None]
 
 
-def _scan(tiles: TileBank, path: str, source: Any, paint: np.ndarray | None = None) -> Tiled | None:
-    """One scored file's tile scale (`path` as `display_path` writes it); None for an array's image (no
-    file) or a file changed since it was decoded (its whole-image scale stands)."""
+def _scan(tiles: TileBank, path: str, source: Any, fold: int, paint: np.ndarray | None = None) -> Tiled | None:
+    """One scored file's tile scale against tile bank `fold` (`path` as `display_path` writes it); None
+    for an array's image (no file) or a file changed since it was decoded (its whole-image scale stands)."""
     if not source[3]:
         return None
     try:
-        return tiles.measure(real_path(path), int(source[0]), int(source[1]), paint=paint)
+        return tiles.measure(real_path(path), int(source[0]), int(source[1]), fold % len(tiles.bank.banks), paint)
     except ImageReadError:
         return None
 
@@ -277,16 +276,19 @@ def _scan_all(
     tiles: TileBank | None,
     paths: Sequence[str],
     sources: Sequence[Any],
+    folds: np.ndarray,
     paints: np.ndarray | None = None,
     threads: int = 1,
 ) -> list[Tiled | None]:
-    """`_scan` of every file (each painting its own row of `paints`), on `threads` threads of one BLAS
+    """`_scan` of every file against the tile bank of its whole image's `folds` (each painting its own
+    row of `paints`), on `threads` threads of one BLAS
     thread each: a file's tiles are too small for BLAS to use two cores (32 against 35 ms for 16
     tiles at 48 px), while NumPy's products and Pillow's decoding release the GIL, so two files at
     once run 1.6 times as fast on 2 cores (README, "Tiles")."""
     if tiles is None:
         return [None] * len(paths)
-    jobs = list(zip(paths, sources, [None] * len(paths) if paints is None else list(paints), strict=True))
+    paint = [None] * len(paths) if paints is None else list(paints)
+    jobs = list(zip(paths, sources, (int(k) for k in folds), paint, strict=True))
     if threads <= 1 or len(jobs) <= 1:
         return [_scan(tiles, *job) for job in jobs]
     with threadpool_limits(1), ThreadPoolExecutor(min(threads, len(jobs))) as pool:
@@ -304,12 +306,13 @@ def measure_batch(
     """Each image's local statistic (both scales), its most unusual region in the file's pixels, and
     the tile that region lies in ((-1,) * 4 where the whole-image scale found it); `paths` as
     `display_path` writes them, `sources` each file's (width, height, ...); tiles read on `threads`."""
-    values, boxes = patches.statistic(pixels)
+    folds = patches.bank_of(pixels)  # both scales of an image against the same fold's banks
+    values, boxes = patches.statistic(pixels, folds)
     regions = np.array(
         [local.native_box(b, patches.size, s[0], s[1]) for b, s in zip(boxes, sources, strict=True)], np.int64
     ).reshape(-1, 4)
     worst = np.full((len(values), 4), -1, np.int64)
-    for j, got in enumerate(_scan_all(tiles, paths, sources, threads=threads)):
+    for j, got in enumerate(_scan_all(tiles, paths, sources, folds, threads=threads)):
         if got is not None and got.value > values[j]:
             values[j], regions[j], worst[j] = got.value, got.region, got.tile
     return values, regions, worst
@@ -325,10 +328,11 @@ def maps_batch(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Working-size maps (N, S, S) of both scales in units of their bounds, and each image's region in
     working-size pixels, where `measure_batch` puts it."""
-    maps, boxes = patches.maps(pixels)
+    folds = patches.bank_of(pixels)
+    maps, boxes = patches.maps(pixels, folds)
     maps = maps / patches.bound
     values = maps.reshape(len(maps), -1).max(1) if len(maps) else np.zeros(0)
-    for j, got in enumerate(_scan_all(tiles, paths, sources, maps, threads)):
+    for j, got in enumerate(_scan_all(tiles, paths, sources, folds, maps, threads)):
         if got is not None and got.value > values[j]:
             s, (x0, y0, x1, y1) = patches.size, got.region
             w, h = got.sides
