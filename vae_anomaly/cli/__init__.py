@@ -23,7 +23,14 @@ from ..launch import Terminated, signals_held, terminate
 
 # Each command's module, imported when the command runs (click's lazy-loading pattern): `score`
 # then starts without `evaluate`'s scikit-learn, about 0.7 s of every CI job's start-up.
-_COMMANDS = {"fit": "fit", "score": "score", "merge": "score", "evaluate": "evaluate", "info": "info"}
+_COMMANDS = {
+    "fit": "fit",
+    "score": "score",
+    "merge": "score",
+    "evaluate": "evaluate",
+    "info": "info",
+    "config": "settings",
+}
 
 
 class _Group(click.Group):

@@ -19,9 +19,11 @@ from ..evaluation import evaluate_detector, labelled_folders, labels_csv
 from ..outputs import evaluation_plots
 from .options import checks_option, decode_options, guard_option
 from .render import evaluation_table, say, warn
+from .settings import config_option
 
 
 @click.command()
+@config_option
 @click.argument("path", required=False, type=click.Path(path_type=Path))
 @click.option("-m", "--model", type=click.Path(path_type=Path), default=Path("model.vae"), show_default=True)
 @click.option(

@@ -22,6 +22,7 @@ from ..pipeline import fit_summary
 from ..train import EpochStats
 from .options import decode_options, max_pixels_option
 from .render import err, warn
+from .settings import config_option
 
 FIT_DEFAULTS = FitConfig()  # the CLI shows and uses the library's defaults; one place to change them
 
@@ -50,6 +51,7 @@ def _tile(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
 
 
 @click.command()
+@config_option
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "-o",

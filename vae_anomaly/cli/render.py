@@ -55,8 +55,8 @@ def _checks_row(data: dict[str, Any]) -> str:
 def _local_row(local: dict[str, Any]) -> str:
     return (
         f"largest distance of {local['patch']}-px patches (stride {local['stride']}, of the "
-        f"{local['working_size']}-px working size) to {local['banks']} bank(s) of {local['bank_patches']:,} normal "
-        f"patches; regions past {local['region_bound']:.3g}"
+        f"{local['working_size']}-px working size) to one bank of {local['bank_patches']:,} normal patches (of "
+        f"{local['banks']}, picked by the image's pixels); regions past {local['region_bound']:.3g}"
     )
 
 
@@ -204,4 +204,16 @@ def info_table(model: str, data: dict[str, Any]) -> None:
     ]
     for k, v in rows:
         table.add_row(k, escape(str(v)))
+    out.print(table)
+
+
+def settings_table(path: str | None, commands: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """`vae-anomaly config`: each command's settings, their values and where each came from."""
+    err.print(f"settings file: {path}" if path else "no settings file here (vae-anomaly.toml or pyproject.toml)")
+    table = Table("command", "setting", "value", "from")
+    for name, rows in commands.items():
+        for key, row in rows.items():
+            value = row["value"]
+            shown = ", ".join(str(v) for v in value) if isinstance(value, list) else str(value)
+            table.add_row(name, key, escape(shown), escape(str(row["origin"])))
     out.print(table)

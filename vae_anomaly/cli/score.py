@@ -26,9 +26,11 @@ from .options import (
     report_options,
 )
 from .render import report_table, say, warn
+from .settings import config_option
 
 
 @click.command()
+@config_option
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-m", "--model", type=click.Path(path_type=Path), default=Path("model.vae"), show_default=True)
 @click.option(
@@ -185,6 +187,7 @@ def _show(report: Report, stdout: str | None, annotations: list[str], fmt: str, 
 
 
 @click.command()
+@config_option
 @click.argument("reports", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "-m",
