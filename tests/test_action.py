@@ -94,6 +94,7 @@ def workspace(tmp_path: Path) -> Path:
     return tmp_path / "ws"
 
 
+@pytest.mark.slow  # a bash step that starts vae-anomaly (torch) in a fresh process
 def test_the_action_fails_the_job_when_the_gate_fails_and_says_why(
     cli_model: Path, data_dir: Path, workspace: Path
 ) -> None:
@@ -106,6 +107,7 @@ def test_the_action_fails_the_job_when_the_gate_fails_and_says_why(
     assert "vae-anomaly: ❌ gate failed (exit code 1)" in summary and "max-count" in summary
 
 
+@pytest.mark.slow  # a bash step that starts vae-anomaly (torch) in a fresh process
 def test_the_action_passes_a_batch_within_the_gate(cli_model: Path, data_dir: Path, workspace: Path) -> None:
     given = {
         "path": str(data_dir / "incoming"),
@@ -122,6 +124,7 @@ def test_the_action_passes_a_batch_within_the_gate(cli_model: Path, data_dir: Pa
     assert (workspace / "out" / "gate.junit.xml").is_file()
 
 
+@pytest.mark.slow  # a bash step that starts vae-anomaly (torch) in a fresh process
 def test_the_action_reports_usage_errors_and_unreadable_inputs_by_their_exit_codes(
     cli_model: Path, data_dir: Path, workspace: Path
 ) -> None:
