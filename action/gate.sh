@@ -27,7 +27,12 @@ fi
 [[ -n "${INPUT_FPR:-}" ]] && args+=(--fpr "$INPUT_FPR")
 [[ -n "${INPUT_FDR:-}" ]] && args+=(--fdr "$INPUT_FDR")
 [[ -n "${INPUT_BASELINE:-}" ]] && args+=(--baseline "$INPUT_BASELINE")
-read -r -a paths <<< "${INPUT_PATH:?the action needs a path input: the images to score}"
+: "${INPUT_PATH:?the action needs a path input: the images to score}"
+if [[ "$INPUT_PATH" == *$'\n'* ]]; then
+    mapfile -t paths < <(printf '%s\n' "$INPUT_PATH" | sed '/^[[:space:]]*$/d')  # one a line: spaces kept
+else
+    read -r -a paths <<< "$INPUT_PATH"
+fi
 read -r -a extra <<< "${INPUT_ARGS:-}"
 
 vae-anomaly score "${paths[@]}" "${args[@]}" "${extra[@]}" --format json --output "$report" --junit "$junit"

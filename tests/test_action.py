@@ -139,6 +139,14 @@ def test_the_action_reports_usage_errors_and_unreadable_inputs_by_their_exit_cod
     (broken / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     code, out, _ = run_action(workspace, {"path": str(broken), "model": str(cli_model), "install": "false"})
     assert code == 3 and out["unreadable"] == "1" and out["exit-code"] == "3"
+    spaced = workspace / "new batch"
+    spaced.mkdir()
+    for p in sorted((data_dir / "incoming").glob("disk_*.png"))[:2]:
+        (spaced / p.name).write_bytes(p.read_bytes())
+    given = {"path": f"{spaced}\n{broken / 'broken.png'}\n", "model": str(cli_model), "install": "false"}
+    code, out, _ = run_action(workspace, given)
+    report = json.loads((workspace / out["report"]).read_text())
+    assert code == 3 and report["summary"]["scored"] == 2, "one path a line keeps the space in 'new batch'"
 
 
 @pytest.mark.slow
