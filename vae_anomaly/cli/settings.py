@@ -89,7 +89,6 @@ def config_option(fn: F) -> F:
         settings = load(value)
         name = ctx.info_name or ctx.command.name or ""
         ctx.default_map = {**(ctx.default_map or {}), **defaults(ctx, name, ctx.command, settings)}
-        ctx.meta["vae_anomaly.settings"] = settings
 
     option = click.option(
         "--config",
