@@ -45,9 +45,9 @@ def _condition(expr: str, inputs: dict[str, str]) -> bool:
     return (inputs[m.group(1)] == m.group(3)) == (m.group(2) == "==")
 
 
-def run_action(workspace: Path, given: dict[str, str]) -> tuple[int, dict[str, str], str]:
+def run_action(workspace: Path, given: dict[str, str]) -> tuple[int, dict[str, str], str, str]:
     """Run action.yml's steps as a runner would, in `workspace`: (the job's exit code, the action's
-    outputs, the step summary written)."""
+    outputs, the step summary written, the steps' stderr, where the runner reads annotations)."""
     action = yaml.safe_load((ROOT / "action.yml").read_text())
     unknown = set(given) - set(action["inputs"])
     assert not unknown, f"not inputs of the action: {unknown}"
@@ -65,7 +65,7 @@ def run_action(workspace: Path, given: dict[str, str]) -> tuple[int, dict[str, s
         "GITHUB_STEP_SUMMARY": str(summary),
     }
     steps: dict[str, dict[str, str]] = {}
-    code = 0
+    code, log = 0, ""
     for step in action["runs"]["steps"]:
         if "if" in step and not _condition(step["if"], inputs):
             continue
@@ -76,7 +76,15 @@ def run_action(workspace: Path, given: dict[str, str]) -> tuple[int, dict[str, s
             k: EXPR.sub(lambda m: _value(m.group(1), inputs, steps), str(v)) for k, v in step.get("env", {}).items()
         }
         out_file.write_text("")
-        done = subprocess.run(["bash", "-c", step["run"]], cwd=workspace, env={**env, **step_env}, timeout=300)
+        done = subprocess.run(
+            ["bash", "-c", step["run"]],
+            cwd=workspace,
+            env={**env, **step_env},
+            timeout=300,
+            capture_output=True,
+            text=True,
+        )
+        log += done.stderr
         outputs = dict(line.split("=", 1) for line in out_file.read_text().splitlines() if "=" in line)
         steps[step.get("id", "")] = outputs
         if done.returncode:
@@ -85,7 +93,7 @@ def run_action(workspace: Path, given: dict[str, str]) -> tuple[int, dict[str, s
     result = {
         k: EXPR.sub(lambda m: _value(m.group(1), inputs, steps), v["value"]) for k, v in action["outputs"].items()
     }
-    return code, result, summary.read_text()
+    return code, result, summary.read_text(), log
 
 
 @pytest.fixture
@@ -99,8 +107,9 @@ def test_the_action_fails_the_job_when_the_gate_fails_and_says_why(
     cli_model: Path, data_dir: Path, workspace: Path
 ) -> None:
     given = {"path": str(data_dir / "incoming"), "model": str(cli_model), "gate": "max-count=0", "install": "false"}
-    code, out, summary = run_action(workspace, given)
+    code, out, summary, log = run_action(workspace, given)
     assert code == 1 and out["exit-code"] == "1"
+    assert "::warning file=" in log and "cross_" in log, "flagged files become annotations"
     assert int(out["flagged"]) > 0 and out["unreadable"] == "0"
     assert out["report"] == "vae-anomaly-report.json" and (workspace / out["report"]).is_file()
     assert (workspace / "vae-anomaly-report.junit.xml").is_file()
@@ -119,7 +128,7 @@ def test_the_action_passes_a_batch_within_the_gate(cli_model: Path, data_dir: Pa
         "install": "false",
     }
     (workspace / "out").mkdir()
-    code, out, _ = run_action(workspace, given)
+    code, out, _, _ = run_action(workspace, given)
     assert code == 0 and out["exit-code"] == "0" and out["report"] == "out/gate.json"
     assert (workspace / "out" / "gate.junit.xml").is_file()
 
@@ -128,7 +137,7 @@ def test_the_action_passes_a_batch_within_the_gate(cli_model: Path, data_dir: Pa
 def test_the_action_reports_usage_errors_and_unreadable_inputs_by_their_exit_codes(
     cli_model: Path, data_dir: Path, workspace: Path
 ) -> None:
-    code, out, _ = run_action(
+    code, out, _, _ = run_action(
         workspace, {"path": str(data_dir / "incoming"), "model": "missing.vae", "install": "false"}
     )
     assert code == 2 and out == {"exit-code": "2", "flagged": "", "unreadable": "", "report": ""}
@@ -137,14 +146,14 @@ def test_the_action_reports_usage_errors_and_unreadable_inputs_by_their_exit_cod
     for p in sorted((data_dir / "incoming").glob("*.png"))[:3]:
         (broken / p.name).write_bytes(p.read_bytes())
     (broken / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    code, out, _ = run_action(workspace, {"path": str(broken), "model": str(cli_model), "install": "false"})
+    code, out, _, _ = run_action(workspace, {"path": str(broken), "model": str(cli_model), "install": "false"})
     assert code == 3 and out["unreadable"] == "1" and out["exit-code"] == "3"
     spaced = workspace / "new batch"
     spaced.mkdir()
     for p in sorted((data_dir / "incoming").glob("disk_*.png"))[:2]:
         (spaced / p.name).write_bytes(p.read_bytes())
     given = {"path": f"{spaced}\n{broken / 'broken.png'}\n", "model": str(cli_model), "install": "false"}
-    code, out, _ = run_action(workspace, given)
+    code, out, _, _ = run_action(workspace, given)
     report = json.loads((workspace / out["report"]).read_text())
     assert code == 3 and report["summary"]["scored"] == 2, "one path a line keeps the space in 'new batch'"
 
@@ -159,7 +168,7 @@ def test_the_action_fits_a_missing_model_on_the_normal_folder_with_the_settings_
         '[fit]\nepochs = 3\nfolds = 1\nlatent-dim = 4\nseed = 0\ndevice = "cpu"\n[score]\ngate = "max-rate=0.9"\n'
     )
     given = {"path": str(data_dir / "incoming"), "normal": str(data_dir / "normal"), "install": "false"}
-    code, out, _ = run_action(workspace, given)
+    code, out, _, _ = run_action(workspace, given)
     assert code == 0 and out["exit-code"] == "0" and (workspace / "model.vae").is_file()
     assert int(out["flagged"]) >= 0 and out["unreadable"] == "0"
 
