@@ -138,3 +138,8 @@ def test_region_and_native_box() -> None:
     grid[9, 9] = 4.0  # past the bound too, but not connected to the farthest patch
     assert region(grid, 48, 1.0) == (12, 8, 24, 16)
     assert native_box((12, 8, 24, 16), 48, 480, 96) == [120, 16, 240, 32]
+    assert region(grid, 48, 9.0) == (12, 8, 24, 16), "none past the bound: the farthest, with its equal neighbour"
+    grid[2, 4] = 4.9
+    assert region(grid, 48, 9.0) == (12, 8, 20, 16), "a lone farthest patch"
+    assert region(np.full((11, 11), 0.3), 48, 1.0) == (0, 0, 48, 48), "a flat image: every patch alike"
+

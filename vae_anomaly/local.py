@@ -218,11 +218,15 @@ def _nearest(flat: np.ndarray, bank: np.ndarray) -> np.ndarray:
 
 def region(grid: np.ndarray, size: int, bound: float) -> tuple[int, int, int, int]:
     """The box (x0, y0, x1, y1) in working-size pixels of the patches connected (8-neighbours) to the
-    farthest one among those past `bound`; the farthest patch alone when none passes it."""
+    farthest one among those past `bound`; where none passes it, the farthest patch (with any equally
+    far ones connected to it: a flat image's patches are all alike)."""
     p, stride = geometry(size)
     top = np.unravel_index(int(np.argmax(grid)), grid.shape)
-    labels, _ = ndimage.label(grid >= min(bound, float(grid[top])), structure=np.ones((3, 3)))
-    ys, xs = np.nonzero(labels == labels[top])
+    past = grid >= min(bound, float(grid[top]))
+    if np.count_nonzero(past) > 1:  # a lone patch (most normal images) needs no connected components
+        labels, _ = ndimage.label(past, structure=np.ones((3, 3)))
+        past = labels == labels[top]
+    ys, xs = np.nonzero(past)
     return int(xs.min() * stride), int(ys.min() * stride), int(xs.max() * stride + p), int(ys.max() * stride + p)
 
 
