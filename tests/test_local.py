@@ -142,4 +142,3 @@ def test_region_and_native_box() -> None:
     grid[2, 4] = 4.9
     assert region(grid, 48, 9.0) == (12, 8, 20, 16), "a lone farthest patch"
     assert region(np.full((11, 11), 0.3), 48, 1.0) == (0, 0, 48, 48), "a flat image: every patch alike"
-
