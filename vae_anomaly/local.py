@@ -113,8 +113,9 @@ class PatchBank:
     def bank_of(self, pixels: np.ndarray) -> np.ndarray:
         """The bank each image is measured against, (N,): a hash of its pixels mod K, so that an image
         gets the same value in every run, order and shard, and copies of it the same value."""
-        k = max(1, len(self.banks))
-        return np.array([zlib.crc32(np.ascontiguousarray(a).tobytes()) % k for a in pixels], np.int64)
+        if len(self.banks) <= 1:  # one model: nothing to pick, no hashing on the hot path
+            return np.zeros(len(pixels), np.int64)
+        return np.array([zlib.crc32(np.ascontiguousarray(a).tobytes()) % len(self.banks) for a in pixels], np.int64)
 
     def distances(self, pixels: np.ndarray, fold: int | np.ndarray | None = None) -> np.ndarray:
         """d(v) of every patch, (N, G, G), each image against one bank: `fold` (one for all, or one per
@@ -127,8 +128,11 @@ class PatchBank:
             )
         phi = self.descriptors(pixels)
         shape = phi.shape[:3]
+        picked = np.unique(folds)
+        if len(picked) == 1:  # every image against one bank (always so with one model): no copies
+            return _nearest(phi.reshape(-1, phi.shape[-1]), self.banks[int(picked[0])]).reshape(shape)
         out = np.zeros(shape, np.float64)
-        for k in np.unique(folds):
+        for k in picked:
             rows = np.nonzero(folds == k)[0]
             out[rows] = _nearest(phi[rows].reshape(-1, phi.shape[-1]), self.banks[k]).reshape(len(rows), *shape[1:])
         return out
