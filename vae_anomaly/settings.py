@@ -88,17 +88,21 @@ def _table_of(path: Path) -> dict[str, Any] | None:
     return table
 
 
+def _nearest(start: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The nearest settings file from `start` up to the root and its table, each file parsed once."""
+    for folder in (start.resolve(), *start.resolve().parents):
+        for candidate in (folder / OWN_FILE, folder / PYPROJECT):
+            table = _table_of(candidate) if candidate.is_file() else None
+            if table is not None:
+                return candidate, table
+    return None
+
+
 def find(start: Path) -> Path | None:
     """The nearest settings file from `start` up to the root: `vae-anomaly.toml`, or a pyproject.toml
     with a [tool.vae-anomaly] table (the first of the two in the same folder)."""
-    for folder in (start.resolve(), *start.resolve().parents):
-        own = folder / OWN_FILE
-        if own.is_file():
-            return own
-        project = folder / PYPROJECT
-        if project.is_file() and _table_of(project) is not None:
-            return project
-    return None
+    found = _nearest(start)
+    return None if found is None else found[0]
 
 
 def load(path: Path | None = None, start: Path | None = None) -> Settings:
@@ -106,10 +110,10 @@ def load(path: Path | None = None, start: Path | None = None) -> Settings:
     Raises ConfigError for a missing or malformed file, a table for no command, or a non-table."""
     if path is not None and not path.is_file():
         raise ConfigError(f"settings file {path} not found; check the --config path")
-    found = path if path is not None else find(start or Path.cwd())
-    if found is None:
+    nearest = (path, _table_of(path)) if path is not None else _nearest(start or Path.cwd())
+    if nearest is None:
         return Settings()
-    table = _table_of(found)
+    found, table = nearest
     if table is None:
         raise ConfigError(f"{found} has no [tool.{TOOL}] table; add one or name a {OWN_FILE} with --config")
     shared, per_command = {}, {}
