@@ -2,8 +2,8 @@
 
 The file's values become click's `default_map` (click's own mechanism for
 defaults from configuration), set by an eager `--config` option before any
-other option is read, so the command line still overrides them and
-`ctx.get_parameter_source` says which won. Keys are checked here against the
+other option is read, so the command line still overrides them. Keys are
+checked here against the
 commands' options: an unknown key is an error naming the key and the file.
 """
 
