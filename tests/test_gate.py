@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 from vae_anomaly.batch_tests import exceedance_test, shift_test
-from vae_anomaly.calibration import cross_conformal_p_values, p_values, typicality_p_values
+from vae_anomaly.calibration import combined_p_values, cross_conformal_p_values, p_values
 from vae_anomaly.ci import github_escape_data, github_escape_property
 from vae_anomaly.errors import GateSpecError
 from vae_anomaly.gate import GateRule, evaluate_gate, parse_gate
@@ -80,7 +80,7 @@ def _simulate(rng: np.random.Generator, n: int, m: int, anomalies: int, rules: l
     """One batch through the gate; True when it fails. Normal scores ~ N(0, 1), anomalies ~ N(4, 1)."""
     cal = rng.normal(size=n)
     batch = np.concatenate([rng.normal(size=m - anomalies), rng.normal(4.0, 1.0, size=anomalies)])
-    p = typicality_p_values(cal[None], np.zeros(n, np.int64), batch[None, None], "two-sided")
+    p = combined_p_values(cal[None], np.zeros(n, np.int64), batch[None, None], "two-sided")
     flagged = int((p <= a).sum())
     tests = {"shift": shift_test(batch, cal), "binomial": exceedance_test(flagged, m, n, a)}
     return not all(c.passed for c in evaluate_gate(rules, flagged, m, tests))

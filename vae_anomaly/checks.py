@@ -3,7 +3,7 @@
 Each property of `properties.py` is calibrated like the model's score: its
 values on the calibration images (normal, never trained on) are kept in the
 model file. The decision takes them into its one test, each on its own side
-(`Property.decided`: two-sided, the local statistic upper), with the
+(`Property.decided`, stored in the model file as `sides`), with the
 score and the guard (`DecisionRule.checks`, `calibration._typicality`), so
 the flagged share of normal images stays at the rule's level whatever the
 number of checks. The file format is categorical: its value is the share of
@@ -69,7 +69,8 @@ def calibrate(
     facts: ImageFacts, order: np.ndarray, paths: Sequence[str], warn: Callable[[str], None]
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """What `fit` keeps for the checks: each property's values on the calibration images (positions
-    `order`, as the scores are kept), and the metadata: the format shares, the near-duplicate bound
+    `order`, as the scores are kept), and the metadata: the side(s) the decision tests each on, the
+    format shares, the near-duplicate bound
     calibrated on every training image (`duplicates.calibrate_bound`, warned about when lowered) and
     the training files' names. A model fitted on an array checks pixels only: no file header."""
     formats = [facts.formats[i] for i in order]
@@ -85,7 +86,8 @@ def calibrate(
             else "perceptual hash identical to theirs, so only exact copies will be recognised"
         )
         warn(f"near duplicates: more than 1% of these training images have a distinct look-alike with a {within}")
-    meta = {"formats": shares, "near_bits": bound, "training_files": list(paths)}
+    sides = {name: BY_NAME[name].decided for name in calibrated if BY_NAME[name].decided is not None}
+    meta = {"formats": shares, "near_bits": bound, "training_files": list(paths), "sides": sides}
     return {key(name): v for name, v in calibrated.items()}, meta
 
 

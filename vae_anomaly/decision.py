@@ -139,20 +139,27 @@ class DecisionRule:
 
     def statistics_in(self, calibration: Calibration) -> tuple[str, ...]:
         """The statistics of the one test: the score, the guard and, with checks, every property the
-        model file calibrated (older files have none)."""
+        model file calibrated and tests (`Calibration.sides`; older files have none, or no sides)."""
         if not self.checks:
             return self.statistics
-        return self.statistics + tuple(k for k in calibration.scores if k.startswith(PREFIX))
+        return self.statistics + tuple(k for k in calibration.scores if self._side(k, calibration) is not None)
 
-    def tails_for(self, stats: Sequence[str]) -> tuple[str, ...]:
+    @staticmethod
+    def _side(key: str, calibration: Calibration) -> str | None:
+        """A calibrated check's side(s) in the test: as the model file stored them, else (files written
+        before) the property's own `decided`; None where it is not tested (or not a check)."""
+        if not key.startswith(PREFIX):
+            return None
+        name = key[len(PREFIX) :]
+        if calibration.sides is not None:
+            return calibration.sides.get(name)
+        return BY_NAME[name].decided if name in BY_NAME else "two-sided"
+
+    def tails_for(self, stats: Sequence[str], calibration: Calibration) -> tuple[str, ...]:
         """The tail of each of the test's statistics: the rule's for the score and the guard, each
-        check's own (`Property.decided`: two-sided, too dark and too bright are both odd; upper for
-        the local statistic)."""
+        check's own (`_side`)."""
         n = len(self.statistics)
-        checks = tuple(
-            BY_NAME[s[len(PREFIX) :]].decided if s[len(PREFIX) :] in BY_NAME else "two-sided" for s in stats[n:]
-        )
-        return (self.tail,) * n + checks
+        return (self.tail,) * n + tuple(self._side(s, calibration) or "two-sided" for s in stats[n:])
 
     @property
     def level(self) -> float:
@@ -210,36 +217,37 @@ class DecisionRule:
             v = np.asarray(checked[check], dtype=np.float64)
             values.append(v)
             per_model.append(None if calibration.models == 1 else np.repeat(v[None], calibration.models, axis=0))
-        return calibration.p_values(stats, values, per_model, self.tails_for(stats), exact=self.strict)
+        return calibration.p_values(stats, values, per_model, self.tails_for(stats, calibration), exact=self.strict)
 
     def threshold_for(
         self,
         p: np.ndarray,
         calibration: np.ndarray,
-        stats: Sequence[str],
+        tails: Sequence[str],
         models: int = 1,
         tail_model: TailModel | None = None,
     ) -> Threshold:
         """The rule as applied to a batch with these p-values: cut-off and, where they exist, score bounds.
 
-        `calibration` is (J, n), as `Calibration.stacked(stats)` gives for `stats`, the test's statistics
-        (`statistics_in`); `tail_model` is the one the p-values used."""
+        `calibration` is (J, n), as `Calibration.stacked(stats)` gives for the test's statistics
+        (`statistics_in`), `tails` theirs (`tails_for`); `tail_model` is the one the p-values used.
+        K cross-fitted models have no single score bound: none is computed."""
         if self.threshold != "auto":
             return score_threshold(float(self.threshold))
         calibration = np.atleast_2d(calibration)
-        tails = self.tails_for(stats)
         level = self.applied(calibration.shape[1])
         requested = None if level == self.level else self.level
+        bounds = models == 1
         if self.fdr is not None:
             rule = fdr_threshold(calibration, p, level, tails, models=models, guard=self.guard)
         else:
-            rule = auto_threshold(calibration, level, tails)
+            rule = auto_threshold(calibration, level, tails, bounds=bounds)
         floor = self.floor(calibration.shape[1])
         cutoff = rule.p_cutoff
         if tail_model is not None and cutoff is not None and cutoff < floor:
             rule = replace(rule, tail_model=tail_model.to_dict())
             if rule.rule == "auto" and models == 1:
-                low, high = tail_bounds(calibration, tail_model, cutoff, self.tail)
+                low, high = tail_bounds(calibration, tail_model, cutoff, tails)
                 rule = replace(rule, low=low, high=high)
         if models > 1:
             rule = replace(rule, low=None, high=None, models=models)
@@ -280,11 +288,12 @@ class DecisionRule:
         stats = self.statistics_in(calibration)
         cal = calibration.stacked(stats)
         n = cal.shape[1]
-        threshold = self.threshold_for(p, cal, stats, calibration.models)
+        tails = self.tails_for(stats, calibration)
+        threshold = self.threshold_for(p, cal, tails, calibration.models)
         if not self.strict and threshold.p_cutoff is not None and threshold.p_cutoff < self.floor(n):
             # Below the floor the tail model decides; fitted only then (SciPy's import alone costs ~0.5 s).
-            tail_model = calibration.tail_model(stats, self.tails_for(stats))
-            threshold = self.threshold_for(p, cal, stats, calibration.models, tail_model)
+            tail_model = calibration.tail_model(stats, tails)
+            threshold = self.threshold_for(p, cal, tails, calibration.models, tail_model)
         flags = flag(scores, p, threshold)
         return Decision(p, flags, threshold, n, list(warnings), self.floor(n), guarantee(threshold, n))
 

@@ -186,7 +186,8 @@ class Detector:
     @property
     def calibration(self) -> Calibration:
         """The calibration scores of every statistic, with the model behind each."""
-        return Calibration(self.calibration_, self.calibration_folds_, self.n_models)
+        sides = self.metadata_.get("checks", {}).get("sides")
+        return Calibration(self.calibration_, self.calibration_folds_, self.n_models, sides)
 
     @property
     def fingerprint(self) -> str | None:

@@ -46,6 +46,7 @@ class ShardReport:
     calibration_folds: np.ndarray | None  # None: written by a version that did not keep them
     guard_calibration: np.ndarray | None
     checks_calibration: dict[str, np.ndarray]  # property check -> calibration values ({} without checks)
+    checks_sides: dict[str, str] | None  # the side(s) the decision tests each check on (None: older reports)
     near_bits: int  # the model's near-duplicate bound
     unlike: list[tuple[str, int, str]]
     decision_warnings: list[str]
@@ -97,6 +98,9 @@ def load_shard_report(path: str | os.PathLike[str]) -> ShardReport:
             k: np.array([_number(v) for v in values], dtype=np.float64)
             for k, values in block.get("checks_calibration", {}).items()
         },
+        checks_sides=None
+        if block.get("checks_sides") is None
+        else {str(k): str(v) for k, v in block["checks_sides"].items()},
         unlike=[(u["kind"], u["count"], u["example"]) for u in block["unlike"]],
         decision_warnings=list(block["decision_warnings"]),
         summary=summary,
@@ -310,7 +314,7 @@ def _carried_calibration(rule: DecisionRule, first: ShardReport, models: int) ->
         cal[rule.guard] = first.guard_calibration
     if rule.checks:
         cal.update({PREFIX + name: values for name, values in first.checks_calibration.items()})
-    return Calibration(cal, first.calibration_folds, models)
+    return Calibration(cal, first.calibration_folds, models, first.checks_sides)
 
 
 def _recomputed_p(

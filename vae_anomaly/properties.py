@@ -35,20 +35,49 @@ class Property:
     high: str
     unit: str = ""
     digits: int = 0  # decimals shown in reasons
-    # The side the decision's one test takes: two-sided for what a person names (too dark and too
-    # bright are both odd), upper for the local statistic (only far from normal patches is odd).
-    decided: str = "two-sided"
+    # The side(s) the decision's one test takes (`combination.SIDES`), or None: reported, not tested.
+    # Both sides only where both catch bad images on the benchmarks (too dark and too bright; plainer
+    # and busier), one where only one does (blurrier, greyer, smaller); balance-x and balance-y caught
+    # nothing there and cost every other statistic its power (benchmarks/small_sets.py). Stored in the
+    # model file at fit (`checks.calibrate`), so a later change here never moves an old model's verdicts.
+    decided: str | None = "two-sided"
 
 
 PROPERTIES: tuple[Property, ...] = (
     Property("brightness", "mean brightness (0-255)", "two-sided", "darker", "brighter"),
-    Property("highlights", "99th-percentile brightness", "lower", "darker in its brightest parts", "brighter"),
-    Property("shadows", "1st-percentile brightness", "upper", "darker", "lighter in its darkest parts"),
-    Property("contrast", "contrast (RMS, brightness std)", "two-sided", "flatter", "more contrasted", digits=1),
-    Property("sharpness", "sharpness (variance of the Laplacian)", "two-sided", "blurrier", "sharper or noisier"),
+    Property(
+        "highlights",
+        "99th-percentile brightness",
+        "lower",
+        "darker in its brightest parts",
+        "brighter",
+        decided="lower",
+    ),
+    Property(
+        "shadows", "1st-percentile brightness", "upper", "darker", "lighter in its darkest parts", decided="upper"
+    ),
+    Property(
+        "contrast",
+        "contrast (RMS, brightness std)",
+        "two-sided",
+        "flatter",
+        "more contrasted",
+        digits=1,
+        decided="lower",
+    ),
+    Property(
+        "sharpness",
+        "sharpness (variance of the Laplacian)",
+        "two-sided",
+        "blurrier",
+        "sharper or noisier",
+        decided="lower",
+    ),
     Property("entropy", "information (entropy, bits/pixel)", "two-sided", "plainer", "busier", digits=2),
-    Property("colourfulness", "colourfulness (Hasler-Suesstrunk)", "two-sided", "greyer", "more colourful"),
-    Property("saturation", "colour spread (max - min channel)", "lower", "greyer", "more saturated"),
+    Property(
+        "colourfulness", "colourfulness (Hasler-Suesstrunk)", "two-sided", "greyer", "more colourful", decided="lower"
+    ),
+    Property("saturation", "colour spread (max - min channel)", "lower", "greyer", "more saturated", decided="lower"),
     Property(
         "balance-x",
         "brightness centroid, share of the width right of the centre",
@@ -56,6 +85,7 @@ PROPERTIES: tuple[Property, ...] = (
         "with its bright content further left",
         "with its bright content further right",
         digits=3,
+        decided=None,
     ),
     Property(
         "balance-y",
@@ -64,11 +94,20 @@ PROPERTIES: tuple[Property, ...] = (
         "with its bright content higher up",
         "with its bright content lower down",
         digits=3,
+        decided=None,
     ),
-    Property("width", "width", "two-sided", "narrower", "wider", unit=" px"),
-    Property("height", "height", "two-sided", "shorter", "taller", unit=" px"),
+    Property("width", "width", "two-sided", "narrower", "wider", unit=" px", decided="lower"),
+    Property("height", "height", "two-sided", "shorter", "taller", unit=" px", decided="lower"),
     Property("aspect", "aspect ratio (width/height)", "two-sided", "taller in shape", "wider in shape", digits=2),
-    Property("format", "share of normal images in its file format", "lower", "in a rarer file format", "", digits=3),
+    Property(
+        "format",
+        "share of normal images in its file format",
+        "lower",
+        "in a rarer file format",
+        "",
+        digits=3,
+        decided="lower",
+    ),
     # Not measured here: the fitted model's patch bank gives it (local.py), at score time.
     Property(
         "local",

@@ -10,12 +10,14 @@ No torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from .calibration import MEDIAN, Tails, bag_quantiles, deviation, side_scales, tails_of, typicality_p_values
+from .calibration import Tails, combined_p_values, tails_of
+from .combination import Evidence
 from .errors import ConfigError
 from .tail_model import TailModel
 
@@ -40,7 +42,7 @@ class Threshold:
     high: float | None
     p_cutoff: float | None = None
     models: int = 1
-    guard: str | None = None  # a second statistic, in the same test (typicality_p_values)
+    guard: str | None = None  # a second statistic, in the same test (combined_p_values)
     # The level asked for, where it was below the smallest reachable p-value and `alpha` was raised
     # to that floor (see DecisionRule.applied); None where alpha is the level asked for.
     requested: float | None = None
@@ -72,7 +74,7 @@ class Threshold:
             others = ([self.guard] if self.guard is not None else []) + (
                 [f"one of {self.checks} image checks"] if self.checks else []
             )
-            where += f", or {' or '.join(others)} as atypical (one test of the largest deviation of them all)"
+            where += f", or {' or '.join(others)} as atypical (one test of their combined evidence)"
         raised = "" if self.requested is None else f" (the smallest reachable level; {self.requested:g} was asked for)"
         if self.tail_model is not None:
             where += "; p-values below 1/(n+1) from a generalised Pareto tail model"
@@ -85,86 +87,109 @@ class Threshold:
         return f"auto: conformal {self.tail} p <= {self.alpha:.4g}{raised}, i.e. {where}"
 
 
+def _others_at_median(calibration: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """(J, len(scores)): the candidate scores, every other statistic at its calibration median."""
+    others = np.median(calibration[1:], axis=1)
+    return np.vstack([scores[None], np.repeat(others[:, None], len(scores), axis=1)])
+
+
+def _bisect(near: float, far: float, reaches: Callable[[np.ndarray], np.ndarray]) -> float:
+    """The point between `near` (does not reach) and `far` (reaches) where `reaches` turns true, to the
+    last float: it is monotone outward."""
+    while True:
+        middle = near + (far - near) / 2
+        if middle in (near, far):
+            return far
+        near, far = (near, middle) if reaches(np.array([middle]))[0] else (middle, far)
+
+
+def _beyond(point: float, sign: float, reaches: Callable[[np.ndarray], np.ndarray]) -> float | None:
+    """The score nearest `point` on side `sign` where `reaches` turns true: a doubling search for a
+    step that reaches, then bisection; None if none within 2^60 steps."""
+    step = max(abs(point), 1.0) * 1e-3
+    near = point
+    for _ in range(60):
+        candidate = point + sign * step
+        if reaches(np.array([candidate]))[0]:
+            return _bisect(near, candidate, reaches)
+        near, step = candidate, step * 2
+    return None
+
+
 def score_bounds(calibration: np.ndarray, alpha: float, tail: Tails = "two-sided") -> tuple[float | None, float | None]:
     """Score bounds (low, high) equivalent to p <= alpha for one model, read off the calibration scores.
 
-    `calibration` is (J, n): the score's calibration scores first, then its
-    guard's. The rule's p-value (`typicality_p_values`) of a score s, with the
-    guard at its median, never rises as s moves out from the median, and
-    changes only just past a calibration score or where s's deviation passes
-    a calibration image's; p <= alpha needs at most k = floor(alpha (n+1)) - 1
-    bag members ahead, so the bound is one of those few points past the k + 1
-    most extreme scores, each checked by the p-value itself. Exact without a
-    guard; with one, the bound of the score alone (the guard can flag an image
-    whatever its score).
+    `calibration` is (J, n): the score's calibration scores first, then the other statistics' of the
+    test. The rule's p-value (`combined_p_values`) of a score s, with every other statistic at its
+    median, never rises as s moves out from the median; it steps at the calibration scores and, within
+    the fitted tail (`combination`, (2)), moves continuously: the bound is found by bisection between
+    the last calibration score (or point just past one) whose p-value is above alpha and the first at
+    or below it, or, beyond them all, past the most extreme. Exact for the score alone; the other
+    statistics can flag an image whatever its score.
     """
     if not 0 < alpha < 1:
         raise ConfigError(f"the false-positive rate must be in (0, 1), got {alpha}")
     cal = np.atleast_2d(np.asarray(calibration, dtype=np.float64))
     n = cal.shape[1]
     tails = tails_of(tail, len(cal))
-    k = math.floor(alpha * (n + 1) + 1e-9) - 1  # bag members allowed ahead of the image
-    if k < 0:
+    if math.floor(alpha * (n + 1) + 1e-9) < 1:
         return None, None
-    others = [float(np.median(c)) for c in cal[1:]]
-    srt = np.sort(cal[0])
+    folds = np.zeros(n, np.int64)
+
+    def reaches(scores: np.ndarray) -> np.ndarray:
+        p = combined_p_values(cal, folds, _others_at_median(cal, scores)[None], tails)
+        hit: np.ndarray = p <= alpha + 1e-12
+        return hit
+
+    median = float(np.median(cal[0]))
     bounds: list[float | None] = []
-    for sign in (1.0, -1.0):
-        if sign < 0 and tails[0] == "upper":
+    for sign, side in ((1.0, ("two-sided", "upper")), (-1.0, ("two-sided", "lower"))):
+        if tails[0] not in side:
             bounds.append(None)
             continue
-        extreme = srt[-(k + 2) :] if sign > 0 else srt[: k + 2]
-        q = bag_quantiles(cal[0], np.array([sign * math.inf]))[0]
-        # Where s's deviation passes that of a calibration image among the most extreme ones.
-        qs = [q, *(bag_quantiles(c, np.array([v]))[0] for c, v in zip(cal[1:], others, strict=True))]
-        d = np.max([deviation(c, qj, t) for c, qj, t in zip(cal, qs, tails, strict=True)], axis=0)
-        d = np.sort(d)[-(len(cal) * 2 * (k + 2)) :]
-        low, high = side_scales(q)
-        m = float(q[MEDIAN])
-        scale = float(high if sign > 0 else low)
-        crossings = m + sign * d * scale
-        points = np.concatenate([extreme, crossings])
-        # Just past each point; a computed crossing may be a few units in the last place short of it, in
-        # units of the deviation's own arithmetic (m - s is rounded at the size of |m| + |s|, not of s:
-        # a score near 0 moved by its own ulps never changes a deviation near 1).
-        unit = np.spacing(np.abs(points) + abs(m) + abs(scale))
-        # Past a calibration score itself, the count moves at the very next float (a score near 0 has
-        # ulps far below the deviation's units): that point is a candidate too.
-        past = np.nextafter(extreme, sign * math.inf)
-        candidates = np.unique(np.concatenate([past, *(points + sign * j * unit for j in range(8))]))
-        candidates = candidates[sign * (candidates - m) > 0]
-        if len(candidates) == 0:
-            bounds.append(None)
-            continue
-        new = np.stack([candidates, *(np.full(len(candidates), v) for v in others)])[None]
-        p = typicality_p_values(cal, np.zeros(n, np.int64), new, tail)
-        hit = candidates[p <= alpha + 1e-12]
-        bounds.append(None if len(hit) == 0 else float(hit.min() if sign > 0 else hit.max()))
+        srt = np.sort(cal[0])
+        points = np.unique(np.concatenate([srt, np.nextafter(srt, sign * math.inf)]))
+        points = points[sign * (points - median) > 0]
+        points = points[np.argsort(sign * points)]  # nearest the median first
+        hit = np.nonzero(reaches(points))[0] if len(points) else np.zeros(0, np.int64)
+        if len(hit):  # p is constant between calibration scores below the tail, continuous within it
+            i = int(hit[0])
+            bounds.append(_bisect(float(points[i - 1]) if i else median, float(points[i]), reaches))
+        else:
+            bounds.append(_beyond(float(srt[-1] if sign > 0 else srt[0]), sign, reaches))
     return bounds[1], bounds[0]
 
 
 def tail_bounds(
-    calibration: np.ndarray, model: TailModel, level: float, tail: str
+    calibration: np.ndarray, model: TailModel, level: float, tail: Tails
 ) -> tuple[float | None, float | None]:
-    """The scores beyond which the tail model gives p <= level (the guard typical): where (1) of
-    `tail_model` equals the level, mapped from the deviation back to the score on each side."""
+    """The scores beyond which the tail model gives p <= level, every other statistic at its median:
+    where (1) of `tail_model` equals the level, found on the combined statistic T by bisection."""
     from scipy.stats import genpareto
 
     share = level * (model.n + 1) / model.exceedances
     if not 0 < share < 1:
         return None, None
-    d = model.threshold + float(genpareto.isf(share, model.shape, scale=model.scale))
-    cal = np.atleast_2d(calibration)[0]
-    q_high = bag_quantiles(cal, np.array([math.inf]))[0]
-    q_low = bag_quantiles(cal, np.array([-math.inf]))[0]
-    high = float(q_high[MEDIAN] + d * side_scales(q_high)[1])
-    return (float(q_low[MEDIAN] - d * side_scales(q_low)[0]) if tail == "two-sided" else None), high
+    cal = np.atleast_2d(np.asarray(calibration, dtype=np.float64))
+    tails = tails_of(tail, len(cal))
+    t_star = model.threshold + float(genpareto.isf(share, model.shape, scale=model.scale))
+    evidence = Evidence.of(cal, tails)
+
+    def reaches(scores: np.ndarray) -> np.ndarray:
+        hit: np.ndarray = evidence.new(_others_at_median(cal, scores)) >= t_star
+        return hit
+
+    high = _beyond(float(cal[0].max()), 1.0, reaches) if tails[0] in ("two-sided", "upper") else None
+    low = _beyond(float(cal[0].min()), -1.0, reaches) if tails[0] in ("two-sided", "lower") else None
+    return low, high
 
 
-def auto_threshold(calibration: np.ndarray, alpha: float, tail: Tails = "two-sided") -> Threshold:
-    """The `auto` rule at level alpha with its score bounds (`score_bounds`); `tail` is the score's, or
-    one per statistic of the test."""
-    low, high = score_bounds(calibration, alpha, tail)
+def auto_threshold(
+    calibration: np.ndarray, alpha: float, tail: Tails = "two-sided", *, bounds: bool = True
+) -> Threshold:
+    """The `auto` rule at level alpha with its score bounds (`score_bounds`; none where `bounds` is
+    False); `tail` is the score's, or one per statistic of the test."""
+    low, high = score_bounds(calibration, alpha, tail) if bounds else (None, None)
     return Threshold("auto", tails_of(tail, len(np.atleast_2d(calibration)))[0], alpha, low, high, alpha)
 
 
