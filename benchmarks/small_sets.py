@@ -1,22 +1,25 @@
-"""Small training sets: the default decision against the old one, from the same fits and scores.
+"""Small training sets: the default decision beside the one it replaced, from the same fits and scores.
 
-Per dataset (shapes, mnist, digits), training size n and repetition r: fit a `Detector` with default
-settings (FitConfig(seed=r), --folds K if given) on n normal images, score held-out normals (up to
-2,000) and obvious anomalies (~100 per kind) once, and compare, from those scores,
-  new: the default decision (`det.decide`, fpr 0.01): one conformal test of elbo-ic-nn and its kl
-       guard (`typicality_p_values`), floor 1/(n+1);
-  old: the rule of the previous release: two two-sided (cross-)conformal p-values, Bonferroni,
-       p = min(1, 2 min(p_score, p_kl)), floor 4/(n+1); flag p <= 0.01, or at the floor where
-       0.01 is below it (as that release did without --strict-fpr);
+Per dataset, training size n and repetition r: fit a `Detector` with default settings (FitConfig(seed=r),
+--folds K if given) on n normal images, score held-out normals and obvious anomalies once, and compare,
+from those scores,
+  new:   the default decision (`det.decide`, fpr 0.01): one conformal test of the combined evidence
+         of the score, its kl guard and the image checks (`combination.py`), floor 1/(n+1);
+  today: the rule of fc067ad (`previous_rule.py`): T = (rho, d), every check two-sided;
 on detection, false-positive rate, ROC-AUC, and CI gates over 20 dirty batches (190 normals + 10
-anomalies) and 20 clean ones (200 normals): A = Benjamini-Hochberg at q 0.05, fail on any flag;
-B = fail where the beta-binomial exceedance p-value is <= 0.01.
+anomalies) and 20 clean ones (200 normals): A = Benjamini-Hochberg at q 0.05, fail on any flag
+(`--fdr 0.05 --max-anomalies 0`); B = fail where the beta-binomial exceedance p-value is <= 0.01.
 
-    python benchmarks/small_sets.py --data ../shared/data/mnist [--datasets shapes,mnist,digits]
-        [--sizes 50,100,200,400,1000] [--reps 3] [--folds K] [--threads 2] [--models DIR]
+Datasets: shapes (one bright disc on a noisy ground; squares, crosses, outlines, blank, noise),
+mnist (digits; inverted, crosses, squares, blank, noise), digits (sklearn's 8x8 digits, all classes),
+digit (sklearn's 8x8 digits of one class, r mod 10; every other class incoming, no gates: too few
+normals), photos (JPEG crops of packaged photographs, files as a user has them: `photo_crops.py`).
+
+    python benchmarks/small_sets.py --data ../shared/data/mnist [--datasets shapes,mnist,digits,digit,photos]
+        [--sizes 50,100,300] [--reps 3] [--folds K] [--threads 2] [--models DIR] [--work DIR]
 
 --models DIR keeps each fitted model file there and loads it on the next run instead of fitting
-again (the decision is recomputed from fresh scores every run).
+again (the decision is recomputed from fresh scores every run); --work DIR keeps the photo files.
 
 Writes benchmarks/results/small_sets.json and .md (or --out PREFIX).
 """
@@ -27,8 +30,9 @@ import argparse
 import json
 import operator
 import sys
+import tempfile
 import time
-from functools import partial, reduce
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +41,23 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mnist import load_mnist
+from photo_crops import build as build_photos
+from previous_rule import previous_p_values
 from provenance import provenance, write_results
 
 from vae_anomaly import Detector, FitConfig
 from vae_anomaly.batch_tests import exceedance_test
-from vae_anomaly.calibration import cross_conformal_p_values, p_values
+from vae_anomaly.checks import PREFIX
 from vae_anomaly.config import CROSS_FIT_BELOW, DEFAULT_FOLDS
 from vae_anomaly.decision import DecisionRule
 from vae_anomaly.inference import ScoreResult
 from vae_anomaly.thresholds import benjamini_hochberg
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FPR, FDR, GATE_P, OLD_TESTS = 0.01, 0.05, 0.01, 4  # old floor: 2 tests x 2 sides, 4/(n+1)
+FPR, FDR, GATE_P = 0.01, 0.05, 0.01
 MIN_HELD, MAX_HELD, PER_KIND, BATCHES, BATCH, DIRTY = 300, 2000, 100, 20, 200, 10
+PHOTO_HELD, PHOTO_PER_KIND = 400, 40
+DATASETS = ("shapes", "mnist", "digits", "digit", "photos")
 
 
 def figures(kind: str, m: int, size: int, rng: np.random.Generator, background: float) -> np.ndarray:
@@ -88,9 +96,14 @@ def anomalies(held: np.ndarray, kinds: tuple[str, ...], rng: np.random.Generator
     return out
 
 
-def draw(name: str, pools: dict[str, Any], n: int, r: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+Images = np.ndarray | list[str]
+
+
+def draw(name: str, pools: dict[str, Any], n: int, r: int, work: Path) -> tuple[Images, Images, dict[str, Images]]:
     """(n training normals, held-out normals, anomalies by kind), seeded by r and n."""
     rng = np.random.default_rng([r, n, sum(map(ord, name))])
+    if name == "photos":
+        return build_photos(work / f"photos-n{n}-r{r}", n, PHOTO_HELD, PHOTO_PER_KIND, seed=r)
     if name == "shapes":
         train = figures("disc", n, 32, rng, 20.0)
         held = figures("disc", MAX_HELD, 32, rng, 20.0)
@@ -100,7 +113,12 @@ def draw(name: str, pools: dict[str, Any], n: int, r: int) -> tuple[np.ndarray, 
         train = x_tr[rng.choice(len(x_tr), n, replace=False)]
         held = x_te[rng.choice(len(x_te), MAX_HELD, replace=False)]
         return train, held, anomalies(held, ("inverted", "cross", "square"), rng, 0.0)
-    x = pools["digits"]
+    x, labels = pools["digits"]
+    if name == "digit":  # one class normal, every other class incoming
+        digit = r % 10
+        own = rng.permutation(np.nonzero(labels == digit)[0])
+        others = {f"digit {d}": x[labels == d] for d in range(10) if d != digit}
+        return x[own[:n]], x[own[n:]], others
     order = rng.permutation(len(x))
     train, held = x[order[:n]], x[order[n:][:MAX_HELD]]
     return train, held, anomalies(held, ("inverted", "cross", "outline"), rng, 0.0)
@@ -112,10 +130,11 @@ def load_pools(names: list[str], data: str | None) -> dict[str, Any]:
         if data is None:
             raise SystemExit("the mnist dataset needs --data (the folder of the MNIST IDX files)")
         pools["mnist"] = (load_mnist(data, "train")[0], load_mnist(data, "test")[0])
-    if "digits" in names:
+    if "digits" in names or "digit" in names:
         from sklearn.datasets import load_digits
 
-        pools["digits"] = np.rint(load_digits().images * 255 / 16).astype(np.uint8)
+        digits = load_digits()
+        pools["digits"] = (np.rint(digits.images * 255 / 16).astype(np.uint8), digits.target)
     return pools
 
 
@@ -123,20 +142,29 @@ def available(name: str, pools: dict[str, Any], n: int) -> int:
     """The largest training size <= n that leaves MIN_HELD held-out normals."""
     if name == "mnist":
         return min(n, len(pools["mnist"][0]))
-    return n if name == "shapes" else min(n, len(pools["digits"]) - MIN_HELD)
+    if name == "digit":  # about 180 of each class: half to train at most
+        return min(n, 90)
+    return n if name in ("shapes", "photos") else min(n, len(pools["digits"][0]) - MIN_HELD)
 
 
-def old_p_values(det: Detector, res: ScoreResult) -> np.ndarray:
-    """The old rule: two-sided conformal p of the score and of the kl guard, Bonferroni."""
-    cal, parts = det.calibration, []
-    for r in (res, res.guard):
-        assert r is not None, "the default score comes with its guard"
-        if cal.models > 1:
-            parts.append(cross_conformal_p_values(cal.of(r.score), cal.folds, np.asarray(r.model_scores), "two-sided"))
-        else:
-            parts.append(p_values(cal.of(r.score), r.scores, "two-sided"))
-    p: np.ndarray = np.minimum(1.0, 2.0 * np.minimum(*parts))
-    return p
+def today_p_values(det: Detector, res: ScoreResult) -> np.ndarray:
+    """fc067ad's rule on the same scores: the score, its guard and every calibrated check, all
+    two-sided but the local statistic (`previous_rule.py`)."""
+    cal = det.calibration
+    assert res.guard is not None, "the default score comes with its guard"
+    checked = det.checked(res) or {}
+    names = [k[len(PREFIX) :] for k in cal.scores if k.startswith(PREFIX) and k[len(PREFIX) :] in checked]
+    stats = [res.score, res.guard.score, *(PREFIX + k for k in names)]
+    tails = ["two-sided", "two-sided", *("upper" if k == "local" else "two-sided" for k in names)]
+    k_models = cal.models
+
+    def per_model(r: ScoreResult) -> np.ndarray:
+        return np.asarray(r.model_scores if k_models > 1 else r.scores[None], dtype=np.float64)
+
+    values = [per_model(res), per_model(res.guard)]
+    values += [np.repeat(np.asarray(checked[k], dtype=np.float64)[None], k_models, axis=0) for k in names]
+    folds = cal.folds if k_models > 1 else np.zeros(len(cal.of(res.score)), np.int64)
+    return previous_p_values(cal.stacked(stats), folds, np.stack(values, axis=1), tails)
 
 
 def gates(
@@ -159,7 +187,7 @@ def gates(
 
 
 def fitted(
-    name: str, train: np.ndarray, n: int, r: int, folds: int | None, budget: float | None, models: Path | None
+    name: str, train: Images, n: int, r: int, folds: int | None, budget: float | None, models: Path | None
 ) -> tuple[Detector, float]:
     """A detector fitted with default settings, and the fit's wall seconds (kept beside a cached model file)."""
     k = folds or (DEFAULT_FOLDS if n < CROSS_FIT_BELOW else 1)  # what FitConfig(folds=None) does
@@ -176,33 +204,44 @@ def fitted(
     return det, fit_s
 
 
+def _joined(held: Images, kinds: dict[str, Images]) -> Images:
+    if isinstance(held, list):
+        return [*held, *(p for v in kinds.values() for p in v)]  # type: ignore[union-attr]
+    return np.concatenate([held, *kinds.values()])  # type: ignore[list-item]
+
+
 def run_one(
-    name: str, pools: dict[str, Any], n: int, r: int, folds: int | None, budget: float | None, models: Path | None
+    name: str,
+    pools: dict[str, Any],
+    n: int,
+    r: int,
+    folds: int | None,
+    budget: float | None,
+    models: Path | None,
+    work: Path,
 ) -> dict[str, Any]:
-    train, held, kinds = draw(name, pools, n, r)
+    train, held, kinds = draw(name, pools, n, r, work)
     det, fit_s = fitted(name, train, n, r, folds, budget, models)
-    x = np.concatenate([held, *kinds.values()])
     kind_of = np.concatenate([np.full(len(held), "normal"), *[np.full(len(v), k) for k, v in kinds.items()]])
     normal = kind_of == "normal"
-    res = det.score(x)
+    res = det.score(_joined(held, kinds))
+    assert not res.errors, res.errors
     d = det.decide(res)
     n_cal = d.n_calibration
-    p_new, p_old = d.p_values, old_p_values(det, res)
-    old_floor = OLD_TESTS / (n_cal + 1)
-    old_level, old_fdr = max(FPR, old_floor), max(FDR, old_floor)
-    old_flags = p_old <= old_level + 1e-12
+    p = {"new": d.p_values, "today": today_p_values(det, res)}
+    level = d.threshold.alpha  # both rules flag at the same level (raised to the floor alike)
+    flags = {"new": d.flags, "today": p["today"] <= level + 1e-12}
     rng = np.random.default_rng([r, n, 7])
     norm_idx, anom_idx = np.nonzero(normal)[0], np.nonzero(~normal)[0]
-    dirty = [
-        np.r_[rng.choice(norm_idx, BATCH - DIRTY, replace=False), rng.choice(anom_idx, DIRTY, replace=False)]
-        for _ in range(BATCHES)
-    ]
-    clean = [rng.choice(norm_idx, BATCH, replace=False) for _ in range(BATCHES)]
-    new_fdr, new_fpr = DecisionRule(fdr=FDR).applied(n_cal), DecisionRule().applied_fpr(n_cal)
-    per_rule = {
-        "new": gates(p_new, d.flags, new_fpr, new_fdr, n_cal, dirty, clean),
-        "old": gates(p_old, old_flags, old_level, old_fdr, n_cal, dirty, clean),
-    }
+    per_rule = None
+    if len(norm_idx) >= BATCH:
+        dirty = [
+            np.r_[rng.choice(norm_idx, BATCH - DIRTY, replace=False), rng.choice(anom_idx, DIRTY, replace=False)]
+            for _ in range(BATCHES)
+        ]
+        clean = [rng.choice(norm_idx, BATCH, replace=False) for _ in range(BATCHES)]
+        q, fpr = DecisionRule(fdr=FDR).applied(n_cal), DecisionRule().applied_fpr(n_cal)
+        per_rule = {rule: gates(p[rule], flags[rule], fpr, q, n_cal, dirty, clean) for rule in RULES}
     y = (~normal).astype(int)
     return {
         "dataset": name,
@@ -215,20 +254,21 @@ def run_one(
         "stopped": det.metadata_["training"]["stopped"],
         "held_out_normals": int(normal.sum()),
         "anomalies": {k: len(v) for k, v in kinds.items()},
-        "level": d.threshold.alpha,
+        "level": level,
         "floor": d.floor,
-        "old_floor": old_floor,
-        "old_level": old_level,
         "guarantee": d.guarantee,
         "warnings": d.warnings,
         "detection": {
-            rule_name: {"all": float(f[~normal].mean()), **{k: float(f[kind_of == k].mean()) for k in kinds}}
-            for rule_name, f in (("new", d.flags), ("old", old_flags))
+            rule: {"all": float(f[~normal].mean()), **{k: float(f[kind_of == k].mean()) for k in kinds}}
+            for rule, f in flags.items()
         },
-        "fpr": {"new": float(d.flags[normal].mean()), "old": float(old_flags[normal].mean())},
-        "roc_auc": {"new": float(roc_auc_score(y, -p_new)), "old": float(roc_auc_score(y, -p_old))},
-        "batches": {g: {a: per_rule[a][g] for a in per_rule} for g in "AB"},
+        "fpr": {rule: float(f[normal].mean()) for rule, f in flags.items()},
+        "roc_auc": {rule: float(roc_auc_score(y, -pv)) for rule, pv in p.items()},
+        "batches": None if per_rule is None else {g: {a: per_rule[a][g] for a in RULES} for g in "AB"},
     }
+
+
+RULES = ("new", "today")
 
 
 def _mean(rows: list[dict[str, Any]], *keys: str) -> float:
@@ -236,47 +276,48 @@ def _mean(rows: list[dict[str, Any]], *keys: str) -> float:
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (dataset, n): means over repetitions; FPR also its 95th percentile and binomial standard error."""
+    """Per (dataset, n): means over repetitions; FPR also its 95th percentile and standard error."""
     out = []
     for name, n in dict.fromkeys((r["dataset"], r["n"]) for r in rows):
         rs = [r for r in rows if (r["dataset"], r["n"]) == (name, n)]
-        fpr = np.array([r["fpr"]["new"] for r in rs])
-        m, held = float(fpr.mean()), sum(r["held_out_normals"] for r in rs)
-        rules, fields = ("new", "old"), ("dirty_fail", "clean_pass")
+        fields = ("dirty_fail", "clean_pass")
+        fpr: dict[str, Any] = {}
+        for rule in RULES:
+            f = np.array([r["fpr"][rule] for r in rs])
+            fpr[rule] = {
+                "mean": float(f.mean()),
+                "p95": float(np.percentile(f, 95)),
+                # Between repetitions: each fit's calibration sets its own rate, which varies far
+                # more than the binomial error of the held-out images.
+                "se": float(f.std(ddof=1) / np.sqrt(len(f))) if len(f) > 1 else float("nan"),
+            }
+        batches = None
+        if rs[0]["batches"] is not None:
+            batches = {g: {a: {f: _mean(rs, "batches", g, a, f) for f in fields} for a in RULES} for g in "AB"}
         out.append(
             {
                 "dataset": name,
                 "n": n,
                 "reps": len(rs),
                 "models": rs[0]["models"],
-                **{
-                    k: _mean(rs, k)
-                    for k in ("n_calibration", "level", "old_level", "floor", "fit_seconds", "held_out_normals")
-                },
-                "detection": {a: {k: _mean(rs, "detection", a, k) for k in rs[0]["detection"][a]} for a in rules},
-                "fpr": {
-                    "new_mean": m,
-                    "new_p95": float(np.percentile(fpr, 95)),
-                    # Between repetitions: each fit's calibration sets its own rate, which varies far
-                    # more than the binomial error of 2,000 held-out images (Beta(j, n + 1 - j)).
-                    "new_se": float(fpr.std(ddof=1) / np.sqrt(len(fpr))) if len(fpr) > 1 else float("nan"),
-                    "new_binomial_se": float(np.sqrt(m * (1 - m) / held)),
-                    "old_mean": _mean(rs, "fpr", "old"),
-                },
-                "batches": {g: {a: {f: _mean(rs, "batches", g, a, f) for f in fields} for a in rules} for g in "AB"},
-                "roc_auc": {a: _mean(rs, "roc_auc", a) for a in rules},
+                **{k: _mean(rs, k) for k in ("n_calibration", "level", "floor", "fit_seconds", "held_out_normals")},
+                "detection": {a: {k: _mean(rs, "detection", a, k) for k in rs[0]["detection"][a]} for a in RULES},
+                "fpr": fpr,
+                "batches": batches,
+                "roc_auc": {a: _mean(rs, "roc_auc", a) for a in RULES},
                 "guarantee": rs[0]["guarantee"],
+                "warnings": rs[0]["warnings"],
             }
         )
     return out
 
 
-def _pair(batches: dict[str, Any], gate: str, field: str) -> str:
-    return f"{batches[gate]['new'][field]:.1f} / {batches[gate]['old'][field]:.1f}"
-
-
 def pct(v: float) -> str:
     return f"{v:.1%}"
+
+
+def _pair(values: dict[str, float], fmt: str = "{:.1%}") -> str:
+    return " / ".join(fmt.format(values[rule]) for rule in RULES)
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -287,21 +328,17 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"Per n: {doc['reps']} repetition(s), each a fit with default settings (folds {doc['folds'] or 'default'}"
         + (f", time budget {doc['time_budget']:g} s" if doc["time_budget"] else "")
-        + "); "
-        "means over repetitions. **new**: the default decision (one conformal test of elbo-ic-nn and its kl guard, "
-        f"floor 1/(n+1), fpr {FPR}); **old**: the previous release's rule, two two-sided conformal tests, "
-        f"Bonferroni, floor 4/(n+1), flagging at that floor where {FPR} is below it, from the same scores.",
+        + "); means over repetitions. Every pair is **new / today**: the default decision (one conformal test "
+        "of the combined evidence, `combination.py`) / the rule of fc067ad (`previous_rule.py`), from the same "
+        f"scores, both at fpr {FPR} raised to the floor 1/(n+1) where below it.",
         "",
-        "- models, cal: models fitted (K cross-fitted or 1) and calibration scores.",
         "- detection: share of the anomalies flagged (all kinds pooled; per kind below).",
-        "- FPR new: mean over repetitions (95th percentile over repetitions) ± standard error of that mean between "
-        "repetitions (each fit's calibration sets its own rate: this, not the binomial error, dominates).",
-        "- level: the level the new rule flags at (`decision.threshold.alpha`, raised to its floor where below it).",
-        f"- gate A (BH at q {FDR}, fail on any flag) and gate B (beta-binomial exceedance p <= {GATE_P} of the count "
-        "at p <= level; levels raised to the floor as each rule does): of "
-        f"{BATCHES} dirty batches ({BATCH - DIRTY} normals + {DIRTY} anomalies) how many fail, of {BATCHES} clean "
-        f"batches ({BATCH} normals) how many pass; new / old.",
-        "- ROC-AUC: held-out normals against all anomalies, ranked by the new p-value.",
+        "- FPR: held-out normals flagged, mean over repetitions (95th percentile) ± standard error between "
+        "repetitions; the level: what the rule states.",
+        f"- gate A (`--fdr {FDR} --max-anomalies 0`: BH at q {FDR}, fail on any flag) and gate B (beta-binomial "
+        f"exceedance p <= {GATE_P}): of {BATCHES} dirty batches ({BATCH - DIRTY} normals + {DIRTY} anomalies) "
+        f"how many fail, of {BATCHES} clean batches ({BATCH} normals) how many pass.",
+        "- ROC-AUC: held-out normals against all anomalies, ranked by the p-value.",
     ]
     if doc["notes"]:
         lines += ["", *[f"Note: {note}" for note in doc["notes"]]]
@@ -312,29 +349,31 @@ def markdown(doc: dict[str, Any]) -> str:
             "",
             f"## {name} ({', '.join(str(round(s['held_out_normals'])) for s in rows)} held-out normals by n)",
             "",
-            "| n | models, cal | detection new / old | FPR new | FPR old | level new / old | A dirty fail "
-            "| A clean pass | B dirty fail | B clean pass | ROC-AUC | fit s |",
+            "| n | models, cal | level | detection | FPR new | FPR today | A dirty fail | A clean pass "
+            "| B dirty fail | B clean pass | ROC-AUC | fit s |",
             "| --- " * 12 + "|",
         ]
         for s in rows:
-            det, f = s["detection"], s["fpr"]
-            pair = partial(_pair, s["batches"])
+            f, b = s["fpr"], s["batches"]
+
+            def gate(g: str, field: str, b: dict[str, Any] | None = b) -> str:
+                return "-" if b is None else " / ".join(f"{b[g][rule][field]:.1f}" for rule in RULES)
+
             lines.append(
-                f"| {s['n']} | {s['models']}, {s['n_calibration']:.0f} | {pct(det['new']['all'])} / "
-                f"{pct(det['old']['all'])} | {f['new_mean']:.2%} ({f['new_p95']:.2%}) ± {f['new_se']:.2%} | "
-                f"{f['old_mean']:.2%} | {s['level']:.4g} / {s['old_level']:.4g} | {pair('A', 'dirty_fail')} | "
-                f"{pair('A', 'clean_pass')} | "
-                f"{pair('B', 'dirty_fail')} | {pair('B', 'clean_pass')} | {s['roc_auc']['new']:.4f} | "
+                f"| {s['n']} | {s['models']}, {s['n_calibration']:.0f} | {s['level']:.4g} | "
+                f"{_pair({r: s['detection'][r]['all'] for r in RULES})} | "
+                f"{f['new']['mean']:.2%} ({f['new']['p95']:.2%}) ± {f['new']['se']:.2%} | "
+                f"{f['today']['mean']:.2%} | {gate('A', 'dirty_fail')} | {gate('A', 'clean_pass')} | "
+                f"{gate('B', 'dirty_fail')} | {gate('B', 'clean_pass')} | {_pair(s['roc_auc'], '{:.4f}')} | "
                 f"{s['fit_seconds']:.0f} |"
             )
-        lines += ["", "| n | " + " | ".join(f"{k} new / old" for k in kinds) + " |", "| --- " * (len(kinds) + 1) + "|"]
+        lines += ["", "| n | " + " | ".join(kinds) + " |", "| --- " * (len(kinds) + 1) + "|"]
         lines += [
-            f"| {s['n']} | "
-            + " | ".join(f"{pct(s['detection']['new'][k])} / {pct(s['detection']['old'][k])}" for k in kinds)
-            + " |"
+            f"| {s['n']} | " + " | ".join(_pair({r: s["detection"][r][k] for r in RULES}) for k in kinds) + " |"
             for s in rows
         ]
         lines += ["", *[f"- n = {s['n']}: {s['guarantee']}" for s in rows]]
+        lines += [f"- n = {s['n']}: {w}" for s in rows for w in s["warnings"]]
     return "\n".join(lines) + "\n"
 
 
@@ -343,7 +382,7 @@ def _line(row: dict[str, Any]) -> str:
     return (
         f"{row['dataset']} n={row['n']} rep={row['rep']}: fit {row['fit_seconds']:.1f} s ({row['models']} model(s), "
         f"{row['n_calibration']} cal, {row['epochs']} epochs, {row['stopped']}); detection new {det['new']['all']:.1%} "
-        f"old {det['old']['all']:.1%}; FPR new {fpr['new']:.2%} old {fpr['old']:.2%} "
+        f"today {det['today']['all']:.1%}; FPR new {fpr['new']:.2%} today {fpr['today']:.2%} "
         f"({row['held_out_normals']} held-out normals)"
     )
 
@@ -351,33 +390,39 @@ def _line(row: dict[str, Any]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="folder with the MNIST IDX files (for the mnist dataset)")
-    ap.add_argument("--datasets", default="shapes,mnist,digits")
-    ap.add_argument("--sizes", default="50,100,200,400,1000")
+    ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--sizes", default="50,100,300")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--folds", type=int, default=None, help="FitConfig(folds=K); default: the library's")
     ap.add_argument("--time-budget", type=float, default=None, help="fit time budget in s (smoke tests only)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--out", type=Path, default=RESULTS / "small_sets")
     ap.add_argument("--models", type=Path, default=None, help="keep fitted model files here and reuse them")
+    ap.add_argument("--work", type=Path, default=None, help="folder for the photo files (default: a temporary one)")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     names = args.datasets.split(",")
-    unknown = set(names) - {"shapes", "mnist", "digits"}
+    unknown = set(names) - set(DATASETS)
     if unknown:
-        raise SystemExit(f"unknown dataset(s) {', '.join(sorted(unknown))}; use shapes, mnist, digits")
+        raise SystemExit(f"unknown dataset(s) {', '.join(sorted(unknown))}; use {', '.join(DATASETS)}")
+    work = args.work or Path(tempfile.mkdtemp(prefix="small-sets-"))
     pools = load_pools(names, args.data)
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     t0 = time.perf_counter()
     for name in names:
+        done: set[int] = set()
         for asked in (int(s) for s in args.sizes.split(",")):
             n = available(name, pools, asked)
+            if n in done:
+                continue
+            done.add(n)
             if n != asked:
                 notes.append(f"{name}: n = {asked} asked, {n} used (so that {MIN_HELD} held-out normals remain)")
             for r in range(args.reps):
-                row = run_one(name, pools, n, r, args.folds, args.time_budget, args.models)
+                row = run_one(name, pools, n, r, args.folds, args.time_budget, args.models, work)
                 rows.append(row)
                 print(_line(row), file=sys.stderr, flush=True)
     doc = {

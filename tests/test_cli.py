@@ -62,9 +62,9 @@ def test_json_output_field_by_field(cli_model: Path, data_dir: Path, tmp_path: P
     assert (s["total"], s["scored"], s["unreadable"], s["ignored"]) == (80, 80, 0, 0)
     assert s["score"] == "elbo-ic-nn" and s["samples"] == 1 and s["exit_code"] == code == 0
     assert s["threshold"]["rule"] == "auto" and s["threshold"]["tail"] == "two-sided"
-    assert s["threshold"]["guard"] == "kl" and "one test of the largest deviation" in s["rule"]
-    assert s["threshold"]["checks"] == 13 and "one of 13 image checks" in s["rule"], (
-        "a grey model from files: 12 properties + local"
+    assert s["threshold"]["guard"] == "kl" and "one test of their combined evidence" in s["rule"]
+    assert s["threshold"]["checks"] == 11 and "one of 11 image checks" in s["rule"], (
+        "a grey model from files: the 10 properties the decision tests (not balance-x, balance-y) + local"
     )
     assert s["smallest_p_value"] == 1 / 406  # one test of score and guard, both sides, 405 calibration scores
     assert s["threshold"]["alpha"] == 0.01 and s["calibration_images"] == 405
@@ -73,8 +73,13 @@ def test_json_output_field_by_field(cli_model: Path, data_dir: Path, tmp_path: P
     assert len(s["model_fingerprint"]) == 16 and s["gate"] == [] and s["gate_passed"] is True
     recs = doc["records"]
     assert [r["rank"] for r in recs] == list(range(1, 81))
-    fields = {"rank", "path", "score", "p_value", "flagged", "error", "reasons"}
+    fields = {"rank", "path", "score", "p_value", "flagged", "error", "reasons", "atypical"}
     assert all(set(r) == fields | {"duplicate_of", "duplicate_kind", "duplicate_in", "region", "tile"} for r in recs)
+    assert all(1 <= len(r["atypical"]) <= 3 for r in recs), "every record, flagged or not, says what is odd about it"
+    for r in recs:
+        a = r["atypical"]
+        assert [x["p_value"] for x in a] == sorted(x["p_value"] for x in a), "most atypical first"
+        assert all(len(x["normal"]) == 2 and x["normal"][0] <= x["normal"][1] for x in a), "with the normal range"
     assert all(r["tile"] is None for r in recs), "16-px files are not tiled"
     boxes = [r["region"] for r in recs]
     assert all(0 <= x0 < x1 <= 16 and 0 <= y0 < y1 <= 16 for x0, y0, x1, y1 in boxes), "in the 16-px files' pixels"

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .calibration import p_values as conformal_p_values
+from .combination import Evidence
 from .duplicates import NEAR_BITS, calibrate_bound
 from .properties import BY_NAME, HEADER, Property
 
@@ -105,18 +105,6 @@ def checked(facts: ImageFacts, meta: Mapping[str, Any], calibration: Mapping[str
     return out
 
 
-def side_p_value(calibration: np.ndarray, v: np.ndarray, tail: str = "two-sided") -> np.ndarray:
-    """The one-sided conformal p-value on the side each value lies, (1 + #{normal at least as far}) / (n + 1):
-    what a reason states. The decision has already tested all checks at once (the one test), so a
-    reason only says where the image lies, without a second multiplicity correction."""
-    cal, x = np.asarray(calibration, dtype=np.float64), np.asarray(v, dtype=np.float64)
-    high = conformal_p_values(cal, x, "upper")
-    if tail == "upper":
-        return high
-    low = conformal_p_values(-cal, -x, "upper")
-    return low if tail == "lower" else np.minimum(low, high)
-
-
 @dataclass(frozen=True)
 class Reason:
     """One check that found an image atypical: the check, its value, its p-value, and the words."""
@@ -125,6 +113,7 @@ class Reason:
     value: float | None
     p_value: float
     text: str
+    normal: tuple[float, float] | None = None  # the 5th-95th percentile of the normal images' values
 
 
 def _number(prop: Property, v: float) -> str:
@@ -168,16 +157,15 @@ def describe(
     )
 
 
-def property_p_values(
-    calibration: Mapping[str, np.ndarray], checked: Mapping[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    """Each property's one-sided p-value on the side each image lies (on its own side for one-sided
-    properties), for the properties the model file calibrated."""
-    return {
-        name: side_p_value(calibration[key(name)], v, BY_NAME[name].tail)
-        for name, v in checked.items()
-        if name in BY_NAME and key(name) in calibration
-    }
+ATYPICAL = 3  # the most atypical statistics every record carries, flagged or not
+
+
+def statistic_p_values(calibration: np.ndarray, values: np.ndarray, tail: str) -> np.ndarray:
+    """One statistic's p-value for each image, on its side(s), with the fitted tail beyond the normal
+    images (`combination`, (1) and (2)): the evidence the decision combined, as a p-value."""
+    evidence = Evidence.of(np.asarray(calibration, dtype=np.float64)[None], [tail])
+    p: np.ndarray = np.exp(-evidence.per_statistic(np.asarray(values, dtype=np.float64)[None])[0])
+    return p
 
 
 def explain(
@@ -187,33 +175,53 @@ def explain(
     checked: Mapping[str, np.ndarray],
     formats: Sequence[str],
     shares: Mapping[str, float],
+    sides: Mapping[str, str] | None = None,
+    level: float | None = None,
 ) -> list[list[Reason]]:
-    """Every check's finding for the images `which`, most atypical first (`kept` picks the reasons).
+    """The most atypical findings of the images `which`, most atypical first: the ATYPICAL first and
+    every other at p <= `level` (`kept` picks a flagged image's reasons from them).
 
     `model` maps the model's statistics (the score, the guard) to (their values, their calibration
     values, their tail); they make one finding, "unlike the normal images to the model", at the
-    smaller of their own p-values. `checked` are the property values (`values`).
+    smaller of their p-values. Each property is taken on the side(s) the decision tests it
+    (`sides`), else its own (`Property.tail`). `checked` are the property values (`values`).
     """
-    own = {name: side_p_value(cal, v, tail) for name, (v, cal, tail) in model.items()}
-    props = property_p_values(calibration, checked)
-    ranges = {name: NormalRange.of(calibration[key(name)]) for name in props}
-    medians = {name: float(np.median(cal)) for name, (_, cal, _) in model.items()}
+    idx = np.asarray(which, dtype=np.int64)
+    if len(idx) == 0:
+        return []
+    rows: list[tuple[str, np.ndarray]] = []  # (check, p of the images `which`)
+    if model:
+        own = {name: statistic_p_values(cal, v[idx], tail) for name, (v, cal, tail) in model.items()}
+        first = next(iter(model))
+        rows.append((MODEL_CHECK, np.min(list(own.values()), axis=0)))
+        closest = np.argmin(list(own.values()), axis=0)
+    names = [n for n in checked if n in BY_NAME and key(n) in calibration]
+    for name in names:
+        side = (sides or {}).get(name, BY_NAME[name].tail)
+        rows.append((name, statistic_p_values(calibration[key(name)], np.asarray(checked[name])[idx], side)))
+    p = np.array([r[1] for r in rows])
+    ranges = {name: NormalRange.of(calibration[key(name)]) for name in names}
+    model_names = list(model)
     out: list[list[Reason]] = []
-    for i in which:
-        found: list[Reason] = []
-        if own:
-            name = min(own, key=lambda n: float(own[n][i]))
-            scores = model[name][0]
-            side = "too high" if scores[i] >= medians[name] else "too low"
-            what = "score" if name == next(iter(model)) else f"{name} (the guard)"
-            text = f"unlike the normal images to the model: {what} {side}"
-            found.append(Reason(MODEL_CHECK, float(scores[i]), float(own[name][i]), text))
-        for name, p in props.items():
-            prop = BY_NAME[name]
-            value = float(checked[name][i])
-            text = describe(prop, ranges[name], value, formats[i] if i < len(formats) else "", shares)
-            found.append(Reason(name, value, float(p[i]), text))
-        found.sort(key=lambda r: r.p_value)
+    for col, i in enumerate(idx):
+        order = np.argsort(p[:, col], kind="stable")
+        picked = [int(j) for j in order if j in order[:ATYPICAL] or (level is not None and p[j, col] <= level)]
+        found = []
+        for j in picked:
+            check, pj = rows[j][0], float(p[j, col])
+            if check == MODEL_CHECK:
+                name = model_names[int(closest[col])]
+                scores, cal, _ = model[name]
+                side = "too high" if scores[i] >= np.median(cal) else "too low"
+                what = "score" if name == first else f"{name} (the guard)"
+                normal = NormalRange.of(cal)
+                text = f"unlike the normal images to the model: {what} {side}"
+                found.append(Reason(MODEL_CHECK, float(scores[i]), pj, text, (normal.lo, normal.hi)))
+                continue
+            value = float(checked[check][i])
+            fmt = formats[i] if i < len(formats) else ""
+            text = describe(BY_NAME[check], ranges[check], value, fmt, shares)
+            found.append(Reason(check, value, pj, text, (ranges[check].lo, ranges[check].hi)))
         out.append(found)
     return out
 

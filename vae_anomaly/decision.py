@@ -4,8 +4,8 @@
 writers apply: a score, an optional guard statistic, a tail, and either the
 `auto` rule (flag p <= fpr), Benjamini-Hochberg at a false discovery rate, or
 a raw score threshold. The score, its guard and the image-property checks
-(`checks.py`), on both sides, are taken into one conformal test
-(`calibration.typicality_p_values`, a tail per statistic), so the smallest exact
+(`checks.py`), each on the side(s) its model file stores, are combined into one
+statistic calibrated once (`combination.py`), so the smallest exact
 p-value is 1/(n+1) for n calibration images; below it, a tail model
 (`tail_model.py`) gives approximate p-values, and the guarantee says so. It is
 validated once, on construction; the floor, the rule's text and its guarantee
@@ -31,6 +31,11 @@ from .thresholds import Threshold, auto_threshold, fdr_threshold, flag, score_th
 
 if TYPE_CHECKING:
     from .inference import ScoreResult
+
+
+def _percent(rate: float) -> str:
+    """A rate in percent, two significant digits: 0.01 -> "1%", 1/91 -> "1.1%"."""
+    return f"{100 * rate:.2g}%"
 
 
 def cross_conformal_bound(alpha: float, n: int, k: int) -> float:
@@ -96,7 +101,7 @@ class DecisionRule:
     threshold "auto" flags p <= fpr, or, with `fdr` = q, runs Benjamini-Hochberg
     at level q over the batch; a number flags scores >= it. With a guard
     statistic, the score and the guard are one test: p is the conformal
-    p-value of the larger of their deviations (`typicality_p_values`), exact
+    p-value of their combined evidence (`combination.py`), exact
     whatever the dependence between the two, with floor 1/(n+1). A guard
     equal to the score, or None, means no guard.
     """
@@ -165,20 +170,24 @@ class DecisionRule:
     def level(self) -> float:
         return self.fpr if self.fdr is None else self.fdr
 
-    def _raised(self, level: float, n_calibration: int) -> float:
-        if self.strict or covers(n_calibration):  # strict: flag nothing below the floor; else the tail model
+    def _raised(self, level: float, n_calibration: int, by_tail_model: bool) -> float:
+        """The level, or the floor where it is below it. Strict: flag nothing below the floor. Only
+        Benjamini-Hochberg keeps its level below the floor, from the tail model's p-values (its first
+        cut-off, q/m, lies far below any floor); a p <= fpr rule flags at the floor, where the images
+        beyond every normal one lie, and says so (`unreachable`)."""
+        if self.strict or (by_tail_model and covers(n_calibration)):
             return level
         return max(level, self.floor(n_calibration))
 
     def applied(self, n_calibration: int) -> float:
         """The level flags are decided at: the one asked for, or, where n calibration scores cannot
-        reach it, no tail model covers n (`tail_model.covers`) and the rule is not strict, the
-        smallest reachable p-value (the floor)."""
-        return self._raised(self.level, n_calibration)
+        reach it and the rule is not strict, the smallest reachable p-value (the floor); with --fdr,
+        the tail model reaches below the floor where it covers n (`tail_model.covers`)."""
+        return self._raised(self.level, n_calibration, self.fdr is not None)
 
     def applied_fpr(self, n_calibration: int) -> float:
         """The per-image level of the binomial batch test: --fpr, raised to the floor like the rule."""
-        return self._raised(self.fpr, n_calibration)
+        return self._raised(self.fpr, n_calibration, False)
 
     def floor(self, n_calibration: int) -> float:
         """The smallest p-value: 1/(n+1), one test whatever the tail and the guard."""
@@ -255,30 +264,32 @@ class DecisionRule:
         return replace(rule, guard=self.guard, requested=requested, checks=checks)
 
     def unreachable(self, n_calibration: int, models: int = 1) -> str | None:
-        """The warning when n calibration scores cannot reach the level asked for, else None."""
+        """The warning, said once and plainly, when n calibration scores cannot reach the level asked
+        for; else None."""
         need = calibration_needed(self.level)
         if self.threshold != "auto" or n_calibration >= need:
             return None
-        if covers(n_calibration) and not self.strict:
-            return (
-                f"{n_calibration} calibration images give exact p-values down to 1/(n+1) = "
-                f"{self.floor(n_calibration):.4g}; below it they come from a tail model, so the rate "
-                f"{self.level:g} is approximate. Add normal images (at least {need} for an exact rate), or pass "
-                f"--strict-fpr to flag only on exact p-values (nothing below {self.floor(n_calibration):.4g})."
-            )
+        floor = self.floor(n_calibration)
         refit = (
-            "Add normal images and re-fit"
+            "add normal images and re-fit"
             if models > 1
-            else "Re-fit with more normal images, a larger --calibration-fraction or --folds 5"
+            else "re-fit with more normal images, a larger --calibration-fraction or --folds 5"
         )
         option = "--fpr" if self.fdr is None else "--fdr"
-        head = f"{n_calibration} calibration scores cannot reach p <= {self.level:g}; at least {need} are"
+        if self.fdr is not None and covers(n_calibration) and not self.strict:
+            return (
+                f"with {n_calibration} normal calibration images exact p-values stop at {_percent(floor)}; below it "
+                f"they come from a tail model, so the false discovery rate {_percent(self.level)} is approximate. "
+                f"For an exact rate {refit} (at least {need}), or pass --strict-fpr."
+            )
+        head = f"with {n_calibration} normal calibration images no image can be flagged at {_percent(self.level)}"
         if self.strict:
-            return f"{head} needed, so nothing will be flagged (--strict-fpr). {refit}, or raise {option}."
+            return (
+                f"{head}; nothing will be flagged (--strict-fpr). To flag, {refit} (at least {need}) or raise {option}."
+            )
         return (
-            f"{head} needed, so images are flagged at the smallest reachable level, {self.applied(n_calibration):.4g}, "
-            f"and that is the rate that holds. {refit}, or pass --strict-fpr to flag nothing below {option} "
-            f"{self.level:g}."
+            f"{head}; flagging at {_percent(floor)}, the smallest rate these images allow. To flag at "
+            f"{_percent(self.level)}, {refit} (at least {need}); --strict-fpr flags nothing instead."
         )
 
     def decision(

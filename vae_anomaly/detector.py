@@ -317,16 +317,20 @@ class Detector:
             return None
         return checks.checked(result.facts, self.metadata_.get("checks", {}), self.calibration_)
 
-    def explain(self, result: ScoreResult, decision: Decision, which: Sequence[int]) -> list[list[Reason]]:
-        """Every check's finding for the images `which` (positions in `result`), most atypical first;
-        `checks.kept` picks a flagged image's reasons at the decision's cut-off."""
+    def explain(
+        self, result: ScoreResult, decision: Decision, which: Sequence[int], level: float | None = None
+    ) -> list[list[Reason]]:
+        """The most atypical findings of the images `which` (positions in `result`), most atypical first:
+        `checks.ATYPICAL` of them and every other at p <= `level`; `checks.kept` picks a flagged image's
+        reasons at the decision's cut-off."""
         tail = decision.threshold.tail
         model = {result.score: (result.scores, self.calibration.of(result.score), tail)}
         if result.guard is not None:
             model[result.guard.score] = (result.guard.scores, self.calibration.of(result.guard.score), tail)
         formats = result.facts.formats if result.facts is not None else []
         shares = self.metadata_.get("checks", {}).get("formats", {})
-        return checks.explain(which, model, self.calibration_, self.checked(result) or {}, formats, shares)
+        checked = self.checked(result) or {}
+        return checks.explain(which, model, self.calibration_, checked, formats, shares, self.calibration.sides, level)
 
     @property
     def near_bits(self) -> int:

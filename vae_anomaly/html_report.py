@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from . import __version__
-from .report import ImageRecord, Report, duplicate_text, duplicates_text
+from .report import ImageRecord, Report, duplicate_text, duplicates_text, near_miss
 
 MAX_UNREADABLE_ROWS = 1000  # beyond this the table says how many more; the JSON output has them all
 
@@ -100,9 +100,13 @@ def _p_floor(report: Report) -> str:
     )
 
 
-def _why(r: ImageRecord) -> str:
-    """A record's reasons (checks.py) and the image it copies, as a short list beside its pictures."""
-    items = [_e(reason.text) for reason in r.reasons]
+def _why(r: ImageRecord, level: float | None) -> str:
+    """A record's reasons (checks.py) and the image it copies, as a short list beside its pictures; for a
+    near miss, its most atypical statistics with their p-values."""
+    if near_miss(r, level):
+        items = [_e(f"near miss: {a.text} (p {a.p_value:.2g})") for a in r.atypical]
+    else:
+        items = [_e(reason.text) for reason in r.reasons]
     if r.duplicate_of is not None:
         items.append(_e(duplicate_text(r)))
     return '<ul class="why">' + "".join(f"<li>{item}</li>" for item in items) + "</ul>" if items else ""
@@ -189,7 +193,9 @@ def render_html(
             else ["", "", "", ""]
         )
         local_cell = f"<td>{cells[3]}</td>" if with_local else ""
-        flag = ('<span class="flag yes">ANOMALY</span>' if r.flagged else '<span class="flag no">ok</span>') + _why(r)
+        flag = ('<span class="flag yes">ANOMALY</span>' if r.flagged else '<span class="flag no">ok</span>') + _why(
+            r, s.effective_fpr
+        )
         parts.append(
             f'<tr><td class="num">{r.rank}</td><td>{cells[0]}</td><td>{cells[1]}</td><td>{cells[2]}</td>{local_cell}'
             f'<td class="num">{r.score:,.2f}</td><td class="num">{r.p_value:.4f}</td><td>{flag}</td>'

@@ -275,6 +275,7 @@ def merge_reports(
         models=models,
         baseline=None if baseline is None else os.fsdecode(baseline),
         reasons=reasons,
+        atypical=[[_reason(d) for d in r.get("atypical", [])] for r in readable],
         duplicates=duplicates,
         regions=[r.get("region") for r in readable],
         tiles=[r.get("tile") for r in readable],
@@ -282,8 +283,9 @@ def merge_reports(
 
 
 def _reason(d: dict[str, Any]) -> Reason:
-    value = d.get("value")
-    return Reason(str(d["check"]), None if value is None else float(value), float(d["p_value"]), str(d["text"]))
+    value, normal = d.get("value"), d.get("normal")
+    span = None if normal is None else (float(normal[0]), float(normal[1]))
+    return Reason(str(d["check"]), None if value is None else float(value), float(d["p_value"]), str(d["text"]), span)
 
 
 def _duplicates(readable: list[dict[str, Any]], near_bits: int) -> list[Duplicate | None]:

@@ -18,11 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
-
 from . import checks, distributed, outputs, visualize
 from .batching import DecodeOptions
-from .checks import Reason
 from .config import MAX_SAMPLES, check_device, check_int
 from .decision import Decision, DecisionRule
 from .detector import Detector
@@ -165,11 +162,11 @@ def score_report(config: ScoreConfig, *, on_message: Say = _quiet, on_warning: S
     # findings at that level, and merge picks the reasons at its own cut-off.
     threshold = decision.threshold
     level = threshold.alpha if shard is not None and threshold.rule != "score" else None
+    cutoff = threshold.p_cutoff if level is None else level
     chosen = decision.flags if level is None else decision.p_values <= level + 1e-12
-    which = [int(i) for i in np.nonzero(chosen)[0]]
-    reasons: list[list[Reason]] = [[] for _ in result.paths]
-    for i, found in zip(which, detector.explain(result, decision, which), strict=True):
-        reasons[i] = checks.kept(found, threshold.p_cutoff if level is None else level)
+    found = detector.explain(result, decision, range(len(result.paths)), cutoff)
+    atypical = [f[: checks.ATYPICAL] for f in found]
+    reasons = [checks.kept(f, cutoff) if chosen[i] else [] for i, f in enumerate(found)]
     report = build_report(
         result.paths,
         result.scores,
@@ -187,6 +184,7 @@ def score_report(config: ScoreConfig, *, on_message: Say = _quiet, on_warning: S
         models=detector.n_models,
         baseline=None if config.baseline is None else os.fsdecode(config.baseline),
         reasons=reasons,
+        atypical=atypical,
         duplicates=duplicates,
         regions=None if result.facts is None or result.facts.regions is None else list(result.facts.regions),
         tiles=None if result.facts is None or result.facts.tiles is None else list(result.facts.tiles),

@@ -6,11 +6,13 @@ Schema file `schemas/score-report.schema.json` shipped in this package:
     {"schema": "vae-anomaly/score", "schema_version": 1,
      "summary": {...}, "warnings": [...],
      "records": [{"rank", "path", "score", "p_value", "flagged", "error",
-                  "reasons", "duplicate_of", "duplicate_kind", "duplicate_in", "region", "tile"}, ...]}
+                  "reasons", "atypical", "duplicate_of", "duplicate_kind", "duplicate_in", "region", "tile"}, ...]}
 
 A flagged record's `reasons` say why, in words (checks.py): the model's
 own finding and every image-property check at p <= the cut-off, at least
-one. `duplicate_of` names a training image (`duplicate_in` "training": a
+one. Every scored record's `atypical` holds its (up to) three most
+atypical statistics, flagged or not, with value, normal range and p-value,
+so that a near miss can be judged. `duplicate_of` names a training image (`duplicate_in` "training": a
 leak) or an earlier image of the batch ("batch") that the image copies,
 `duplicate_kind` "exact" or "near" (duplicates.py). `region` is the box
 [x0, y0, x1, y1], in the file's own pixels, of the image's most unusual
@@ -71,6 +73,9 @@ class ImageRecord:
     fingerprints: tuple[str, str] | None = None
     # Why a flagged image was flagged (checks.explain), most atypical first; empty for the others.
     reasons: tuple[Reason, ...] = ()
+    # Every scored image's most atypical statistics (up to checks.ATYPICAL), flagged or not, so that a
+    # near miss can be judged; empty for unreadable files and for reports written without them.
+    atypical: tuple[Reason, ...] = ()
     duplicate_of: str | None = None  # the training image or earlier image of the batch it copies
     duplicate_kind: str | None = None  # "exact" or "near"
     duplicate_in: str | None = None  # "training" (a leak) or "batch"
@@ -105,6 +110,27 @@ def reasons_text(r: ImageRecord, limit: int | None = None) -> str:
     if r.duplicate_of is not None:
         parts.append(duplicate_text(r))
     return "; ".join(parts)
+
+
+NEAR_MISS = 5.0  # an unflagged image with p within this factor of the level is a near miss
+
+
+def near_miss(r: ImageRecord, level: float | None) -> bool:
+    """Whether an unflagged record came near the level flags were decided at (within NEAR_MISS times it)."""
+    return level is not None and not r.flagged and r.p_value is not None and r.p_value <= NEAR_MISS * level
+
+
+def atypical_text(r: ImageRecord, limit: int | None = None) -> str:
+    """A record's most atypical statistics with their p-values, in one line: what a near miss came near on."""
+    return "; ".join(f"{a.text} (p {a.p_value:.2g})" for a in r.atypical[:limit])
+
+
+def why_text(r: ImageRecord, level: float | None, limit: int | None = None) -> str:
+    """What a table shows beside a record: a flagged one's reasons, a near miss's most atypical statistics."""
+    if near_miss(r, level) and r.atypical:
+        text = "near miss: " + atypical_text(r, limit)
+        return text + ("; " + duplicate_text(r) if r.duplicate_of is not None else "")
+    return reasons_text(r, limit)
 
 
 def duplicate_text(r: ImageRecord) -> str:
@@ -193,13 +219,14 @@ def build_report(
     models: int = 1,
     baseline: str | None = None,
     reasons: Sequence[Sequence[Reason]] | None = None,
+    atypical: Sequence[Sequence[Reason]] | None = None,
     duplicates: Sequence[Duplicate | None] | None = None,
     regions: Sequence[Sequence[int] | None] | None = None,
     tiles: Sequence[Sequence[int] | None] | None = None,
 ) -> Report:
     """Records ranked by the decision's own statistic, the summary, and the gate's verdict.
 
-    `reasons[i]`, `duplicates[i]`, `regions[i]` and `tiles[i]` belong to `paths[i]` (Detector.explain,
+    `reasons[i]`, `atypical[i]`, `duplicates[i]`, `regions[i]` and `tiles[i]` belong to `paths[i]` (Detector.explain,
     Detector.duplicates, local.py, tiles.py)."""
     threshold, p, flags = decision.threshold, decision.p_values, decision.flags
     # Most anomalous first, by the decision's own statistic (a raw threshold ranks by score).
@@ -218,6 +245,7 @@ def build_report(
                 float(p[i]),
                 bool(flags[i]),
                 reasons=tuple(reasons[i]) if reasons is not None else (),
+                atypical=tuple(atypical[i]) if atypical is not None else (),
                 duplicate_of=None if dup is None else dup.of,
                 duplicate_kind=None if dup is None else dup.kind,
                 duplicate_in=None if dup is None else ("training" if dup.training else "batch"),
@@ -341,6 +369,7 @@ def to_csv(report: Report) -> str:
             "duplicate_in",
             "region",
             "tile",
+            "atypical",
         ]
     )
     for r in report.records:
@@ -358,6 +387,7 @@ def to_csv(report: Report) -> str:
                 r.duplicate_in or "",
                 "" if r.region is None else " ".join(map(str, r.region)),
                 "" if r.tile is None else " ".join(map(str, r.tile)),
+                csv_text("; ".join(f"{a.text} (p {a.p_value:.3g})" for a in r.atypical)),
             ]
         )
     return buf.getvalue()

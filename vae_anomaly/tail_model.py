@@ -8,7 +8,8 @@ generalised Pareto distribution (Pickands 1975; Balkema and de Haan 1974), so
 
     P(D >= d) ~ k / (n + 1) * S_GPD(d - u; xi, sigma),   d > u,        (1)
 
-with u the (k+1)-th largest of the n calibration deviations and (xi, sigma)
+with D the combined evidence T of `combination.py`, u the (k+1)-th largest of the n calibration
+images' values of it and (xi, sigma)
 fitted to the k excesses by maximum likelihood (SciPy's `genpareto.fit`). Only
 the images whose exact p-value is already the floor get (1) instead, when it is
 smaller: every decision at a level >= 1/(n+1) stays exact, and the levels below
@@ -24,7 +25,7 @@ import numpy as np
 
 MIN_CALIBRATION = 20  # fewer calibration images: no tail is fitted, the rule flags at its floor
 MIN_EXCEEDANCES = 10
-TAIL_SHARE = 0.2  # the share of the calibration deviations taken as the tail
+TAIL_SHARE = 0.2  # the share of the calibration values of T taken as the tail
 # From this many calibration images up the exact conformal p-values are used alone: 1/(n+1) is
 # then below 0.0005, and the rule's guarantee stays exact at every level it is likely to be asked.
 TAIL_MODEL_BELOW = 2000
@@ -32,11 +33,11 @@ TAIL_MODEL_BELOW = 2000
 
 @dataclass(frozen=True)
 class TailModel:
-    """A generalised Pareto fit to the largest calibration deviations, and how well it fits them."""
+    """A generalised Pareto fit to the calibration images' largest combined evidence, and how well it fits."""
 
     n: int  # calibration images
     exceedances: int  # k, the tail's size
-    threshold: float  # u, the (k+1)-th largest deviation
+    threshold: float  # u, the (k+1)-th largest calibration value of T
     shape: float  # xi >= 0 (a fitted xi < 0 is replaced by the exponential tail, xi = 0: see `fit_tail`)
     scale: float  # sigma
     fit_p: float  # Kolmogorov-Smirnov p of the k excesses against the fit (optimistic: fitted parameters)
@@ -58,7 +59,8 @@ class TailModel:
     def describe(self) -> str:
         return (
             f"a generalised Pareto tail (shape {self.shape:.3g}, scale {self.scale:.3g}) fitted to the "
-            f"{self.exceedances} largest of {self.n} calibration deviations, goodness of fit p = {self.fit_p:.2g}"
+            f"{self.exceedances} largest of {self.n} calibration images' combined evidence, "
+            f"goodness of fit p = {self.fit_p:.2g}"
         )
 
 
@@ -68,7 +70,7 @@ def covers(n_calibration: int) -> bool:
 
 
 def fit_tail(deviations: np.ndarray) -> TailModel | None:
-    """Fit (1) to the calibration deviations; None where there are too few or they have no tail.
+    """Fit (1) to the calibration images' values of T (`deviations`); None where there are too few or they have no tail.
 
     A fitted shape xi < 0 means a tail that ends at a finite point, and p = 0
     beyond it: a handful of excesses cannot support that, so the exponential
@@ -102,7 +104,7 @@ def at_floor(p: np.ndarray, n: int) -> np.ndarray:
 def refine(p: np.ndarray, n: int, deviations: np.ndarray, model: TailModel | None) -> np.ndarray:
     """The floor's p-values replaced by (1) where it is smaller; all others as they were.
 
-    `deviations` is (K, m), each new image's deviation under each of K models;
+    `deviations` is (K, m), each new image's T under each of K models;
     with K > 1 the tail probabilities are averaged, as cross-conformal counts are.
     """
     if model is None:

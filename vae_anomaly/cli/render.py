@@ -11,7 +11,7 @@ from rich.table import Table
 from ..checks import PREFIX
 from ..ci import verdict_lines
 from ..decoding import Preprocessing
-from ..report import Report, reasons_text
+from ..report import Report, why_text
 
 if TYPE_CHECKING:  # scikit-learn is imported by `evaluate` alone, not by every `score`
     from ..evaluation import Evaluation
@@ -103,7 +103,7 @@ def report_table(report: Report, top: int) -> None:
             f"{r.score:.4g}",
             _p_value(r.p_value),
             "[bold red]ANOMALY[/]" if r.flagged else "ok",
-            escape(reasons_text(r, limit=1)),
+            escape(why_text(r, s.effective_fpr, limit=1)),
         )
     if shown:
         out.print(table)
