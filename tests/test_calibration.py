@@ -56,7 +56,7 @@ def _bag_statistic_by_brute_force(bag: np.ndarray, tails: Sequence[str]) -> np.n
                 desc = np.sort(v)[::-1]
                 u, sigma = desc[k], desc[1:k].mean() - desc[k]
                 z = np.clip((v - u) / sigma, 0, MAX_EXCESS) if sigma > 0 else np.full(size, MAX_EXCESS)
-                e = np.where(v > u, np.log(size / k) + z, e)
+                e = np.where(v > u, np.maximum(e, np.log(size / k) + z), e)
             best[j] = np.maximum(best[j], e - np.log(factor))
     p = np.exp(-best)  # tan((1/2 - p) pi) = cot(pi p), as the library computes it: sums that tie, tie alike
     with np.errstate(divide="ignore"):

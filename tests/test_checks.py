@@ -17,7 +17,7 @@ from PIL import Image, ImageFilter
 
 from conftest import cli_run as run
 from vae_anomaly import Detector, artifact, properties
-from vae_anomaly.checks import Reason, kept, side_p_value
+from vae_anomaly.checks import Reason, kept, statistic_p_values
 from vae_anomaly.duplicates import (
     NEAR_BITS,
     DuplicateFinder,
@@ -135,11 +135,12 @@ def test_grey_models_measure_no_colour() -> None:
 def test_one_sided_checks_see_only_their_side() -> None:
     cal = np.arange(100.0)
     dark_side = BY_NAME["highlights"].tail
-    assert side_p_value(cal, np.array([-5.0]), dark_side)[0] == pytest.approx(1 / 101)
-    assert side_p_value(cal, np.array([500.0]), dark_side)[0] == 1.0, "bright highlights are not dark"
-    assert side_p_value(cal, np.array([500.0]), BY_NAME["shadows"].tail)[0] == pytest.approx(1 / 101)
-    assert side_p_value(cal, np.array([500.0, -1.0, 10.0]))[:2].tolist() == [1 / 101, 1 / 101], "a reason's side"
-    assert side_p_value(cal, np.array([10.0]))[0] == pytest.approx(12 / 101), "11 normal values <= 10"
+    assert statistic_p_values(cal, np.array([-5.0]), dark_side)[0] < 1 / 101, "beyond every normal value"
+    assert statistic_p_values(cal, np.array([500.0]), dark_side)[0] == 1.0, "bright highlights are not dark"
+    assert statistic_p_values(cal, np.array([500.0]), BY_NAME["shadows"].tail)[0] < 1e-6, "far beyond"
+    both = statistic_p_values(cal, np.array([500.0, -1.0, -30.0, 10.0]), "two-sided")
+    assert both[0] < both[2] < both[1] < 2 / 101, "either side; further out, smaller"
+    assert both[3] == pytest.approx(2 * 12 / 101), "two-sided: twice (the 11 normal values <= 10, and itself)"
 
 
 def test_a_flagged_image_always_keeps_one_reason() -> None:

@@ -97,8 +97,11 @@ def test_cli_cross_fits_a_small_folder_and_score_states_the_smallest_p(tmp_path:
     s = json.loads(out)["summary"]
     assert code == 0 and s["models"] == 5 and s["calibration_images"] == 30
     assert s["smallest_p_value"] == pytest.approx(1 / 31)  # one test of score and guard, both sides
-    assert s["effective_fpr"] == 0.01 and s["threshold"]["requested"] is None, "30 images: the tail model's 1%"
-    assert "approximate: tail model, n = 30" in s["guarantee"]
+    assert s["effective_fpr"] == pytest.approx(1 / 31) and s["threshold"]["requested"] == 0.01, "30 images: 3.2%"
+    assert "cross-conformal over 5 models" in s["guarantee"] and "0.01 asked for is below" in s["guarantee"]
+    assert any(
+        "with 30 normal calibration images no image can be flagged at 1%" in w for w in json.loads(out)["warnings"]
+    )
     code, out, _ = cli_run("score", tmp_path / "new", "-m", model)
     assert "5 cross-fitted models, 30 normal scores; smallest reachable p-value 0.03226" in out
 
@@ -107,9 +110,8 @@ def test_a_small_cross_fitted_set_gates_a_dirty_batch_at_the_rate_it_can_reach(
     crossfit: Detector, tmp_path: Path
 ) -> None:
     """150 normal images: 1/151 = 0.66% is the floor, so the default 1% is reached exactly, without a
-    warning; --fpr 0.005 is below it: the rule flags on the tail model's p-values, says the rate is
-    approximate, and the gate fails on crosses; --strict-fpr keeps exact p-values only, nothing
-    flagged and the gate passes."""
+    warning; --fpr 0.005 is below it: the rule flags at the floor, says so, and the gate fails on
+    crosses; --strict-fpr keeps exact p-values only, nothing flagged and the gate passes."""
     model = tmp_path / "cf.vae"
     crossfit.save(model)
     write_pngs(tmp_path / "dirty", np.concatenate([disks(40, seed=28), crosses(10, seed=29)]))
@@ -120,8 +122,9 @@ def test_a_small_cross_fitted_set_gates_a_dirty_batch_at_the_rate_it_can_reach(
     args = ("--format", "json", "--max-anomalies", "0", "--fpr", "0.005")
     code, out, err = cli_run("score", tmp_path / "dirty", "-m", model, *args)
     s = json.loads(out)["summary"]
-    assert code == 1 and s["flagged"] >= 5 and s["effective_fpr"] == 0.005 and "tail model" in err
-    assert s["guarantee"].startswith("Each normal image is flagged with probability at most about 0.005 (approximate")
+    assert code == 1 and s["flagged"] >= 5 and s["effective_fpr"] == pytest.approx(1 / 151)
+    assert "no image can be flagged at 0.5%; flagging at 0.66%, the smallest rate these images allow" in err
+    assert s["guarantee"].startswith("Each normal image is flagged with probability at most 0.006623 (cross-conformal")
     strict = (*args, "--strict-fpr")
     code, out, _ = cli_run("score", tmp_path / "dirty", "-m", model, *strict)
     s = json.loads(out)["summary"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -113,11 +116,21 @@ def test_the_bank_coreset_keeps_rare_normal_patches_a_random_sample_drops() -> N
     assert np.array_equal(coreset(phi[:10], 64, rng), np.arange(10)), "a small set is kept whole"
 
 
-def test_the_decision_tests_the_local_statistic_on_its_upper_side_only(textured: Detector) -> None:
+def test_the_decision_tests_the_local_statistic_on_its_upper_side_only(textured: Detector, tmp_path: Path) -> None:
+    """The sides are stored in the model file at fit, and the stored ones decide, not today's defaults."""
     rule = DecisionRule()
     stats = rule.statistics_in(textured.calibration)
-    tails = dict(zip(stats, rule.tails_for(stats), strict=True))
+    tails = dict(zip(stats, rule.tails_for(stats, textured.calibration), strict=True))
     assert tails[key(NAME)] == "upper" and tails[key("brightness")] == "two-sided"
+    assert tails[key("sharpness")] == "lower" and key("balance-x") not in tails, "reported, not tested"
+    textured.save(tmp_path / "m.vae")
+    again = Detector.load(tmp_path / "m.vae")
+    sides = again.calibration.sides
+    assert sides == textured.metadata_["checks"]["sides"] and sides is not None and sides["local"] == "upper"
+    edited = replace(again.calibration, sides={**sides, "brightness": "lower"})
+    assert dict(zip(stats, rule.tails_for(stats, edited), strict=True))[key("brightness")] == "lower"
+    older = replace(again.calibration, sides=None)  # a file written before the sides were stored
+    assert rule.tails_for(stats, older) == rule.tails_for(stats, again.calibration)
 
 
 def test_the_model_file_keeps_the_banks(textured: Detector, tmp_path) -> None:  # type: ignore[no-untyped-def]

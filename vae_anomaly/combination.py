@@ -6,10 +6,10 @@ a member b with value v on a side gets the conformal p-value of that side
 
     p_side(b) = #{bag members at least as far out as b} / (n + 1),                        (1)
 
-and the members above the bag's (k+1)-th largest value u get a fitted tail instead: over a high
-threshold the excesses of a statistic are close to exponential (Pickands 1975), so
+and the members above the bag's (k+1)-th largest value u the smaller of (1) and a fitted tail: over
+a high threshold the excesses of a statistic are close to exponential (Pickands 1975), so
 
-    p_side(b) = k / (n + 1) * exp(-(v - u) / sigma),  sigma = mean(B_2 .. B_k) - u,              (2)
+    p_tail(b) = k / (n + 1) * exp(-(v - u) / sigma),  sigma = mean(B_2 .. B_k) - u,              (2)
 
 with B_1 >= B_2 >= ... the bag's values on that side, k = `tail_size(n)`, and sigma estimated without
 the bag's most extreme value, so that one outlier cannot stretch its own scale; the exponent is capped
@@ -99,7 +99,7 @@ class _Side:
                 with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                     z = np.where(sigma > 0, (v - u) / sigma, MAX_EXCESS)
                 tail = np.log((n + 1.0) / self.k) + np.clip(z, 0.0, MAX_EXCESS)
-                e = np.where(above, tail, e)
+                e = np.where(above, np.maximum(e, tail), e)  # the smaller of the two p-values
         out: np.ndarray = e - np.log(self.factor)
         return out
 
