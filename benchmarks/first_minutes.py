@@ -39,7 +39,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "vae_anomaly.launch", *map(str, args)]
+    cmd = [sys.executable, "-m", "vae_anomaly", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, check=False)
 
 

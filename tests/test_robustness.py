@@ -939,6 +939,31 @@ def test_a_damaged_or_stale_pixel_cache_never_changes_a_score(model_file: Path, 
     assert _scores(model_file, a, *cache)[0] == truth, "the new pixels, not the cached ones"
 
 
+def test_edited_cache_columns_never_change_a_score_or_a_check(cli_model: Path, data_dir: Path, tmp_path: Path) -> None:
+    """The PNG length (read by elbo-ic-nn), width and format (checks) are covered by digests: an edit is
+    computed or decoded again, never used."""
+    import sqlite3
+
+    def records(*cache: str | Path) -> tuple[list[dict], str]:
+        args = ("--format", "json", "--workers", "0", *cache)
+        code, out, err = run("score", data_dir / "incoming", "-m", cli_model, *args)
+        assert code in (0, 1), err
+        keep = ("path", "score", "p_value", "flagged", "atypical")
+        return [{k: r[k] for k in keep} for r in json.loads(out)["records"]], err
+
+    truth, _ = records("--no-cache")
+    cache = ("--cache-dir", tmp_path / "cache")
+    assert records(*cache)[0] == truth  # cold: fills the cache
+    (folder,) = (tmp_path / "cache").glob("pixels-v*")
+    with sqlite3.connect(folder / "index.sqlite") as db:
+        db.execute("UPDATE files SET bits = bits + 5000 WHERE rowid % 2 = 0")
+    assert records(*cache)[0] == truth, "an edited PNG length is computed again"
+    with sqlite3.connect(folder / "index.sqlite") as db:
+        db.execute("UPDATE files SET width = 5000, format = 'TIFF' WHERE rowid % 3 = 0")
+    got, err = records(*cache)
+    assert got == truth and "failed their check" in err, "an edited width or format: decoded again"
+
+
 # ------------------------------------------------------------- fuzzed documents
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4),

@@ -137,3 +137,25 @@ def test_shell_completion_scripts_come_from_click_and_complete_commands_and_opti
 
     assert complete("vae-anomaly con") == ["plain,config"]
     assert "plain,--config" in complete("vae-anomaly score --con")
+
+
+def test_a_settings_file_never_applies_unseen_and_the_command_line_can_undo_it(
+    cli_model: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file in a parent folder that would pass any gate: `score` names it and what it sets; a boolean
+    from it can be switched off; --fpr on the command line wins over its fdr."""
+    write(tmp_path / "vae-anomaly.toml", "[score]\nthreshold = 1e308\nskip-unreadable = true\nfdr = 0.5\n")
+    batch = tmp_path / "ci" / "batch"
+    batch.mkdir(parents=True)
+    for p in sorted((data_dir / "incoming").glob("*.png"))[:6]:
+        (batch / p.name).write_bytes(p.read_bytes())
+    (batch / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    monkeypatch.chdir(tmp_path / "ci")
+    code, _, err = run("score", batch, "-m", cli_model, "--max-anomalies", "0", "--threshold", "auto")
+    assert f"settings from {(tmp_path / 'vae-anomaly.toml').resolve()}: " in " ".join(err.split())
+    assert "threshold" in err and "skip-unreadable" in err and "fdr" in err
+    code, _, err = run("score", batch, "-m", cli_model, "--threshold", "auto", "--no-skip-unreadable")
+    assert code == 3 and "broken.png" in err, "the file's skip-unreadable switched off"
+    code, out, _ = run("score", batch, "-m", cli_model, "--threshold", "auto", "--fpr", "0.2", "--format", "json")
+    rule = json.loads(out)["summary"]["threshold"]
+    assert rule["rule"] == "auto" and rule["alpha"] == 0.2, "--fpr given here wins over the file's fdr"

@@ -82,7 +82,7 @@ def _same_as_one_run(
     shards = _shards(model, folder, out, n, *score_args)
     for p in shards:
         assert "shard" in _valid(p.read_text())
-    merged_code, stdout, err = run("merge", *shards, "--format", "json", *gate_args)
+    merged_code, stdout, err = run("merge", *shards, "--format", "json", *score_args, *gate_args)
     merged = _valid(stdout)
     assert "shard" not in merged and all("index" not in r for r in merged["records"])
     assert merged == whole, "records (and their order), summary, gate, warnings: all the same"
@@ -142,7 +142,8 @@ def test_merge_decides_from_p_values_never_from_shard_verdicts(cli_model: Path, 
         doc["summary"].update(flagged=0, tests={}, gate_passed=True, exit_code=0)
         doc["summary"]["threshold"].update(p_cutoff=0.5, low=None, high=None)
         path.write_text(json.dumps(doc))
-    code, out, _ = run("merge", *(tmp_path / f"shard-{i}.json" for i in (1, 2, 3)), "--format", "json", *gate)
+    shards = [tmp_path / f"shard-{i}.json" for i in (1, 2, 3)]
+    code, out, _ = run("merge", *shards, "--format", "json", "--fdr", "0.1", *gate)
     assert json.loads(out) == whole and code == whole["summary"]["exit_code"] == 1
     p = np.array([r["p_value"] for r in whole["records"] if r["error"] is None])
     assert whole["summary"]["flagged"] == benjamini_hochberg(p, 0.1)[0].sum() > 0
@@ -285,6 +286,38 @@ def test_merge_refuses_shards_of_another_model_options_split_or_listing(
     assert "the runners saw different inputs" in err
     err = _refused(*three, "--model", model_file)
     assert "the shard reports were scored by model" in err and "but --model is" in err
+
+
+def test_merge_applies_its_own_rule_never_one_a_shard_brings(three: list[Path]) -> None:
+    """The same option edited in every shard (a rule under which nothing is flagged) is refused, naming it;
+    merge given the options the shards were scored with decides as before."""
+    code, _, _ = run("merge", *three, "--max-anomalies", "0")
+    assert code == 1, "the crosses fail the gate"
+    for path in three:
+        doc = json.loads(path.read_text())
+        doc["shard"]["options"]["fpr"] = 1e-300
+        path.write_text(json.dumps(doc))
+    err = _refused(*three, "--max-anomalies", "0")
+    assert f"{three[0]} was scored with --fpr 1e-300, but merge applies --fpr 0.01" in err
+    code, _, err = run("merge", *three, "--max-anomalies", "0", "--fpr", "1e-300")
+    assert code == 1 and "no image can be flagged at 1e-298%" in err, "asked knowingly: flagged at the floor"
+
+
+def test_merge_refuses_a_score_that_is_not_the_mean_of_its_models_scores(
+    data_dir: Path, batch: Path, tmp_path: Path
+) -> None:
+    """Cross-fitted shards carry each model's score: a `score` edited alone (the drift test reads it) is an edit."""
+    model = tmp_path / "cf.vae"
+    write_pngs(tmp_path / "normal", disks(30, seed=26))
+    assert run("fit", tmp_path / "normal", "-o", model, "--epochs", "1", "--device", "cpu")[0] == 0
+    shards = _shards(model, data_dir / "incoming", tmp_path, 2)
+    for path in shards:
+        doc = json.loads(path.read_text())
+        for r in doc["records"]:
+            r["score"] = -1000.0
+        path.write_text(json.dumps(doc))
+    err = _refused(*shards, "--model", model)
+    assert "its score -1000.0 is not the mean of its models' scores" in err and "edited" in err
 
 
 def test_merge_refuses_files_that_are_not_shard_reports(

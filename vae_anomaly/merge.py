@@ -176,9 +176,37 @@ def _merge_unlike(shards: Sequence[ShardReport]) -> Unlike:
     return merge_unlike(parts, position=lambda path: where.get(path, listing))
 
 
+def _check_rule(rule: DecisionRule, first: ShardReport) -> None:
+    """The shards must have been scored with the rule merge applies: a report never brings its own."""
+    theirs = DecisionRule.from_options(first.options).options()
+    for key, value in rule.options().items():
+        if theirs.get(key) != value:
+            flag = OPTION_FLAGS.get(key, "--strict-fpr")
+            raise MergeError(
+                f"{first.path} was scored with {flag} {theirs.get(key)}, but merge applies {flag} {value}: merge "
+                "decides with its own options, never a shard's; pass merge the options the shards were scored "
+                "with (or score them again with these)"
+            )
+
+
+def _check_scores(readable: Sequence[dict[str, Any]], scores: np.ndarray, model_scores: np.ndarray | None) -> None:
+    """A record's score is the mean of its models' scores: one without the other was edited."""
+    if model_scores is None:
+        return
+    mean = model_scores.mean(axis=0)
+    bad = np.nonzero(~np.isclose(scores, mean, rtol=1e-9, atol=1e-12))[0]
+    if len(bad):
+        r = readable[int(bad[0])]
+        raise MergeError(
+            f"{r['path']}: its score {r['score']} is not the mean of its models' scores {r['model_scores']}; "
+            "the report was edited: score this shard again"
+        )
+
+
 def merge_reports(
     shards: Sequence[ShardReport],
     *,
+    rule: DecisionRule | None = None,
     gate: list[GateRule],
     skip_unreadable: bool = False,
     baseline: str | os.PathLike[str] | None = None,
@@ -187,8 +215,9 @@ def merge_reports(
 ) -> Report:
     """The report one unsharded `score` run over the whole listing would have written, gate included.
 
-    Raises MergeError for a missing, duplicated or foreign shard, or one
-    whose p-values do not follow from its scores and calibration (an edit),
+    Raises MergeError for a missing, duplicated or foreign shard, one scored
+    with other decision options than `rule`, or one whose scores or p-values
+    do not follow from its models' scores and calibration (an edit),
     and BaselineError for a `baseline` of another model or score.
     """
     if not shards:
@@ -230,8 +259,12 @@ def merge_reports(
                 f"the shard reports lack the scores of each of the {models} cross-fitted models (written by an "
                 "older vae-anomaly, or edited); score the shards again"
             ) from None
+    _check_scores(readable, scores, model_scores)
     calibration = first.calibration
-    rule = DecisionRule.from_options(opts)
+    if rule is None:  # the Python API without a rule: the shards' (the CLI always passes merge's own)
+        rule = DecisionRule.from_options(opts)
+    else:
+        _check_rule(rule, first)
     if model_calibration is not None and not np.array_equal(model_calibration.of(rule.score), calibration):
         raise MergeError(
             f"{first.path}: its calibration scores are not those of the --model file; the reports were edited"
@@ -239,7 +272,12 @@ def merge_reports(
     carried = _carried_calibration(rule, first, models)
     p = _recomputed_p(rule, carried, readable, scores, model_scores, p, origin)
     # The rule is applied again over the union: Benjamini-Hochberg needs every p-value of the batch.
-    decision = rule.decision(scores, p, carried, first.decision_warnings)
+    # The shards' warnings, with what their rule could not reach said again for merge's own rule.
+    n_cal = len(carried.of(rule.score))
+    theirs = DecisionRule.from_options(opts).unreachable(n_cal, models)
+    ours = rule.unreachable(n_cal, models)
+    warnings = [w for w in first.decision_warnings if w != theirs] + ([ours] if ours else [])
+    decision = rule.decision(scores, p, carried, warnings)
     # Each shard kept the findings of every image that could be flagged; the merge picks the reasons of
     # the images it flags, at its own cut-off.
     reasons = [
@@ -270,7 +308,7 @@ def merge_reports(
         fingerprint=s0["model_fingerprint"],
         gate=gate,
         skip_unreadable=skip_unreadable,
-        warnings=[*unlike_warnings(_merge_unlike(ordered)), *first.decision_warnings],
+        warnings=[*unlike_warnings(_merge_unlike(ordered)), *warnings],
         tests=tests,
         models=models,
         baseline=None if baseline is None else os.fsdecode(baseline),

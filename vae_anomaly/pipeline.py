@@ -91,6 +91,8 @@ class MergeConfig:
 
     reports: tuple[Path, ...]
     model: Path | None = None  # also check the shards' model fingerprint against this file
+    # The rule merge applies: its own options, never a shard's (the shards must have been scored with it).
+    rule: DecisionRule = field(default_factory=DecisionRule)
     gate: tuple[GateRule, ...] = ()
     baseline: Path | None = None
     skip_unreadable: bool = False
@@ -240,6 +242,7 @@ def merge(config: MergeConfig, *, on_message: Say = _quiet, on_warning: Say = _q
     shards = [load_shard_report(path) for path in config.reports]
     report = merge_reports(
         shards,
+        rule=config.rule,
         gate=list(config.gate),
         skip_unreadable=config.skip_unreadable,
         baseline=config.baseline,

@@ -20,8 +20,9 @@ import PIL
 from .decoding import Preprocessing, Source
 from .listing import display_path
 
-# 2: inode, ctime and a digest per row; 3: each file's format (older folders are left alone)
-CACHE_FORMAT = 4
+# 2: inode, ctime and a digest per row; 3: each file's format (older folders are left alone);
+# 5: the digest covers the file's header facts, and the PNG length has a digest of its own
+CACHE_FORMAT = 5
 
 
 def default_cache_dir() -> Path:
@@ -41,16 +42,22 @@ FileKey = tuple[bytes, int, int, int, int]
 @dataclass(frozen=True)
 class CacheHit:
     row: int
-    bits: float | None
+    bits: float | None  # None where it was never stored, or its digest does not match (computed again)
     source: Source
-    digest: bytes  # of the file's key and the row's pixels, checked on every read
+    digest: bytes  # of the file's key, the row's pixels and its header facts, checked on every read
 
 
-def row_digest(key: FileKey, pixels: np.ndarray) -> bytes:
-    """BLAKE2b of the file's key and its decoded pixels: a row edited, shifted or read for another file fails it."""
-    h = hashlib.blake2b(repr(key).encode(), digest_size=16)
+def row_digest(key: FileKey, pixels: np.ndarray, source: Source) -> bytes:
+    """BLAKE2b of the file's key, its decoded pixels and its header facts (width, height, colour, format):
+    a row edited, shifted or read for another file fails it, and so does an edited width or format."""
+    h = hashlib.blake2b(repr((key, tuple(source))).encode(), digest_size=16)
     h.update(np.ascontiguousarray(pixels).tobytes())
     return h.digest()
+
+
+def bits_digest(key: FileKey, bits: float) -> bytes:
+    """BLAKE2b of the file's key and its PNG length, which `fit` and `score` read as a statistic."""
+    return hashlib.blake2b(repr((key, float(bits))).encode(), digest_size=16).digest()
 
 
 class PixelCache:
@@ -58,9 +65,12 @@ class PixelCache:
 
     A file is found again by its absolute path, size, modification time,
     inode and status-change time; if any of these changed it is decoded
-    afresh. Every row carries a digest of its file's key and pixels, checked
-    when it is read: a row flipped, truncated, shifted or pointed at another
-    file's pixels is decoded again (and counted in `corrupt`), never used. One cache folder per
+    afresh. Every row carries a digest of its file's key, pixels and header
+    facts, checked when it is read: a row flipped, truncated, shifted, pointed
+    at another file's pixels or with an edited width or format is decoded
+    again (and counted in `corrupt`), never used; a PNG length whose own
+    digest fails is computed again. Every column that feeds a score or a
+    check is covered. One cache folder per
     preprocessing (channels, size, resize rule) and Pillow version, since
     either changes the pixels. Rows are only appended, under SQLite's write
     lock, so several processes can share a cache; a crash mid-write leaves
@@ -93,7 +103,7 @@ class PixelCache:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS files (path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
                 "ino INTEGER, ctime_ns INTEGER, row INTEGER, digest BLOB, bits REAL, width INTEGER, height INTEGER, "
-                "colour INTEGER, format TEXT)"
+                "colour INTEGER, format TEXT, bits_digest BLOB)"
             )
             self._db = db
         except (OSError, sqlite3.Error) as exc:
@@ -129,8 +139,8 @@ class PixelCache:
         try:
             marks = ",".join("?" * len(keys))
             rows = self._db.execute(
-                "SELECT path, size, mtime_ns, ino, ctime_ns, row, digest, bits, width, height, colour, format "
-                f"FROM files WHERE path IN ({marks})",
+                "SELECT path, size, mtime_ns, ino, ctime_ns, row, digest, bits, width, height, colour, format, "
+                f"bits_digest FROM files WHERE path IN ({marks})",
                 [k[0] for k in keys.values()],
             ).fetchall()
             on_disk = self._data.stat().st_size // self.row_bytes
@@ -141,14 +151,18 @@ class PixelCache:
         for i, key in keys.items():
             r = found.get(key[0])
             if r is not None and tuple(r[:5]) == key and 0 <= r[5] < on_disk and isinstance(r[6], bytes):
-                hits[i] = CacheHit(int(r[5]), r[7], (int(r[8]), int(r[9]), bool(r[10]), str(r[11] or "")), r[6])
+                bits = r[7] if r[7] is not None and r[12] == bits_digest(key, r[7]) else None
+                hits[i] = CacheHit(int(r[5]), bits, (int(r[8]), int(r[9]), bool(r[10]), str(r[11] or "")), r[6])
         self.hits += len(hits)
         self.misses += len(files) - len(hits)
         return hits, keys
 
     def verify(self, keys: Sequence[FileKey], hits: Sequence[CacheHit], pixels: np.ndarray) -> np.ndarray:
-        """Which rows read back are the pixels stored for their file (by digest); counts the others."""
-        good = np.array([row_digest(k, px) == h.digest for k, h, px in zip(keys, hits, pixels, strict=True)], bool)
+        """Which rows read back are the pixels and header facts stored for their file (by digest); counts
+        the others."""
+        good = np.array(
+            [row_digest(k, px, h.source) == h.digest for k, h, px in zip(keys, hits, pixels, strict=True)], bool
+        )
         self.corrupt += int((~good).sum())
         return good
 
@@ -184,9 +198,16 @@ class PixelCache:
                     f.write(np.ascontiguousarray(pixels).tobytes())
                     f.flush()
                     db.executemany(
-                        "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         [
-                            (*k, first + j, row_digest(k, pixels[j]), None if bits is None else float(bits[j]), *source)
+                            (
+                                *k,
+                                first + j,
+                                row_digest(k, pixels[j], source),
+                                None if bits is None else float(bits[j]),
+                                *source,
+                                None if bits is None else bits_digest(k, float(bits[j])),
+                            )
                             for j, (k, source) in enumerate(zip(keys, sources, strict=True))
                         ],
                     )
@@ -202,7 +223,8 @@ class PixelCache:
             return
         try:
             self._db.executemany(
-                "UPDATE files SET bits = ? WHERE path = ?", [(float(b), k[0]) for k, b in zip(keys, bits, strict=True)]
+                "UPDATE files SET bits = ?, bits_digest = ? WHERE path = ?",
+                [(float(b), bits_digest(k, float(b)), k[0]) for k, b in zip(keys, bits, strict=True)],
             )
         except sqlite3.Error as exc:
             self._fail(exc)

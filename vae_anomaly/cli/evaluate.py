@@ -48,7 +48,9 @@ from .settings import config_option
 @click.option("--tail", type=click.Choice(TAILS), default="two-sided", show_default=True)
 @guard_option("The guard statistic of the auto rule behind the confusion matrix, as in `score`.")
 @click.option(
-    "--strict-fpr", is_flag=True, help="As in `score`: flag nothing where the calibration cannot reach --fpr."
+    "--strict-fpr/--no-strict-fpr",
+    default=False,
+    help="As in `score`: flag nothing where the calibration cannot reach --fpr.",
 )
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option(
@@ -56,7 +58,9 @@ from .settings import config_option
     type=click.Path(file_okay=False, path_type=Path),
     help="Write score histograms, ROC and precision-recall curves here (PNG).",
 )
-@click.option("--skip-unreadable", is_flag=True, help="Unreadable inputs are listed but do not exit 3.")
+@click.option(
+    "--skip-unreadable/--no-skip-unreadable", default=False, help="Unreadable inputs are listed but do not exit 3."
+)
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @checks_option

@@ -132,7 +132,9 @@ def _tile(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
     show_default=True,
     help="Fail when more of the training files than this cannot be read.",
 )
-@click.option("--resume", is_flag=True, help="Continue from the checkpoint OUTPUT.ckpt of an interrupted run.")
+@click.option(
+    "--resume/--no-resume", default=False, help="Continue from the checkpoint OUTPUT.ckpt of an interrupted run."
+)
 @click.option(
     "--checkpoint-every",
     type=click.FloatRange(0),
@@ -154,7 +156,7 @@ def _tile(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
     help="Tiles of the local statistic, in file pixels: auto (files of 4 working sizes or more, in tiles "
     "of max(2 working sizes, long side / 3)), 0 (no tiles), or a side N applied to every larger file.",
 )
-@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@click.option("-q", "--quiet/--no-quiet", default=False, help="No progress display.")
 @max_pixels_option
 @decode_options
 def fit(

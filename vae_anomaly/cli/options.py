@@ -10,7 +10,9 @@ from typing import Any, TypeVar
 import click
 
 from ..batching import DecodeOptions
-from ..config import DEFAULT_GUARD, GUARDS
+from ..calibration import TAILS
+from ..config import DEFAULT_GUARD, DEFAULT_SCORE, GUARDS, SCORE_NAMES
+from ..decision import DecisionRule
 from ..decoding import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
 from ..errors import ConfigError
 from ..gate import GATE_RULES, GateRule, gate_from_options
@@ -56,6 +58,94 @@ def checks_option(fn: F) -> F:
     return option(fn)
 
 
+def rule_options(fn: Any) -> Any:
+    """The decision rule's options, shared by `score` and `merge` (which applies its own rule, never one a
+    shard report brings): they reach the command as one `rule: DecisionRule`."""
+
+    @functools.wraps(fn)
+    def command(
+        *args: Any,
+        score_name: str,
+        guard: str,
+        threshold: str | float,
+        fpr: float,
+        fdr: float | None,
+        strict_fpr: bool,
+        tail: str,
+        checks: bool,
+        **kwargs: Any,
+    ) -> Any:
+        ctx = click.get_current_context()
+        given = click.core.ParameterSource.COMMANDLINE
+        chose = ctx.get_parameter_source("fpr") == given or (
+            ctx.get_parameter_source("threshold") == given and threshold != "auto"
+        )
+        if fdr is not None and chose and ctx.get_parameter_source("fdr") != given:
+            fdr = None  # --fpr or --threshold on the command line wins over a settings file's fdr
+        rule = DecisionRule(
+            score=score_name,
+            guard=None if guard == "none" else guard,
+            tail=tail,
+            threshold=threshold,
+            fpr=fpr,
+            fdr=fdr,
+            strict=strict_fpr,
+            checks=checks,
+        )
+        return fn(*args, rule=rule, **kwargs)
+
+    options = [
+        click.option(
+            "--score",
+            "score_name",
+            type=click.Choice(SCORE_NAMES),
+            default=DEFAULT_SCORE,
+            show_default=True,
+            help="elbo-ic-nn: elbo-ic (-ELBO in bits minus the PNG length) plus the latent distance to the training "
+            "images, each over its spread; see README for all.",
+        ),
+        guard_option(
+            "A second statistic, the latent KL, in the same test as the score: catches shrunk, noisy, dim frames."
+        ),
+        click.option(
+            "--threshold",
+            default="auto",
+            show_default=True,
+            callback=parse_threshold,
+            help="'auto' flags conformal p <= --fpr; a number flags scores at or above it.",
+        ),
+        click.option(
+            "--fpr",
+            type=click.FloatRange(0, 1, min_open=True, max_open=True),
+            default=0.01,
+            show_default=True,
+            help="Target false-positive rate for --threshold auto.",
+        ),
+        click.option(
+            "--fdr",
+            type=click.FloatRange(0, 1, min_open=True, max_open=True),
+            help="Flag by Benjamini-Hochberg at this false discovery rate over the batch, instead of p <= --fpr.",
+        ),
+        click.option(
+            "--strict-fpr/--no-strict-fpr",
+            default=False,
+            help="Where the calibration cannot reach --fpr (or --fdr), flag nothing instead of flagging at the "
+            "smallest reachable level (which the report then states as the rate that holds).",
+        ),
+        click.option(
+            "--tail",
+            type=click.Choice(TAILS),
+            default="two-sided",
+            show_default=True,
+            help="two-sided also flags images too simple to be normal (blank, tiny, cropped).",
+        ),
+        checks_option,
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def decode_options(fn: Any) -> Any:
     """Shared by every command that reads image files: worker processes and the pixel cache.
 
@@ -75,10 +165,10 @@ def decode_options(fn: Any) -> Any:
             "for 1024 files or more.",
         ),
         click.option(
-            "--no-cache",
-            is_flag=True,
+            "--no-cache/--cache",
+            default=False,
             help="Neither read nor write the cache of decoded pixels (files are found again by path, size "
-            "and modification time).",
+            "and modification time); --cache turns it back on where a settings file turned it off.",
         ),
         click.option(
             "--cache-dir",
@@ -123,7 +213,11 @@ def report_options(fn: Any) -> Any:
             type=click.Path(dir_okay=False, path_type=Path),
             help="Also write JUnit XML here: one test case per image, flagged and unreadable ones fail.",
         ),
-        click.option("--skip-unreadable", is_flag=True, help="Unreadable inputs are reported but do not exit 3."),
+        click.option(
+            "--skip-unreadable/--no-skip-unreadable",
+            default=False,
+            help="Unreadable inputs are reported but do not exit 3.",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)

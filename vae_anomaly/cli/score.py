@@ -8,22 +8,18 @@ from pathlib import Path
 import click
 
 from ..batching import DecodeOptions
-from ..calibration import TAILS
-from ..config import DEFAULT_SCORE, SCORE_NAMES
 from ..decision import DecisionRule
 from ..outputs import Outputs
 from ..pipeline import MergeConfig, ScoreConfig, score_report
 from ..pipeline import merge as merge_reports
 from ..report import Report
 from .options import (
-    checks_option,
     decode_options,
     gate_rules,
-    guard_option,
     max_pixels_option,
     parse_shard_option,
-    parse_threshold,
     report_options,
+    rule_options,
 )
 from .render import report_table, say, warn
 from .settings import config_option
@@ -34,50 +30,9 @@ from .settings import config_option
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-m", "--model", type=click.Path(path_type=Path), default=Path("model.vae"), show_default=True)
 @click.option(
-    "--score",
-    "score_name",
-    type=click.Choice(SCORE_NAMES),
-    default=DEFAULT_SCORE,
-    show_default=True,
-    help="elbo-ic-nn: elbo-ic (-ELBO in bits minus the PNG length) plus the latent distance to the training "
-    "images, each over its spread; see README for all.",
-)
-@guard_option("A second statistic, the latent KL, in the same test as the score: catches shrunk, noisy, dim frames.")
-@click.option(
     "--samples", type=click.IntRange(1, 10_000), help="Monte Carlo samples; default: the model's calibration."
 )
-@click.option(
-    "--threshold",
-    default="auto",
-    show_default=True,
-    callback=parse_threshold,
-    help="'auto' flags conformal p <= --fpr; a number flags scores at or above it.",
-)
-@click.option(
-    "--fpr",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    default=0.01,
-    show_default=True,
-    help="Target false-positive rate for --threshold auto.",
-)
-@click.option(
-    "--fdr",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    help="Flag by Benjamini-Hochberg at this false discovery rate over the batch, instead of p <= --fpr.",
-)
-@click.option(
-    "--strict-fpr",
-    is_flag=True,
-    help="Where the calibration cannot reach --fpr (or --fdr), flag nothing instead of flagging at the smallest "
-    "reachable level (which the report then states as the rate that holds).",
-)
-@click.option(
-    "--tail",
-    type=click.Choice(TAILS),
-    default="two-sided",
-    show_default=True,
-    help="two-sided also flags images too simple to be normal (blank, tiny, cropped).",
-)
+@rule_options
 @report_options
 @click.option(
     "--shard",
@@ -110,20 +65,13 @@ from .settings import config_option
     show_default=True,
     help="Most anomalous images shown, with pictures, in the HTML report.",
 )
-@checks_option
 @max_pixels_option
 @decode_options
 def score(
     inputs: tuple[Path, ...],
     model: Path,
-    score_name: str,
-    guard: str,
     samples: int | None,
-    threshold: str | float,
-    fpr: float,
-    tail: str,
-    fdr: float | None,
-    strict_fpr: bool,
+    rule: DecisionRule,
     fmt: str,
     output: Path | None,
     gate_specs: tuple[str, ...],
@@ -140,7 +88,6 @@ def score(
     plots: Path | None,
     html_path: Path | None,
     html_top: int,
-    checks: bool,
     decode: DecodeOptions,
 ) -> None:
     """Score INPUTS (folders or files) against a model; flag and gate.
@@ -151,16 +98,7 @@ def score(
     config = ScoreConfig(
         inputs=inputs,
         model=model,
-        rule=DecisionRule(
-            score=score_name,
-            guard=None if guard == "none" else guard,
-            tail=tail,
-            threshold=threshold,
-            fpr=fpr,
-            fdr=fdr,
-            strict=strict_fpr,
-            checks=checks,
-        ),
+        rule=rule,
         samples=samples,
         gate=gate_rules(gate_specs, max_anomalies, max_anomaly_rate),
         baseline=baseline,
@@ -195,6 +133,7 @@ def _show(report: Report, stdout: str | None, annotations: list[str], fmt: str, 
     type=click.Path(path_type=Path),
     help="Also check that the shards were scored by this model file (by fingerprint).",
 )
+@rule_options
 @report_options
 @click.option(
     "--top", type=click.IntRange(0), default=30, show_default=True, help="Rows in the terminal table (0: all)."
@@ -202,6 +141,7 @@ def _show(report: Report, stdout: str | None, annotations: list[str], fmt: str, 
 def merge(
     reports: tuple[Path, ...],
     model: Path | None,
+    rule: DecisionRule,
     fmt: str,
     output: Path | None,
     gate_specs: tuple[str, ...],
@@ -216,11 +156,14 @@ def merge(
 
     The result is the report one unsharded `score` run over the whole listing gives: the same
     records in the same order, with --fdr flags, ranks, batch tests and the gate computed over
-    the union. Exit codes as for `score`: 0 pass, 1 gate failed, 2 usage, 3 unreadable inputs.
+    the union. The decision options are merge's own, as for `score`: the shards must have been scored
+    with the same ones (a shard report never brings its own rule). Exit codes as for `score`: 0 pass,
+    1 gate failed, 2 usage, 3 unreadable inputs.
     """
     config = MergeConfig(
         reports=reports,
         model=model,
+        rule=rule,
         gate=gate_rules(gate_specs, max_anomalies, max_anomaly_rate),
         baseline=baseline,
         skip_unreadable=skip_unreadable,

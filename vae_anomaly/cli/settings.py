@@ -19,7 +19,7 @@ import click
 
 from ..errors import ConfigError
 from ..settings import COMMANDS, Settings, load
-from .render import settings_table
+from .render import say, settings_table
 
 F = TypeVar("F", bound=Callable[..., Any])
 NOT_IN_FILES = {"config"}  # options a file cannot set
@@ -88,7 +88,11 @@ def config_option(fn: F) -> F:
     def apply(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
         settings = load(value)
         name = ctx.info_name or ctx.command.name or ""
-        ctx.default_map = {**(ctx.default_map or {}), **defaults(ctx, name, ctx.command, settings)}
+        from_file = defaults(ctx, name, ctx.command, settings)
+        ctx.default_map = {**(ctx.default_map or {}), **from_file}
+        if from_file and settings.path is not None:  # a file in a parent folder never applies unseen
+            keys = [k for k, p in option_keys(ctx.command).items() if str(p.name) in from_file]
+            say(f"settings from {settings.path}: {', '.join(keys)} (options given here override them)")
 
     option = click.option(
         "--config",
