@@ -12,7 +12,7 @@ anomalies) and 20 clean ones (200 normals): A = Benjamini-Hochberg at q 0.05, fa
 
 Datasets: shapes (one bright disc on a noisy ground; squares, crosses, outlines, blank, noise),
 mnist (digits; inverted, crosses, squares, blank, noise), digits (sklearn's 8x8 digits, all classes),
-digit (sklearn's 8x8 digits of one class, r mod 10; every other class incoming, no gates: too few
+digit (sklearn's 8x8 digits of one class, r mod 10; the other classes incoming, no gates: too few
 normals), photos (JPEG crops of packaged photographs, files as a user has them: `photo_crops.py`).
 
     python benchmarks/small_sets.py --data ../shared/data/mnist [--datasets shapes,mnist,digits,digit,photos]
@@ -117,8 +117,7 @@ def draw(name: str, pools: dict[str, Any], n: int, r: int, work: Path) -> tuple[
     if name == "digit":  # one class normal, every other class incoming
         digit = r % 10
         own = rng.permutation(np.nonzero(labels == digit)[0])
-        others = {f"digit {d}": x[labels == d] for d in range(10) if d != digit}
-        return x[own[:n]], x[own[n:]], others
+        return x[own[:n]], x[own[n:]], {"other digits": x[labels != digit]}
     order = rng.permutation(len(x))
     train, held = x[order[:n]], x[order[n:][:MAX_HELD]]
     return train, held, anomalies(held, ("inverted", "cross", "outline"), rng, 0.0)
