@@ -811,10 +811,9 @@ def test_fit_into_a_folder_that_cannot_be_written_fails_before_training(tmp_path
     write_pngs(tmp_path / "normal", disks(30, seed=65))
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    t0 = time.perf_counter()
-    code, _, err = run("fit", tmp_path / "normal", "-o", blocker / "m.vae", "--epochs", "50", "-q")
+    code, _, err = run("fit", tmp_path / "normal", "-o", blocker / "m.vae", "--epochs", "50")
     assert code == 2 and f"cannot write the model file to {blocker / 'm.vae'}" in err and "choose another -o" in err
-    assert "epoch" not in err and time.perf_counter() - t0 < 20, "refused before any training"
+    assert "epoch" not in err and "training" not in err, "refused before any training (no progress line)"
 
 
 @pytest.mark.slow

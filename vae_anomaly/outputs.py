@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,13 +39,34 @@ def _umask() -> int:
     return mask
 
 
+def _written_through(path: Path) -> bool:
+    """Whether `path` is a device, FIFO or socket (`/dev/stdout`, a named pipe), or a path under /dev or
+    /proc: written to as it is, never replaced by a regular file."""
+    try:
+        st = os.stat(path)  # follows links: /dev/stdout -> /proc/self/fd/1 -> a tty, pipe or file
+    except OSError:
+        return False
+    return not stat.S_ISREG(st.st_mode) or os.path.abspath(path).startswith(("/dev/", "/proc/"))
+
+
 def write_file(path: Path, data: bytes | str, what: str) -> None:
     """Write `data` to `path` atomically, creating its folder; an `OutputError` says which path failed and why.
 
     A temporary file in the same folder, then `os.replace`: a full disk, a
     crash or Ctrl-C leaves the previous file whole, never a truncated one.
+    Atomic replacement is for regular files: a symbolic link is followed and
+    its target replaced (the link stays), and a device, FIFO or /dev path
+    (`--output /dev/stdout`) is written through, never replaced.
     """
     raw = data.encode("utf-8") if isinstance(data, str) else data
+    if _written_through(path):
+        try:
+            with open(path, "wb") as fh:
+                fh.write(raw)
+        except OSError as exc:
+            raise OutputError(f"cannot write {what} to {os.fsdecode(path)}: {exc.strerror or exc}") from None
+        return
+    path = Path(os.path.realpath(path))  # a link's target, which the link goes on naming
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,19 +132,35 @@ class Outputs:
             if not Path(p).is_dir():
                 taken.setdefault(os.path.realpath(p), f"the input {os.fsdecode(p)}")
         for option, path in self.files().items():
-            real = os.path.realpath(path)
-            if real in taken:
-                raise OutputError(f"{option} {os.fsdecode(path)} is {taken[real]}; writing it there would destroy it")
-            inside = next((f for f in folders if os.path.commonpath([f, real]) == f), None)
-            if inside is not None and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
-                raise OutputError(f"{option} {os.fsdecode(path)} is an image file under the input folder {inside}")
-            taken[real] = f"also the {option} file"
+            check_output(option, path, taken, folders)
+            taken[os.path.realpath(path)] = f"also the {option} file"
         for option, path in self.folders().items():
             real = os.path.realpath(path)
             inside = next((f for f in folders if os.path.commonpath([f, real]) == f), None)
             if real in taken or inside is not None:
                 what = taken.get(real) or f"inside the input folder {inside}, whose images its PNGs would join"
                 raise OutputError(f"{option} {os.fsdecode(path)} is {what}; choose a folder outside the inputs")
+
+
+def check_output(option: str, path: Path, taken: dict[str, str], folders: list[str]) -> None:
+    """Refuse an output file that is already something (`taken`: real path -> what), or an image file under
+    an input folder (the listing reads it: an input)."""
+    real = os.path.realpath(path)
+    if real in taken:
+        raise OutputError(f"{option} {os.fsdecode(path)} is {taken[real]}; writing it there would destroy it")
+    inside = next((f for f in folders if os.path.commonpath([f, real]) == f), None)
+    if inside is not None and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
+        raise OutputError(
+            f"{option} {os.fsdecode(path)} is an image file under the input folder {inside}; writing it there "
+            "would destroy an input"
+        )
+
+
+def check_model_output(path: Path, inputs: Sequence[Path]) -> None:
+    """`fit -o`: never one of the inputs, nor an image file under an input folder."""
+    folders = [os.path.realpath(p) for p in inputs if Path(p).is_dir()]
+    taken = {os.path.realpath(p): f"the input {os.fsdecode(p)}" for p in inputs if not Path(p).is_dir()}
+    check_output("-o", path, taken, folders)
 
 
 def report_text(report: Report, outputs: Outputs, on_message: Say) -> str | None:

@@ -18,6 +18,7 @@ from ..budget import FitPlan
 from ..config import CROSS_FIT_BELOW, DEFAULT_FOLDS, DEFAULT_TIME_BUDGET, LIKELIHOODS, MIN_TILE, FitConfig
 from ..detector import Detector
 from ..errors import FitInterrupted, OutputError
+from ..outputs import check_model_output
 from ..pipeline import fit_summary
 from ..train import EpochStats
 from .options import decode_options, max_pixels_option
@@ -232,6 +233,7 @@ def _fit(
     main_rank = world.is_main
     checkpoint = output.with_name(output.name + ".ckpt")
     if main_rank:
+        check_model_output(output, list(inputs))  # never a training image, as `score` refuses its inputs
         artifact.check_writable(output)  # before the training, not after it
     t0 = time.perf_counter()
     with _StopOnSignal(announce=main_rank) as stop, _FitProgress(quiet or not main_rank) as progress:

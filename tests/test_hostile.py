@@ -1,0 +1,51 @@
+"""What a hostile or careless user did to outputs, options, settings and model files (issue 30): each a
+test that failed before its fix. Edited shards and caches: test_shard.py, test_robustness.py."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from conftest import disks, write_pngs
+from vae_anomaly.cli import main
+from vae_anomaly.outputs import write_file
+
+
+def run(*args: str | Path) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+# ------------------------------------------------------------- outputs
+def test_an_output_onto_a_fifo_is_written_through_and_a_link_keeps_naming_its_target(tmp_path: Path) -> None:
+    """Atomic replacement is for regular files: a FIFO (or /dev/stdout, a device) stays what it was."""
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    write_file(fifo, '{"a": 1}', "the report")
+    reader.join(10)
+    assert got == [b'{"a": 1}'] and stat.S_ISFIFO(os.stat(fifo).st_mode), "still a FIFO, the report went through it"
+    target = tmp_path / "reports" / "today.json"
+    target.parent.mkdir()
+    target.write_text("yesterday")
+    link = tmp_path / "latest.json"
+    link.symlink_to(target)
+    write_file(link, "today", "the report")
+    assert link.is_symlink() and target.read_text() == "today", "the link followed, not replaced"
+
+
+def test_fit_refuses_a_model_file_that_would_overwrite_a_training_image(tmp_path: Path) -> None:
+    write_pngs(tmp_path / "normal", disks(30, seed=65))
+    image = sorted((tmp_path / "normal").glob("*.png"))[0]
+    before = image.read_bytes()
+    code, _, err = run("fit", tmp_path / "normal", "-o", image, "--epochs", "1")
+    assert code == 2 and "is an image file under the input folder" in err and "would destroy an input" in err
+    assert image.read_bytes() == before
+    code, _, err = run("fit", image, tmp_path / "normal", "-o", image, "--epochs", "1")
+    assert code == 2 and f"-o {image} is the input {image}" in err
