@@ -8,6 +8,7 @@ import stat
 import threading
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from conftest import disks, write_pngs
@@ -49,3 +50,26 @@ def test_fit_refuses_a_model_file_that_would_overwrite_a_training_image(tmp_path
     assert image.read_bytes() == before
     code, _, err = run("fit", image, tmp_path / "normal", "-o", image, "--epochs", "1")
     assert code == 2 and f"-o {image} is the input {image}" in err
+
+
+# ------------------------------------------------------------- settings files
+def test_a_settings_value_of_the_wrong_kind_is_exit_2_naming_key_and_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for text, key in (
+        ("fpr = [0.1]\n", "fpr"),
+        ("[score]\nfpr = {a = 1}\n", "fpr"),
+        ("fpr = 1979-05-27\n", "fpr"),
+        ("no-cache = 3\n", "no-cache"),
+        ("[score]\nmax-anomalies = 2.7\n", "max-anomalies"),
+        ("workers = 1.9\n", "workers"),
+    ):
+        (tmp_path / "vae-anomaly.toml").write_text(text)
+        code, _, err = run("score", tmp_path, "-m", tmp_path / "m.vae")
+        flat = " ".join(err.split())
+        assert code == 2 and f"{tmp_path / 'vae-anomaly.toml'}" in flat and f"{key} = " in flat, (text, err)
+    (tmp_path / "vae-anomaly.toml").unlink()
+    (tmp_path / "pyproject.toml").write_text("tool = 5\n")
+    code, _, err = run("score", tmp_path, "-m", tmp_path / "m.vae")
+    assert code == 2 and "pyproject.toml: `tool` must be a table" in " ".join(err.split())

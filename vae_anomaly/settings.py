@@ -82,7 +82,10 @@ def _table_of(path: Path) -> dict[str, Any] | None:
         raise ConfigError(f"{path} is not valid TOML: {exc}; fix the file or name another with --config") from None
     if path.name != PYPROJECT:
         return doc
-    table: dict[str, Any] | None = doc.get("tool", {}).get(TOOL)
+    tool = doc.get("tool", {})
+    if not isinstance(tool, dict):
+        raise ConfigError(f"{path}: `tool` must be a table ([tool]), got {type(tool).__name__}; fix the file")
+    table: dict[str, Any] | None = tool.get(TOOL)
     if table is not None and not isinstance(table, dict):
         raise ConfigError(f"{path}: [tool.{TOOL}] must be a table, got {type(table).__name__}")
     return table

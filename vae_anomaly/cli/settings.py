@@ -72,6 +72,7 @@ def defaults(ctx: click.Context, name: str, command: click.Command, settings: Se
             continue  # another command's option
         if param.multiple and isinstance(value, (str, int, float)):
             value = [value]
+        _check_kind(settings, name, key, param, value)
         if isinstance(param.type, click.Path):
             value = [settings.resolve(str(v)) for v in value] if param.multiple else settings.resolve(str(value))
         try:
@@ -79,6 +80,29 @@ def defaults(ctx: click.Context, name: str, command: click.Command, settings: Se
         except click.BadParameter as exc:
             raise ConfigError(f"{settings.origin(name, key)}: {key} = {value!r}: {exc.message}") from None
     return out
+
+
+def _check_kind(settings: Settings, name: str, key: str, param: click.Option, value: Any) -> None:
+    """A file's value of the kind its option takes, as the command line would: a list only for an option
+    given several times, never a table or a date; true/false for a flag; a whole number for a count
+    (2.7 is not silently 2). Raises ConfigError naming the key and the file."""
+    values = value if param.multiple and isinstance(value, list) else [value]
+    wanted = "true or false" if param.is_flag else "a number or a string"
+    for v in values:
+        if param.is_flag and not isinstance(v, bool):
+            bad = True
+        elif isinstance(param.type, (click.types.IntParamType, click.IntRange)):
+            bad = isinstance(v, bool) or not (
+                isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit())
+            )
+            wanted = "a whole number"
+        else:
+            bad = not isinstance(v, (str, int, float))  # a table, a date, a list where one value goes
+        if bad:
+            raise ConfigError(
+                f"{settings.origin(name, key)}: {key} = {v!r} ({type(v).__name__}): `--{key}` takes {wanted}; fix "
+                "the settings file"
+            )
 
 
 def config_option(fn: F) -> F:
