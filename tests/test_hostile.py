@@ -73,3 +73,54 @@ def test_a_settings_value_of_the_wrong_kind_is_exit_2_naming_key_and_file(
     (tmp_path / "pyproject.toml").write_text("tool = 5\n")
     code, _, err = run("score", tmp_path, "-m", tmp_path / "m.vae")
     assert code == 2 and "pyproject.toml: `tool` must be a table" in " ".join(err.split())
+
+
+# ------------------------------------------------------------- options and model files
+def test_a_network_too_deep_for_the_working_size_is_refused_before_any_image_is_read(tmp_path: Path) -> None:
+    write_pngs(tmp_path / "normal", disks(30, seed=65))
+    code, _, err = run("fit", tmp_path / "normal", "-o", tmp_path / "m.vae", "--hidden-channels", "16," * 7 + "16")
+    flat = " ".join(err.split())
+    assert code == 2 and "8 stride-2 layers shrink the" in flat and "give fewer channel counts" in flat, err
+    assert "Traceback" not in err and not (tmp_path / "m.vae").exists()
+
+
+def test_a_pickled_file_is_refused_without_advice_to_load_it_anyway(tmp_path: Path) -> None:
+    import pickle
+
+    import torch
+
+    class Exploit:
+        def __reduce__(self) -> tuple:
+            return (os.system, ("true",))
+
+    saved, raw = tmp_path / "saved.vae", tmp_path / "raw.vae"
+    with saved.open("wb") as fh:
+        torch.save({"format": "vae-anomaly-model", "x": Exploit()}, fh, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    raw.write_bytes(pickle.dumps({"format": "vae-anomaly-model", "x": Exploit()}))
+    for evil in (saved, raw):
+        code, _, err = run("info", evil)
+        flat = " ".join(err.split())
+        assert code == 2 and "not loaded" in flat and "weights_only" not in flat, err
+
+
+def test_the_github_summary_escapes_the_html_a_file_name_holds() -> None:
+    from vae_anomaly.ci import github_summary
+    from vae_anomaly.report import ImageRecord, Report, Summary
+
+    name = 'in/<img src=x onerror="alert(1)">.png'
+    summary = Summary(
+        total=1,
+        scored=0,
+        unreadable=1,
+        ignored=0,
+        flagged=0,
+        score="elbo",
+        samples=1,
+        threshold={},
+        rule="auto",
+        calibration_images=10,
+        model_fingerprint=None,
+        skip_unreadable=False,
+    )
+    text = github_summary(Report([ImageRecord(None, name, None, None, None, "cannot decode <b>")], summary))
+    assert "<img" not in text and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in text and "<b>" not in text

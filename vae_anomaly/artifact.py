@@ -179,15 +179,19 @@ def load(path: str | os.PathLike[str]) -> ModelFile:
         raise ModelFileError(f"{name}: is a folder, not a model file.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except pickle.UnpicklingError:
+        # Not torch's own text: it advises loading the file with weights_only=False, which would run it.
         raise ModelFileError(
-            f"{name}: refused: the file holds Python objects that loading would execute "
-            f"({str(exc).splitlines()[0][:200]}). Only model files written by vae-anomaly can be loaded."
+            f"{name}: not a vae-anomaly model file, and not loaded: it holds Python objects that loading would "
+            "run. Only model files written by vae-anomaly are read; re-fit, or use the model file you meant."
         ) from None
     except Exception as exc:  # zip, pickle-opcode, size and decode errors of a damaged file alike
+        detail = str(exc).splitlines()[0][:160] if str(exc) else "no detail"
+        if "weights_only" in detail:  # torch's advice to load it unchecked: never ours to give
+            detail = "it holds Python objects; not loaded"
         raise ModelFileError(
-            f"{name}: not a readable vae-anomaly model file: truncated, corrupted or of another kind "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else 'no detail'})."
+            f"{name}: not a readable vae-anomaly model file, and not loaded: truncated, corrupted or of another "
+            f"kind ({type(exc).__name__}: {detail})."
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
         raise ModelFileError(f"{name}: not a vae-anomaly model file (no '{FORMAT_NAME}' header).")

@@ -5,6 +5,7 @@ Every writer takes a finished `report.Report`; none decides anything.
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -134,7 +135,9 @@ def github_annotations(report: Report, limit: int = 50) -> list[str]:
 
 
 def _md(text: str) -> str:
-    """Markdown-safe table cell: pipes and backticks would break the table."""
+    """Markdown-safe table cell: pipes and backticks would break the table, and GitHub renders the HTML a
+    file name may hold (`<img src=...>`, `<a href>`), so markup is escaped as entities."""
+    text = html.escape(text, quote=True)
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`").replace("\n", " ")
 
 

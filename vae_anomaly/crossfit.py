@@ -69,6 +69,8 @@ def read_training_images(data: ImageInput, cfg: FitConfig, warn: Callable[[str],
         return TrainingImages(pixels, prep, None, [], 0, ImageFacts.of([measured]), names)
     listing = find_images(as_paths(data))
     prep, _ = infer_preprocessing(require_images(listing), cfg.image_size)
+    # The network's shape at this working size, checked before a single image is decoded.
+    VAEConfig(prep.channels, prep.size, cfg.latent_dim, cfg.hidden_channels, cfg.likelihood)
     batch = read_images(listing.files, prep, options=cfg.decode, bits=True, on_warning=warn)
     unreadable, total = batch.errors, len(listing.files)
     if unreadable:

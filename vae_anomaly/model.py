@@ -70,6 +70,14 @@ class VAEConfig:
             raise ConfigError(f"dense_dim must be in [1, 65536], got {self.dense_dim}")
         if any(c < 1 for c in self.hidden_channels):
             raise ConfigError(f"hidden_channels must be positive, got {self.hidden_channels}")
+        sizes = _feature_sizes(self.image_size, len(self.hidden_channels))
+        if sizes[-1] < 1:
+            fits = sum(1 for s in sizes[1:] if s >= 1)
+            raise ConfigError(
+                f"hidden_channels {','.join(map(str, self.hidden_channels))}: {len(self.hidden_channels)} stride-2 "
+                f"layers shrink the {self.image_size}-px working size to nothing (at most {fits} fit); give fewer "
+                "channel counts or a larger --image-size"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
