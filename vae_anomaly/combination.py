@@ -16,9 +16,9 @@ fit's maximum-likelihood scale of the k excesses over u, the extreme's own inclu
 stays below k, and a normal image far out on one heavy-tailed statistic (the KL of an odd digit, 2.4
 times the next) cannot outweigh an image beyond every normal one on several (excluding it, one MNIST
 fit flagged no blank image at all). Where B_2 .. B_(k+1) hold no more than k/3 distinct values (a
-discrete statistic) there is no tail: (1) alone. "Ten times further than any normal image" counts for more than "just beyond". A
-two-sided statistic doubles its smaller side: p_j = min(1, 2 min(p_up, p_down)). The evidence of the
-image is the Cauchy combination (Liu & Xie 2020), kept to the side of evidence:
+discrete statistic) there is no tail: (1) alone. "Ten times further than any normal image" counts for
+more than "just beyond". A two-sided statistic doubles its smaller side: p_j = min(1, 2 min(p_up,
+p_down)). The evidence of the image is the Cauchy combination (Liu & Xie 2020), kept to the side of evidence:
 
     T(b) = sum_j cot(pi min(p_j(b), 1/2))        (tan((1/2 - p) pi), 0 for p >= 1/2)       (3)
 
