@@ -124,3 +124,36 @@ def test_the_github_summary_escapes_the_html_a_file_name_holds() -> None:
     )
     text = github_summary(Report([ImageRecord(None, name, None, None, None, "cannot decode <b>")], summary))
     assert "<img" not in text and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in text and "<b>" not in text
+
+
+# ------------------------------------------------------------- reports read back
+def test_a_baseline_with_a_string_version_or_a_nan_score_is_refused_saying_why(tmp_path: Path) -> None:
+    import json
+
+    from vae_anomaly.documents import read_report
+    from vae_anomaly.errors import DocumentError
+
+    doc = {"schema": "vae-anomaly/score", "schema_version": "1", "summary": {}, "warnings": [], "records": []}
+    path = tmp_path / "base.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DocumentError, match=r"schema_version must be a whole number, got '1'"):
+        read_report(path, "--baseline ")
+    doc["schema_version"] = 1
+    path.write_text(json.dumps(doc).replace('"records": []', '"records": [{"score": NaN}]'))
+    with pytest.raises(DocumentError, match="NaN where JSON allows only numbers"):
+        read_report(path, "--baseline ")
+
+
+def test_an_absurd_shard_count_and_an_oversized_report_are_refused_saying_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vae_anomaly import documents
+    from vae_anomaly.errors import DocumentError
+
+    code, _, err = run("score", tmp_path, "-m", tmp_path / "m.vae", "--shard", "1/99999999999999999999")
+    assert code == 2 and "at most 10,000 shards" in " ".join(err.split())
+    big = tmp_path / "big.json"
+    big.write_text("{}" + " " * 4096)
+    monkeypatch.setattr(documents, "MAX_REPORT_BYTES", 1024)
+    with pytest.raises(DocumentError, match="more than the 0 MiB a report is read up to; split the batch"):
+        documents.read_report(big, "")

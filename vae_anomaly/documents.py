@@ -20,6 +20,8 @@ from .errors import BaselineError, DocumentError
 from .report import SCHEMA_NAME, SCHEMA_VERSION
 
 HOW = "write one with `vae-anomaly score ... --format json --output FILE`"
+# A report of a million images is about 500 MB; beyond this, reading it takes minutes and gigabytes.
+MAX_REPORT_BYTES = 1 << 30
 
 
 @cache
@@ -27,6 +29,11 @@ def schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of the `--format json` report, shipped in the package."""
     text = resources.files("vae_anomaly").joinpath("schemas/score-report.schema.json").read_text(encoding="utf-8")
     return dict(json.loads(text))
+
+
+def _refuse_constant(word: str) -> float:
+    """NaN, Infinity and -Infinity, which Python's json reads but JSON does not allow."""
+    raise ValueError(f"{word} where JSON allows only numbers")
 
 
 def read_report(
@@ -37,18 +44,29 @@ def read_report(
 
     name = f"{what}{os.fsdecode(path)}"
     try:
+        size = os.stat(path).st_size
+        if size > MAX_REPORT_BYTES:
+            raise error(
+                f"{name}: {size / 2**20:,.0f} MiB, more than the {MAX_REPORT_BYTES / 2**20:,.0f} MiB a report is read "
+                "up to; split the batch into more shards (`score --shard I/N`)"
+            )
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise error(f"{name}: no such file; {how}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise error(f"{name}: cannot be read ({exc}); {how}") from None
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
         raise error(f"{name}: not a JSON file ({exc}); {how}") from None
+    except ValueError as exc:  # NaN or Infinity: not JSON, and a NaN score would pass every comparison
+        raise error(f"{name}: {exc}; the file was edited, {how}") from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA_NAME:
         raise error(f'{name}: not a vae-anomaly score report (no "schema": "{SCHEMA_NAME}"); {how}')
-    if doc.get("schema_version") != SCHEMA_VERSION:
+    version = doc.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise error(f"{name}: schema_version must be a whole number, got {version!r}; the file was edited, {how}")
+    if version != SCHEMA_VERSION:
         raise error(
             f"{name}: report schema version {doc.get('schema_version')}, this vae-anomaly reads {SCHEMA_VERSION}; "
             "score the batch again with this version"

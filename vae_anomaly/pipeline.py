@@ -239,7 +239,12 @@ class MergeRun:
 def merge(config: MergeConfig, *, on_message: Say = _quiet, on_warning: Say = _quiet) -> MergeRun:
     """Join the shard reports of `score --shard I/N` into the report one run would have written, and gate it."""
     model = None if config.model is None else Detector.load(config.model, device="cpu")
-    shards = [load_shard_report(path) for path in config.reports]
+    shards = []
+    for path in config.reports:
+        size = os.stat(path).st_size if os.path.isfile(path) else 0
+        if size > 32 << 20:  # a large report takes a while to read and validate: say so
+            on_message(f"reading {os.fsdecode(path)} ({size / 2**20:,.0f} MiB)")
+        shards.append(load_shard_report(path))
     report = merge_reports(
         shards,
         rule=config.rule,

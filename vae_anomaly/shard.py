@@ -51,6 +51,9 @@ OPTION_FLAGS: dict[str, str] = {
 }
 
 
+MAX_SHARDS = 10_000
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """`I/N` -> (I, N), with 1 <= I <= N; ConfigError says what is wrong and what to type."""
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
@@ -59,6 +62,8 @@ def parse_shard(text: str) -> tuple[int, int]:
     index, count = int(m[1]), int(m[2])
     if count < 1:
         raise ConfigError(f"{text}: N, the number of shards, must be at least 1")
+    if count > MAX_SHARDS:
+        raise ConfigError(f"{text}: at most {MAX_SHARDS:,} shards (merge holds every shard's report at once)")
     if not 1 <= index <= count:
         raise ConfigError(f"{text}: I must be between 1 and N = {count} (shards are numbered from 1)")
     return index, count
