@@ -157,3 +157,14 @@ def test_an_absurd_shard_count_and_an_oversized_report_are_refused_saying_so(
     monkeypatch.setattr(documents, "MAX_REPORT_BYTES", 1024)
     with pytest.raises(DocumentError, match="more than the 0 MiB a report is read up to; split the batch"):
         documents.read_report(big, "")
+
+
+def test_the_pixel_limit_holds_for_cached_files_and_names_one_limit(
+    cli_model: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    args = ("score", data_dir / "incoming", "-m", cli_model, "--cache-dir", tmp_path / "cache", "--workers", "0")
+    assert run(*args)[0] in (0, 1)  # fills the cache
+    code, _, err = run(*args, "--max-image-pixels", "1")
+    flat = " ".join(err.split())
+    assert code == 3 and "scored 0 of" in flat, "every file refused, cached or not"
+    assert "more than the limit of 1 (a decompression bomb?)" in flat and "limit of 2" not in flat

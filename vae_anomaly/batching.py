@@ -25,7 +25,18 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from . import properties
-from .decoding import Preprocessing, ReadError, Source, Unlike, decode_image, merge_unlike, png_bits, unlike_kinds
+from .decoding import (
+    Preprocessing,
+    ReadError,
+    Source,
+    Unlike,
+    bomb_reason,
+    decode_image,
+    merge_unlike,
+    over_pixel_limit,
+    png_bits,
+    unlike_kinds,
+)
 from .duplicates import Fingerprints, fingerprints
 from .errors import ConfigError, ImageReadError
 from .listing import display_path
@@ -240,6 +251,11 @@ def _assemble(p: _Pending, prep: Preprocessing, bits: bool, cache: PixelCache | 
     sources: dict[int, Source] = {}
     reasons: dict[int, str] = {}
     hits = p.hits
+    # A cached file is held to the pixel limit now in force, as decoding it would be.
+    refused = {i for i, h in hits.items() if over_pixel_limit(h.source[0], h.source[1])}
+    for i in refused:
+        reasons[i] = bomb_reason(hits[i].source[0] * hits[i].source[1])
+    hits = {i: h for i, h in hits.items() if i not in refused}
     if hits:
         rows = cache.read([h.row for h in hits.values()]) if cache is not None else None
         good = list(hits)

@@ -168,10 +168,7 @@ def _explain(path: Path, exc: BaseException) -> str:
     if isinstance(exc, UnidentifiedImageError):
         return "not a readable image: unknown format or corrupt header"
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return (
-            f"refused before decoding: the header declares more pixels than the limit of "
-            f"{Image.MAX_IMAGE_PIXELS:,} (a decompression bomb?); --max-image-pixels raises the limit ({exc})"
-        )
+        return bomb_reason()
     msg = str(exc).strip() or type(exc).__name__
     if "truncated" in msg.lower() or isinstance(exc, EOFError):
         return f"truncated or corrupt image data ({msg})"
@@ -192,6 +189,22 @@ def _to_mode(img: Image.Image, channels: int) -> Image.Image:
     if channels == 1:
         return img.convert("L")
     return img.convert("RGB")
+
+
+def bomb_reason(pixels: int | None = None) -> str:
+    """Why a file whose header declares too many pixels is refused: one limit, ours (Pillow's own text
+    names twice it, where its error starts)."""
+    declared = "more pixels" if pixels is None else f"{pixels:,} pixels, more"
+    return (
+        f"refused before decoding: the header declares {declared} than the limit of {Image.MAX_IMAGE_PIXELS:,} "
+        "(a decompression bomb?); --max-image-pixels raises the limit"
+    )
+
+
+def over_pixel_limit(width: int, height: int) -> bool:
+    """Whether a file of this size is refused by the decompression-bomb limit now in force."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return limit is not None and width * height > limit
 
 
 def set_max_image_pixels(limit: int | None) -> None:
