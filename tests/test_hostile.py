@@ -168,3 +168,17 @@ def test_the_pixel_limit_holds_for_cached_files_and_names_one_limit(
     flat = " ".join(err.split())
     assert code == 3 and "scored 0 of" in flat, "every file refused, cached or not"
     assert "more than the limit of 1 (a decompression bomb?)" in flat and "limit of 2" not in flat
+
+
+def test_model_files_follow_the_umask_and_a_killed_runs_temporary_files_are_cleared(tmp_path: Path) -> None:
+    from vae_anomaly import artifact
+
+    left = tmp_path / ".m.vae.ckpt.abc123.tmp"
+    left.write_bytes(b"\0" * 1000)  # what kill -9 left mid-write
+    old = os.umask(0o022)
+    try:
+        artifact._atomic_torch_save(tmp_path / "m.vae.ckpt", {"x": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "m.vae.ckpt").st_mode) == 0o644, "as a report: readable by the CI job"
+    assert not left.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.vae.ckpt"]

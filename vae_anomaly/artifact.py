@@ -26,12 +26,14 @@ unprefixed weight names, no "fold" entry. Files are always written as 2.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import pickle
 import tempfile
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -116,10 +118,21 @@ def _digest(metadata_json: str, state: dict[str, torch.Tensor], cal: dict[str, t
 
 
 def _atomic_torch_save(path: Path, payload: dict[str, Any]) -> None:
-    """Temporary file in the same folder, fsync, `os.replace`, fsync the folder."""
+    """Temporary file in the same folder, fsync, `os.replace`, fsync the folder.
+
+    The file gets the mode the umask gives a new file (mkstemp's 0600 would hide a model from a CI job's
+    other users, as reports are not hidden); the temporary files a killed run left for this path
+    (`.NAME.*.tmp`, never finished, so never the file itself) are removed first.
+    """
     directory = path.parent if str(path.parent) else Path(".")
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(f".{glob_escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(payload, fh)
