@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import cli_run, crosses, disks, write_pngs
-from vae_anomaly import Detector, artifact
+from vae_anomaly import Detector
 from vae_anomaly.calibration import smallest_p_value
 
 
@@ -57,32 +57,6 @@ def test_cross_fitted_model_file_round_trips(crossfit: Detector, tmp_path: Path)
     np.testing.assert_array_equal(a.model_scores, b.model_scores)
     np.testing.assert_array_equal(crossfit.p_values(a), loaded.p_values(b))
     assert loaded.info()["models"] == 5 and loaded.info()["training"]["folds"] == 5
-
-
-def test_format_1_files_still_load(fitted: Detector, model_file: Path, tmp_path: Path) -> None:
-    """A file as 0.1.0 wrote it: unprefixed weight names, no fold labels, version 1."""
-    payload = torch.load(model_file, weights_only=True)
-    state = {k.removeprefix("model0."): v for k, v in payload["state_dict"].items()}
-    cal = {k: v for k, v in payload["calibration"].items() if k != artifact.FOLD_KEY}
-    meta = json.loads(payload["metadata"])
-    meta.pop("models")
-    meta_json = json.dumps(meta, sort_keys=True)
-    old = tmp_path / "v1.vae"
-    torch.save(
-        {
-            "format": artifact.FORMAT_NAME,
-            "format_version": 1,
-            "metadata": meta_json,
-            "state_dict": state,
-            "calibration": cal,
-            "checksum": artifact._digest(meta_json, state, cal),
-        },
-        old,
-    )
-    loaded = Detector.load(old, device="cpu")
-    x = disks(10, seed=25)
-    assert loaded.n_models == 1
-    np.testing.assert_array_equal(loaded.score(x).scores, fitted.score(x).scores)
 
 
 def test_cli_cross_fits_a_small_folder_and_score_states_the_smallest_p(tmp_path: Path) -> None:

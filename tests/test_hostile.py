@@ -182,3 +182,26 @@ def test_model_files_follow_the_umask_and_a_killed_runs_temporary_files_are_clea
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "m.vae.ckpt").st_mode) == 0o644, "as a report: readable by the CI job"
     assert not left.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.vae.ckpt"]
+
+
+def test_a_format_1_model_file_is_refused_saying_re_fit_not_damaged(tmp_path: Path) -> None:
+    import json
+
+    import torch
+
+    from vae_anomaly import artifact
+
+    meta, state, cal = json.dumps({"models": 1}), {"w": torch.zeros(2)}, {"elbo": torch.zeros(3)}
+    payload = {
+        "format": artifact.FORMAT_NAME,
+        "format_version": 1,
+        "metadata": meta,
+        "state_dict": state,
+        "calibration": cal,
+        "checksum": artifact._digest(meta, state, cal),
+    }
+    torch.save(payload, tmp_path / "old.vae")
+    code, _, err = run("info", tmp_path / "old.vae")
+    flat = " ".join(err.split())
+    assert code == 2 and "model format 1" in flat and "is no longer read; re-fit it" in flat, err
+    assert "damaged" not in flat and "edited" not in flat

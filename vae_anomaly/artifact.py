@@ -68,12 +68,10 @@ class ModelFile:
 
 
 def split_models(mf: ModelFile) -> list[dict[str, torch.Tensor]]:
-    """The K models' state dicts, in order; format 1 holds exactly one, unprefixed.
+    """The K models' state dicts, in order.
 
     Raises KeyError or ValueError when the names do not fit the declared count.
     """
-    if mf.version == 1:
-        return [mf.state_dict]
     k_models = int(mf.metadata["models"])
     if k_models < 1:
         raise ValueError(f"model count {k_models} < 1")
@@ -218,6 +216,11 @@ def load(path: str | os.PathLike[str]) -> ModelFile:
         )
     if version < 1:
         raise ModelFileError(f"{name}: unknown model format version {version}.")
+    if version == 1:  # no calibration of the checks, no folds, no local statistic: nothing to decide with
+        raise ModelFileError(
+            f"{name}: model format 1 (vae-anomaly before cross-fitting) is no longer read; re-fit it with "
+            "`vae-anomaly fit` on the same images."
+        )
     meta_json = payload.get("metadata")
     state = payload.get("state_dict")
     cal = payload.get("calibration")
