@@ -205,3 +205,23 @@ def test_a_format_1_model_file_is_refused_saying_re_fit_not_damaged(tmp_path: Pa
     flat = " ".join(err.split())
     assert code == 2 and "model format 1" in flat and "is no longer read; re-fit it" in flat, err
     assert "damaged" not in flat and "edited" not in flat
+
+
+def test_an_interrupted_score_says_which_outputs_are_new(
+    cli_model: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Interrupted between the JSON report and the JUnit file: the message names the new report, and
+    says the earlier run's JUnit file was left as it was."""
+    from vae_anomaly import ci
+
+    out, junit = tmp_path / "out.json", tmp_path / "junit.xml"
+    junit.write_text("<previous run/>")
+
+    def interrupted(*args: object, **kwargs: object) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ci, "to_junit", interrupted)
+    code, _, err = run("score", data_dir / "incoming", "-m", cli_model, "-o", out, "--junit", junit)
+    flat = " ".join(err.split())
+    assert code == 130 and f"written before it, each whole: {out}" in flat and "was not written" in flat, err
+    assert out.exists() and junit.read_text() == "<previous run/>"

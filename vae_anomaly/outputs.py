@@ -39,6 +39,11 @@ def _umask() -> int:
     return mask
 
 
+# The files this process wrote, in order: an interrupted command says which are new (each is whole) and
+# so which others still hold an earlier run's contents.
+WRITTEN: list[str] = []
+
+
 def _written_through(path: Path) -> bool:
     """Whether `path` is a device, FIFO or socket (`/dev/stdout`, a named pipe), or a path under /dev or
     /proc: written to as it is, never replaced by a regular file."""
@@ -65,6 +70,7 @@ def write_file(path: Path, data: bytes | str, what: str) -> None:
                 fh.write(raw)
         except OSError as exc:
             raise OutputError(f"cannot write {what} to {os.fsdecode(path)}: {exc.strerror or exc}") from None
+        WRITTEN.append(os.fsdecode(path))
         return
     path = Path(os.path.realpath(path))  # a link's target, which the link goes on naming
     tmp: str | None = None
@@ -76,6 +82,7 @@ def write_file(path: Path, data: bytes | str, what: str) -> None:
             fh.write(raw)
         os.replace(tmp, path)
         tmp = None
+        WRITTEN.append(os.fsdecode(path))
     except OSError as exc:
         raise OutputError(f"cannot write {what} to {os.fsdecode(path)}: {exc.strerror or exc}") from None
     finally:

@@ -48,6 +48,9 @@ class _Group(click.Group):
         return command
 
     def invoke(self, ctx: click.Context) -> Any:
+        from ..outputs import WRITTEN
+
+        WRITTEN.clear()
         previous = None
         with contextlib.suppress(ValueError):  # not the main thread (an embedding application)
             previous = signal.signal(signal.SIGTERM, terminate)
@@ -57,14 +60,26 @@ class _Group(click.Group):
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("aborted (Ctrl-C); no output was left half written", err=True)
+            click.echo(f"aborted (Ctrl-C); {_outputs_left()}", err=True)
             ctx.exit(128 + signal.SIGINT)
         except Terminated:
-            click.echo("terminated (SIGTERM); no output was left half written", err=True)
+            click.echo(f"terminated (SIGTERM); {_outputs_left()}", err=True)
             ctx.exit(128 + signal.SIGTERM)
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+
+
+def _outputs_left() -> str:
+    """What an interrupted command leaves: no file half written; which ones are new, if any."""
+    from ..outputs import WRITTEN
+
+    if not WRITTEN:
+        return "no output was written or left half written"
+    return (
+        f"written before it, each whole: {', '.join(WRITTEN)}; any other output asked for was not written (an "
+        "earlier run's file of that name is unchanged)"
+    )
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
