@@ -148,10 +148,17 @@ def test_an_absurd_shard_count_and_an_oversized_report_are_refused_saying_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from vae_anomaly import documents
-    from vae_anomaly.errors import DocumentError
+    from vae_anomaly.errors import DocumentError, MergeError
 
     code, _, err = run("score", tmp_path, "-m", tmp_path / "m.vae", "--shard", "1/99999999999999999999")
     assert code == 2 and "at most 10,000 shards" in " ".join(err.split())
+    from vae_anomaly.merge import ShardReport, _check_compatible
+
+    forged = ShardReport.__new__(ShardReport)
+    object.__setattr__(forged, "count", 10**20)
+    object.__setattr__(forged, "path", "s1.json")
+    with pytest.raises(MergeError, match="claims 100,000,000,000,000,000,000 shards"):
+        _check_compatible([forged])
     big = tmp_path / "big.json"
     big.write_text("{}" + " " * 4096)
     monkeypatch.setattr(documents, "MAX_REPORT_BYTES", 1024)

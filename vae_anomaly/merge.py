@@ -29,7 +29,7 @@ from .duplicates import NEAR_BITS, Duplicate, Fingerprints, find_duplicates
 from .errors import CalibrationError, ConfigError, MergeError
 from .gate import GateRule
 from .report import Report, build_report
-from .shard import OPTION_FLAGS, shard_positions
+from .shard import MAX_SHARDS, OPTION_FLAGS, shard_positions
 
 
 @dataclass
@@ -116,6 +116,8 @@ def _check_compatible(shards: Sequence[ShardReport]) -> list[ShardReport]:
     """One run's N shards, each once, same model, options and listing; returned in shard order."""
     first = shards[0]
     again = "score every shard with the same model file, options and inputs"
+    if first.count > MAX_SHARDS:  # a count no `score --shard` writes: an edit, and a list of that length
+        raise MergeError(f"{first.path} claims {first.count:,} shards, more than the {MAX_SHARDS:,} score writes")
     for sh in shards[1:]:
         if (sh.count, sh.split) != (first.count, first.split):
             raise MergeError(
