@@ -46,7 +46,8 @@ import numpy as np
 SIDES: tuple[str, ...] = ("two-sided", "upper", "lower")
 TAIL_SPAN = 10  # k of (2): the spacings behind the extreme that set its tail's scale
 MAX_EXCESS = 50.0  # the largest -log of (2)'s exp factor: beyond e^-50 nothing is more certain
-_CHUNK = 4_000_000  # (member, image) pairs compared at once
+_CHUNK = 4_000_000  # (member, image) pairs whose bounds are compared at once
+_PAIRS = 100_000  # (member, image) pairs whose T is computed at once
 
 
 def tail_size(n: int) -> int:
@@ -199,6 +200,15 @@ def _undecided(lowest: np.ndarray, highest: np.ndarray, t_new: np.ndarray) -> It
             yield b, i + start
 
 
+def _ahead(evidence: Evidence, b: np.ndarray, i: np.ndarray, x: np.ndarray, t_x: np.ndarray) -> np.ndarray:
+    """For each new image, how many of the (member b, image i) pairs have the member at least as strange."""
+    count = np.zeros(len(t_x))
+    for start in range(0, len(b), _PAIRS):  # T of a pair takes a float per side: bounded memory
+        bb, ii = b[start : start + _PAIRS], i[start : start + _PAIRS]
+        count += np.bincount(ii, weights=evidence.members(bb, x[:, ii]) >= t_x[ii], minlength=len(t_x))
+    return count
+
+
 def p_values(
     calibration: np.ndarray, folds: np.ndarray, model_values: np.ndarray, tails: Sequence[str]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -227,9 +237,10 @@ def p_values(
         plain, tails_moving = members[~extreme[members]], members[extreme[members]]
         count += len(plain) - np.searchsorted(np.sort(lowest[plain]), t_x, side="left")
         for j, i in _undecided(lowest[plain], highest[plain], t_x):
-            ahead = evidence.members(plain[j], x[:, i]) >= t_x[i]
-            count += np.bincount(i, weights=ahead, minlength=m)
-        for b in tails_moving:
-            count += evidence.members(np.full(m, b), x) >= t_x
+            count += _ahead(evidence, plain[j], i, x, t_x)
+        step = max(1, _PAIRS // max(m, 1))  # every (extreme member, image) pair
+        for start in range(0, len(tails_moving), step):
+            b = np.repeat(tails_moving[start : start + step], m)
+            count += _ahead(evidence, b, np.tile(np.arange(m), len(b) // m), x, t_x)
     p: np.ndarray = (1.0 + count) / (evidence.n + 1.0)
     return p, t_new

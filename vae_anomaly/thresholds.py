@@ -10,6 +10,7 @@ No torch.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -93,14 +94,29 @@ def _others_at_median(calibration: np.ndarray, scores: np.ndarray) -> np.ndarray
     return np.vstack([scores[None], np.repeat(others[:, None], len(scores), axis=1)])
 
 
+def _ordered(value: float) -> int:
+    """A float's place in the order of all floats, as an integer (IEEE 754 bits, negatives flipped)."""
+    bits: int = struct.unpack("<q", struct.pack("<d", value))[0]
+    return bits if bits >= 0 else -(bits & 0x7FFFFFFFFFFFFFFF)
+
+
+def _from_ordered(place: int) -> float:
+    bits = place if place >= 0 else (-place) | 0x8000000000000000
+    value: float = struct.unpack("<d", struct.pack("<Q", bits))[0]
+    return value
+
+
 def _bisect(near: float, far: float, reaches: Callable[[np.ndarray], np.ndarray]) -> float:
     """The point between `near` (does not reach) and `far` (reaches) where `reaches` turns true, to the
-    last float: it is monotone outward."""
-    while True:
-        middle = near + (far - near) / 2
-        if middle in (near, far):
-            return far
-        near, far = (near, middle) if reaches(np.array([middle]))[0] else (middle, far)
+    last float: it is monotone outward. Bisection over the floats' order, so at most 64 steps."""
+    lo, hi = _ordered(near), _ordered(far)
+    while abs(hi - lo) > 1:
+        middle = (lo + hi) // 2
+        if reaches(np.array([_from_ordered(middle)]))[0]:
+            hi = middle
+        else:
+            lo = middle
+    return _from_ordered(hi)
 
 
 def _beyond(point: float, sign: float, reaches: Callable[[np.ndarray], np.ndarray]) -> float | None:
