@@ -292,12 +292,12 @@ def test_below_the_floor_the_fpr_rule_flags_at_the_floor_and_says_so_plainly(fit
 
 
 def test_below_the_floor_benjamini_hochberg_reads_the_tail_model_and_says_it_is_approximate(fitted: Detector) -> None:
-    """BH over 2,010 images needs p <= 0.05/2010 for its first flag, far below 1/401: the tail model's p-values."""
+    """BH over a CI batch of 200 needs p <= 0.05/200 for its first flag, below 1/401: the tail model's p-values."""
     n = len(fitted.calibration_["elbo-ic"])
-    batch = fitted.score(np.concatenate([disks(2000, seed=7), crosses(10, seed=6)]))
+    batch = fitted.score(np.concatenate([disks(190, seed=7), crosses(10, seed=6)]))
     d = fitted.decide(batch, fdr=0.05)
     assert d.threshold.alpha == 0.05 and d.threshold.tail_model is not None and d.threshold.tail_model["n"] == n
-    assert d.flags[-10:].mean() >= 0.5 and d.flags[:2000].mean() <= 0.005, "the crosses, hardly any disc"
+    assert d.flags[-10:].mean() >= 0.5 and d.flags[:190].sum() <= 1, "the crosses, hardly any disc"
     assert "approximate: tail model" in d.guarantee and "generalised Pareto tail model" in d.threshold.describe()
 
 

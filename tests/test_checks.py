@@ -137,7 +137,7 @@ def test_one_sided_checks_see_only_their_side() -> None:
     dark_side = BY_NAME["highlights"].tail
     assert statistic_p_values(cal, np.array([-5.0]), dark_side)[0] < 1 / 101, "beyond every normal value"
     assert statistic_p_values(cal, np.array([500.0]), dark_side)[0] == 1.0, "bright highlights are not dark"
-    assert statistic_p_values(cal, np.array([500.0]), BY_NAME["shadows"].tail)[0] < 1e-6, "far beyond"
+    assert statistic_p_values(cal, np.array([500.0]), BY_NAME["shadows"].tail)[0] < 1e-4, "far beyond"
     both = statistic_p_values(cal, np.array([500.0, -1.0, -30.0, 10.0]), "two-sided")
     assert both[0] < both[2] < both[1] < 2 / 101, "either side; further out, smaller"
     assert both[3] == pytest.approx(2 * 12 / 101), "two-sided: twice (the 11 normal values <= 10, and itself)"
