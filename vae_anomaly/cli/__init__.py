@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import signal
+import sys
 from typing import Any
 
 import click
@@ -48,9 +49,7 @@ class _Group(click.Group):
         return command
 
     def invoke(self, ctx: click.Context) -> Any:
-        from ..outputs import WRITTEN
-
-        WRITTEN.clear()
+        _written().clear()  # no import here: a Ctrl-C during one would escape as a traceback
         previous = None
         with contextlib.suppress(ValueError):  # not the main thread (an embedding application)
             previous = signal.signal(signal.SIGTERM, terminate)
@@ -70,14 +69,20 @@ class _Group(click.Group):
                 signal.signal(signal.SIGTERM, previous)
 
 
+def _written() -> list[str]:
+    """The files this process wrote (`outputs.WRITTEN`), or none where outputs.py was never imported."""
+    module = sys.modules.get("vae_anomaly.outputs")
+    written: list[str] = getattr(module, "WRITTEN", [])
+    return written
+
+
 def _outputs_left() -> str:
     """What an interrupted command leaves: no file half written; which ones are new, if any."""
-    from ..outputs import WRITTEN
-
-    if not WRITTEN:
+    written = _written()
+    if not written:
         return "no output was written or left half written"
     return (
-        f"written before it, each whole: {', '.join(WRITTEN)}; any other output asked for was not written (an "
+        f"written before it, each whole: {', '.join(written)}; any other output asked for was not written (an "
         "earlier run's file of that name is unchanged)"
     )
 
