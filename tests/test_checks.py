@@ -307,9 +307,8 @@ def test_no_checks_decides_on_the_model_alone(photos_dir: Path, photos_model: Pa
     doc = json.loads(out)
     assert doc["summary"]["threshold"]["checks"] == 0 and "image checks" not in doc["summary"]["rule"]
     _, out, _ = run("score", photos_dir / "in", "-m", photos_model, "--format", "json")
-    assert json.loads(out)["summary"]["threshold"]["checks"] == 13, (
-        "a colour model from files: the twelve properties the decision tests (not balance-x, balance-y) "
-        "and the local statistic"
+    assert json.loads(out)["summary"]["threshold"]["checks"] == 15, (
+        "a colour model from files: all fourteen properties and the local statistic"
     )
 
 

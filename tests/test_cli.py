@@ -63,8 +63,8 @@ def test_json_output_field_by_field(cli_model: Path, data_dir: Path, tmp_path: P
     assert s["score"] == "elbo-ic-nn" and s["samples"] == 1 and s["exit_code"] == code == 0
     assert s["threshold"]["rule"] == "auto" and s["threshold"]["tail"] == "two-sided"
     assert s["threshold"]["guard"] == "kl" and "one test of their combined evidence" in s["rule"]
-    assert s["threshold"]["checks"] == 11 and "one of 11 image checks" in s["rule"], (
-        "a grey model from files: the 10 properties the decision tests (not balance-x, balance-y) + local"
+    assert s["threshold"]["checks"] == 13 and "one of 13 image checks" in s["rule"], (
+        "a grey model from files: 12 properties + local"
     )
     assert s["smallest_p_value"] == 1 / 406  # one test of score and guard, both sides, 405 calibration scores
     assert s["threshold"]["alpha"] == 0.01 and s["calibration_images"] == 405
