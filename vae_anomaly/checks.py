@@ -202,6 +202,8 @@ def explain(
     p = np.array([r[1] for r in rows])
     ranges = {name: NormalRange.of(calibration[key(name)]) for name in names}
     model_names = list(model)
+    model_ranges = {name: NormalRange.of(cal) for name, (_, cal, _) in model.items()}  # once, not per image
+    medians = {name: float(np.median(cal)) for name, (_, cal, _) in model.items()}
     out: list[list[Reason]] = []
     for col, i in enumerate(idx):
         order = np.argsort(p[:, col], kind="stable")
@@ -211,10 +213,10 @@ def explain(
             check, pj = rows[j][0], float(p[j, col])
             if check == MODEL_CHECK:
                 name = model_names[int(closest[col])]
-                scores, cal, _ = model[name]
-                side = "too high" if scores[i] >= np.median(cal) else "too low"
+                scores = model[name][0]
+                side = "too high" if scores[i] >= medians[name] else "too low"
                 what = "score" if name == first else f"{name} (the guard)"
-                normal = NormalRange.of(cal)
+                normal = model_ranges[name]
                 text = f"unlike the normal images to the model: {what} {side}"
                 found.append(Reason(MODEL_CHECK, float(scores[i]), pj, text, (normal.lo, normal.hi)))
                 continue
