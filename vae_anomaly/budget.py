@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from . import neighbours
+from .devices import model_input
 from .distributed import World
 from .inference import calibration_scores
-from .model import ConvVAE, VAEConfig
+from .model import ModelConfig, build_model
 from .train import default_epochs, elbo_loss, held_out_loss
 
 # Timed training steps after one warm-up step: PROBE_STEPS, or fewer when they take over PROBE_SECONDS
@@ -82,7 +83,7 @@ def _sample(pixels: np.ndarray, n: int) -> torch.Tensor:
 
 
 def measure_speed(
-    vae_cfg: VAEConfig,
+    vae_cfg: ModelConfig,
     pixels: np.ndarray,
     batch_size: int,
     noise: Mapping[str, torch.Tensor],
@@ -102,9 +103,9 @@ def measure_speed(
         return time.perf_counter()
 
     try:
-        model = ConvVAE(vae_cfg).to(device).train()
+        model = build_model(vae_cfg).to(device).train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        x = _sample(pixels, batch_size).to(device).float().div_(255.0)
+        x = model_input(_sample(pixels, batch_size).to(device))
 
         def step() -> None:
             loss, _ = elbo_loss(model, x)

@@ -44,6 +44,8 @@ DEFAULT_GUARD = "kl"  # catches shrunk, noisy, dimmed, blurred frames (benchmark
 GUARDS: tuple[str, ...] = ("kl",)
 LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+# What the VAE models: a pretrained backbone's features, the pixels, or the rule in feature_vae.choose_features.
+FEATURES: tuple[str, ...] = ("auto", "backbone", "pixels")
 
 # ------------------------------------------------------------------ splits and folds
 MIN_TRAINING_IMAGES = 10
@@ -181,9 +183,12 @@ class FitConfig:
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     # The local statistic's tiles, in file pixels (tiles.py): None for the automatic rule, 0 for none.
     tile: int | None = None
+    # What the VAE models (FEATURES): "auto" picks per training set (feature_vae.choose_features).
+    features: str = "auto"
 
     def __post_init__(self) -> None:
         check_int("image_size", self.image_size, 4, 1024, none=True)
+        check_choice("features", self.features, FEATURES)
         if self.tile != 0:
             check_int("tile", self.tile, MIN_TILE, none=True)
         check_int("latent_dim", self.latent_dim, 1, 4096)

@@ -17,7 +17,7 @@ import math
 import os
 import platform
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,18 +25,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, artifact
+from . import __version__, artifact, backbone
 from .batching import ImageBatch, ImageFacts, read_images
 from .budget import model_time
 from .calibration import calibration_needed
 from .config import CROSS_FIT_BELOW, DEFAULT_FOLDS, MIN_TRAINING_IMAGES, MIN_VALIDATION_IMAGES, FitConfig, check_float
 from .decision import DecisionRule
-from .decoding import Preprocessing, ReadError, infer_preprocessing
+from .decoding import WORKING_SIZE, Preprocessing, ReadError, infer_preprocessing
 from .distributed import World
 from .errors import FitError, FitInterrupted, ModelFileError
+from .feature_vae import FeatureVAE
+from .features import choose_features
 from .inference import ImageInput, as_paths, as_uint8_images
 from .listing import find_images, real_path, require_images
-from .model import ConvVAE, VAEConfig
+from .model import VAE, ModelConfig, VAEConfig, build_model
 from .train import EpochStats, TrainResult, train
 
 
@@ -53,6 +55,8 @@ class TrainingImages:
     facts: ImageFacts
     paths: list[str]
     files: list[Path] = field(default_factory=list)  # the files read, in order ([] for an array)
+    features: str = "pixels"  # what the VAE models: "backbone" or "pixels" (feature_vae.choose_features)
+    why: str = ""  # the rule's reason, in words
 
 
 def read_training_images(data: ImageInput, cfg: FitConfig, warn: Callable[[str], None]) -> TrainingImages:
@@ -62,15 +66,21 @@ def read_training_images(data: ImageInput, cfg: FitConfig, warn: Callable[[str],
         prep = Preprocessing(pixels.shape[1], pixels.shape[2])
         if cfg.image_size is not None and cfg.image_size != prep.size:
             raise FitError(f"image_size {cfg.image_size} given, but the array's images are {prep.size} px")
+        kind, why = choose_features(cfg.features, prep.size, cfg.image_size is not None)
         source = (prep.size, prep.size, prep.channels == 3, "")
         measured = ImageBatch([], pixels, [], sources=[source] * len(pixels)).measured()
         names = [f"[{i}]" for i in range(len(pixels))]
         # A fresh fit's level is PNG_LEVEL, scores' default.
-        return TrainingImages(pixels, prep, None, [], 0, ImageFacts.of([measured]), names)
+        return TrainingImages(pixels, prep, None, [], 0, ImageFacts.of([measured]), names, [], kind, why)
     listing = find_images(as_paths(data))
-    prep, _ = infer_preprocessing(require_images(listing), cfg.image_size)
-    # The network's shape at this working size, checked before a single image is decoded.
-    VAEConfig(prep.channels, prep.size, cfg.latent_dim, cfg.hidden_channels, cfg.likelihood)
+    native, _ = infer_preprocessing(require_images(listing), cfg.image_size, largest=1024)
+    kind, why = choose_features(cfg.features, native.size, cfg.image_size is not None)
+    if kind == "backbone":  # decoded once, at the backbone's input size
+        prep = replace(native, size=backbone.SIZE)
+    else:
+        prep = replace(native, size=native.size if cfg.image_size is not None else min(native.size, WORKING_SIZE))
+        # The network's shape at this working size, checked before a single image is decoded.
+        VAEConfig(prep.channels, prep.size, cfg.latent_dim, cfg.hidden_channels, cfg.likelihood)
     batch = read_images(listing.files, prep, options=cfg.decode, bits=True, on_warning=warn)
     unreadable, total = batch.errors, len(listing.files)
     if unreadable:
@@ -93,6 +103,8 @@ def read_training_images(data: ImageInput, cfg: FitConfig, warn: Callable[[str],
         ImageFacts.of([batch]),
         batch.paths,
         [real_path(p) for p in batch.paths],
+        kind,
+        why,
     )
 
 
@@ -203,14 +215,14 @@ def train_models(
     pixels: np.ndarray,
     plans: Sequence[tuple[np.ndarray, np.ndarray]],
     cfg: FitConfig,
-    vae_cfg: VAEConfig,
+    vae_cfg: ModelConfig,
     device: torch.device,
     world: World,
     ident: str,
     hooks: Hooks,
     rng: np.random.Generator,
     schedule: tuple[int, float | None, float],
-) -> tuple[list[ConvVAE], list[TrainResult], list[tuple[int, int]]]:
+) -> tuple[list[VAE], list[TrainResult], list[tuple[int, int]]]:
     """Train one model per plan; returns the models, their results and (train, validation) sizes.
 
     `schedule` is (epochs per model, the budget's deadline in `time.perf_counter` seconds or None,
@@ -221,7 +233,7 @@ def train_models(
     ckpt = hooks.checkpoint
     saved = load_checkpoint(ckpt, ident, world) if hooks.resume and ckpt is not None else None
     done: list[dict[str, Any]] = list(saved["done"]) if saved else []
-    models: list[ConvVAE] = []
+    models: list[VAE] = []
     results: list[TrainResult] = []
     sizes: list[tuple[int, int]] = []
     for k, (fit_idx, _) in enumerate(plans):
@@ -232,7 +244,9 @@ def train_models(
             rel_train, rel_val = split(len(fit_idx), cfg.validation_fraction, rng)
             fit_idx, val_idx = fit_idx[rel_train], fit_idx[rel_val]
         torch.manual_seed(cfg.seed + k)
-        model = ConvVAE(vae_cfg)
+        model = build_model(vae_cfg)
+        if isinstance(model, FeatureVAE):  # its whitening from the images it trains on, never its calibration fold
+            model.fit_whitening(pixels[fit_idx])
         sizes.append((len(fit_idx), len(val_idx)))
         if k < len(done):  # finished before the interruption
             model.load_state_dict(done[k]["weights"])
@@ -279,8 +293,16 @@ def train_models(
     return models, results, sizes
 
 
+def features_metadata(images: TrainingImages) -> dict[str, Any]:
+    """What the VAE models and why (`info` shows it); for the backbone, its name and weights' hash."""
+    out: dict[str, Any] = {"kind": images.features, "why": images.why}
+    if images.features == "backbone":
+        out.update(backbone=backbone.NAME, weights_sha256=backbone.WEIGHTS_SHA256, size=backbone.SIZE, dim=backbone.DIM)
+    return out
+
+
 def training_metadata(
-    vae_cfg: VAEConfig,
+    vae_cfg: ModelConfig,
     images: TrainingImages,
     cfg: FitConfig,
     trained: tuple[Sequence[tuple[np.ndarray, np.ndarray]], Sequence[TrainResult], Sequence[tuple[int, int]]],
@@ -301,6 +323,7 @@ def training_metadata(
     return {
         "config": vae_cfg.to_dict(),
         "preprocessing": images.prep.to_dict(),
+        "features": features_metadata(images),
         "noise_seed": noise_seed(cfg),
         "samples": dict(cfg.samples),
         "models": folds,

@@ -314,15 +314,15 @@ def _is_colour(img: Image.Image) -> bool:
 
 
 def infer_preprocessing(
-    files: Sequence[Path], image_size: int | None = None, channels: int | None = None
+    files: Sequence[Path], image_size: int | None = None, channels: int | None = None, largest: int = WORKING_SIZE
 ) -> tuple[Preprocessing, list[ReadError]]:
     """Decide grey or colour and the working size from the training images.
 
     Colour if any image really holds colour (an RGB file of grey pixels is
     grey). Size: the images' native size (their common side when they are
     all one square size, else the median shorter side), at most
-    WORKING_SIZE: small images (digits, icons) keep every pixel, and larger
-    ones are stretched to WORKING_SIZE x WORKING_SIZE.
+    `largest` (WORKING_SIZE): small images (digits, icons) keep every pixel, and
+    larger ones are stretched to WORKING_SIZE x WORKING_SIZE.
     """
     sizes: list[int] = []  # each file's shorter side
     longest = 0
@@ -343,7 +343,7 @@ def infer_preprocessing(
         return Preprocessing(channels or 1, image_size or 28), errors
     if image_size is None:
         native = sizes[0] if len(set(sizes)) == 1 else int(np.median(sizes))
-        image_size = int(np.clip(native, 4, WORKING_SIZE))
+        image_size = int(np.clip(native, 4, largest))
     sides = (min(sizes), longest)
     return Preprocessing(channels or (3 if colour else 1), int(image_size), sides=sides), errors
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import artifact, budget, checks, crossfit, inference, local, neighbours, tiles
+from . import artifact, backbone, budget, checks, crossfit, inference, local, neighbours, tiles
 from .batch_tests import BatchTest, run_batch_tests
 from .batching import DecodeOptions
 from .budget import FitPlan
@@ -36,10 +36,11 @@ from .devices import ThreadShare, resolve_device, training_device
 from .distributed import current
 from .duplicates import NEAR_BITS, Duplicate, Fingerprints, find_duplicates
 from .errors import ModelFileError, UsageError
+from .feature_vae import FeatureVAE, FeatureVAEConfig
 from .inference import HeatMaps, ImageInput, ScoreResult
 from .listing import FileListing
 from .local import PatchBank
-from .model import ConvVAE, VAEConfig
+from .model import VAE, ModelConfig, VAEConfig, build_model, config_from_dict
 from .neighbours import LatentBank
 from .scores import NEEDS_BITS, latent_noise
 from .tiles import Scales, TileBank
@@ -51,7 +52,7 @@ class Detector:
 
     def __init__(self, config: FitConfig | None = None) -> None:
         self.config = config or FitConfig()
-        self.models_: list[ConvVAE] = []  # K models: 1, or K cross-fitted ones
+        self.models_: list[VAE] = []  # K models: 1, or K cross-fitted ones
         self.calibration_folds_: np.ndarray = np.zeros(0, np.int64)  # fold (= model) of each calibration score
         self.calibration_: dict[str, np.ndarray] = {}
         # Every training image's duplicate fingerprints (None for model files written before them).
@@ -63,6 +64,7 @@ class Detector:
         # Each model's training latents for the default score elbo-ic-nn (neighbours.py); None in files before it.
         self.neighbours_: tuple[LatentBank, ...] | None = None
         self.metadata_: dict[str, Any] = {}
+        self._features: backbone.Features | None = None  # the backbone, made when first needed
         self.checksum_: str | None = None
         self.device_ = torch.device("cpu")
         self.decode = self.config.decode  # how files are read when scoring, too
@@ -107,7 +109,15 @@ class Detector:
             warn(warning)
         device = training_device(cfg.device, world)
         prep = images.prep
-        vae_cfg = VAEConfig(prep.channels, prep.size, cfg.latent_dim, cfg.hidden_channels, cfg.likelihood)
+        if images.features == "backbone":
+            self._features = backbone.Features(device)
+            inputs, bits = self._features(images.pixels), None  # what the VAE models, computed once
+            vae_cfg: ModelConfig = FeatureVAEConfig(
+                backbone.DIM, cfg.latent_dim, image_size=prep.size, in_channels=prep.channels
+            )
+        else:
+            inputs, bits = images.pixels, images.bits
+            vae_cfg = VAEConfig(prep.channels, prep.size, cfg.latent_dim, cfg.hidden_channels, cfg.likelihood)
         seed = crossfit.noise_seed(cfg)
         noise = {name: latent_noise(vae_cfg.latent_dim, n, seed) for name, n in cfg.samples.items()}
         # The local statistic needs no model: describing its banks before training puts their time in
@@ -117,7 +127,7 @@ class Detector:
         self.patches_, held_out = local.fit(images.pixels, plans, patch_rng)
         sides = np.stack([images.facts.properties["width"], images.facts.properties["height"]], 1).astype(np.int64)
         self.tiles_, tiled = tiles.fit(images.files, sides, prep.channels, prep.size, plans, cfg.tile, patch_rng)
-        speed = budget.measure_speed(vae_cfg, images.pixels, cfg.batch_size, noise, device)
+        speed = budget.measure_speed(vae_cfg, inputs, cfg.batch_size, noise, device)
         if world.size > 1:
             speed = world.broadcast_object(speed)  # one plan for every process
         fit_plan = budget.plan_fit(
@@ -136,7 +146,7 @@ class Detector:
         data_fp, ident, settings = crossfit.identity(images.pixels, cfg)
         schedule = (fit_plan.default_epochs, deadline, budget.reserve(n_calibration, speed))
         models, results, sizes = crossfit.train_models(
-            images.pixels, plans, cfg, vae_cfg, device, world, ident, hooks, rng, schedule
+            inputs, plans, cfg, vae_cfg, device, world, ident, hooks, rng, schedule
         )
         self.models_, self.preprocessing_, self.device_ = models, prep, device
         trained = (plans, results, sizes)
@@ -144,10 +154,10 @@ class Detector:
         self.calibration_folds_ = np.concatenate([np.full(len(c), k, np.int64) for k, (_, c) in enumerate(plans)])
         folds = [c for _, c in plans]
         self.neighbours_ = inference.latent_banks(
-            models, images.pixels, [f for f, _ in plans], noise[neighbours.SCORE], device, images.bits, rng.spawn(1)[0]
+            models, inputs, [f for f, _ in plans], noise[neighbours.SCORE], device, bits, rng.spawn(1)[0]
         )
         self.calibration_ = inference.calibration_scores(
-            models, images.pixels, folds, noise, device, world, images.bits, banks=self.neighbours_
+            models, inputs, folds, noise, device, world, bits, banks=self.neighbours_
         )
         order = np.concatenate(folds)
         images.facts.properties[local.NAME] = np.zeros(len(images.pixels))
@@ -169,7 +179,7 @@ class Detector:
 
     # ---------------------------------------------------------------- state
     @property
-    def model_(self) -> ConvVAE | None:
+    def model_(self) -> VAE | None:
         """The first (or only) model; all K are in `models_`."""
         return self.models_[0] if self.models_ else None
 
@@ -192,6 +202,13 @@ class Detector:
     @property
     def fingerprint(self) -> str | None:
         return self.checksum_[:16] if self.checksum_ else None
+
+    @property
+    def features_(self) -> backbone.Features | None:
+        """The pretrained backbone whose features the VAE models; None for a pixel VAE."""
+        if self._features is None and self.models_ and isinstance(self.models_[0], FeatureVAE):
+            self._features = backbone.Features(self.device_)
+        return self._features
 
     def _check_fitted(self) -> Preprocessing:
         if not self.models_ or self.preprocessing_ is None:
@@ -258,12 +275,13 @@ class Detector:
         counts = {name: given.get(name) or self.default_samples(name) for name in scores}
         noise = {name: self._noise(n) for name, n in counts.items()}
         threads = ThreadShare(self.device_)
-        bits = not NEEDS_BITS.isdisjoint(scores)
+        features = self.features_
+        bits = features is None and not NEEDS_BITS.isdisjoint(scores)
         it, ignored = inference.batches(
             data, prep, batch_size, self.decode, bits=bits, on_warning=on_warning, threads=threads, local=self.local_
         )
         per_model, paths, errors, unlike, facts = inference.score_all(
-            self.models_, it, noise, self.device_, threads, on_batch, self.neighbours_
+            self.models_, it, noise, self.device_, threads, on_batch, self.neighbours_, features
         )
         return inference.results(per_model, paths, errors, unlike, counts, ignored, facts)
 
@@ -280,7 +298,7 @@ class Detector:
         check_choice("score", score, SCORE_NAMES)
         eps = self._noise(samples or self.default_samples(score))
         it, _ = inference.batches(data, prep, batch_size, self.decode)
-        return inference.heat_maps(self.models_, it, eps, self.device_, prep, self.local_)
+        return inference.heat_maps(self.models_, it, eps, self.device_, prep, self.local_, self.features_)
 
     # --------------------------------------------------------------- decide
     def rule(self, result: ScoreResult, **options: Any) -> DecisionRule:
@@ -403,7 +421,7 @@ class Detector:
         mf = artifact.load(path)
         try:
             meta = mf.metadata
-            vae_cfg = VAEConfig.from_dict(meta["config"])
+            vae_cfg = config_from_dict(meta["config"])
             prep = Preprocessing.from_dict(meta["preprocessing"])
             if (prep.channels, prep.size) != (vae_cfg.in_channels, vae_cfg.image_size):
                 raise ValueError(
@@ -413,7 +431,7 @@ class Detector:
             int(meta["noise_seed"])
             models = []
             for state in artifact.split_models(mf):
-                model = ConvVAE(vae_cfg)
+                model = build_model(vae_cfg)
                 model.load_state_dict(state, strict=True)
                 models.append(model)
             packed = artifact.unpack_fingerprints(mf)

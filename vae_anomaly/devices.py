@@ -34,10 +34,16 @@ def training_device(device: str, world: World) -> torch.device:
 
 
 def to_device(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 pixels as float in [0, 1] on `device`; page-locked first on a GPU, so the copy runs asynchronously."""
+    """A model's input on `device`: uint8 pixels as float in [0, 1], feature vectors (float) as they are;
+    page-locked first on a GPU, so the copy runs asynchronously."""
     if device.type == "cuda":
         pixels = pixels.pin_memory()
-    return pixels.to(device, non_blocking=True).float().div_(255.0)
+    return model_input(pixels.to(device, non_blocking=True))
+
+
+def model_input(values: torch.Tensor) -> torch.Tensor:
+    """What a model takes: uint8 pixels scaled to [0, 1], a backbone's feature vectors as float."""
+    return values.float().div_(255.0) if values.dtype == torch.uint8 else values.float()
 
 
 class ThreadShare:

@@ -23,7 +23,7 @@ from .devices import ThreadShare, to_device
 from .distributed import World
 from .errors import ConfigError
 from .listing import FileListing, find_images, require_images
-from .model import ConvVAE
+from .model import VAE
 from .neighbours import LatentBank
 from .scores import kl_to_standard_normal, pixel_nll_map, score_batch
 from .tiles import Scales, maps_batch
@@ -154,7 +154,7 @@ def batches(
 
 
 def score_pixels(
-    model: ConvVAE,
+    model: VAE,
     x: torch.Tensor,
     noise: Mapping[str, torch.Tensor],
     bits: np.ndarray | None,
@@ -170,7 +170,7 @@ def _bank(banks: Sequence[LatentBank] | None, k: int) -> LatentBank | None:
 
 
 def latent_banks(
-    models: Sequence[ConvVAE],
+    models: Sequence[VAE],
     pixels: np.ndarray,
     rows: Sequence[np.ndarray],
     eps: torch.Tensor,
@@ -202,7 +202,7 @@ DECODED_PER_BATCH = 2**24  # decoded pixel values per calibration batch (64 MB p
 
 
 def calibration_scores(
-    models: Sequence[ConvVAE],
+    models: Sequence[VAE],
     pixels: np.ndarray,
     folds: Sequence[np.ndarray],
     noise: Mapping[str, torch.Tensor],
@@ -243,17 +243,19 @@ def calibration_scores(
 
 
 def score_all(
-    models: Sequence[ConvVAE],
+    models: Sequence[VAE],
     batches: Iterator[ImageBatch],
     noise: Mapping[str, torch.Tensor],
     device: torch.device,
     threads: ThreadShare,
     on_batch: Callable[[int, int], None] | None = None,
     banks: Sequence[LatentBank] | None = None,
+    features: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], list[str], list[ReadError], Unlike, ImageFacts]:
     """(K, N) scores of every asked-for type, the scored paths, the unreadable files, the unlike counts
     and what the checks read of each image (with the local statistic, its region and tile, where the
-    batches carry them: `batches(local=...)`)."""
+    batches carry them: `batches(local=...)`). With `features` (the backbone), the models see each
+    batch's feature vectors, computed once for all K."""
     paths: list[str] = []
     parts: dict[str, list[np.ndarray]] = {name: [] for name in noise}
     errors: list[ReadError] = []
@@ -270,7 +272,7 @@ def score_all(
             measured.append(replace(batch, pixels=batch.pixels[:0], bits=None))  # keep the facts, not the pixels
             if len(batch.pixels):
                 t0 = time.perf_counter()
-                x = to_device(torch.from_numpy(np.require(batch.pixels, requirements=["W"])), device)
+                x = to_device(torch.from_numpy(model_inputs(batch.pixels, features)), device)
                 per_model = [score_pixels(m, x, noise, batch.bits, _bank(banks, k)) for k, m in enumerate(models)]
                 for name in noise:
                     parts[name].append(np.stack([s[name] for s in per_model]))
@@ -313,16 +315,25 @@ def results(
     return out
 
 
+def model_inputs(pixels: np.ndarray, features: Callable[[np.ndarray], np.ndarray] | None) -> np.ndarray:
+    """What the models take for a batch: its uint8 pixels, or the backbone's feature vectors of them."""
+    return np.require(pixels if features is None else features(pixels), requirements=["W"])
+
+
 def heat_maps(
-    models: Sequence[ConvVAE],
+    models: Sequence[VAE],
     batches: Iterator[ImageBatch],
     eps: torch.Tensor,
     device: torch.device,
     prep: Preprocessing,
     local: Scales | None = None,
+    features: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> HeatMaps:
     """Per-pixel -log p(x|z), reconstructions and KL, each averaged over the draws and the K models; and,
-    with `local`, the local statistic's map over both its scales (tiles.maps_batch)."""
+    with `local`, the local statistic's map over both its scales (tiles.maps_batch).
+
+    A VAE over the backbone's features has no pixels to explain: its `maps` are the local statistic's
+    map (zeros without one), its reconstructions the images themselves, its KL that of the features."""
     paths: list[str] = []
     images, maps, recons, kls, local_maps, regions = [], [], [], [], [], []
     errors: list[ReadError] = []
@@ -331,26 +342,34 @@ def heat_maps(
         errors += batch.errors
         if not len(batch.pixels):
             continue
-        x = to_device(torch.from_numpy(np.require(batch.pixels, requirements=["W"])), device)
-        heat = torch.zeros_like(x, dtype=torch.float64)
-        recon = torch.zeros_like(x, dtype=torch.float64)
+        x = to_device(torch.from_numpy(model_inputs(batch.pixels, features)), device)
+        k = len(models)
         kl = torch.zeros(len(x), dtype=torch.float64, device=x.device)
         with torch.no_grad():
             for model in models:
-                m, r = pixel_nll_map(model, x, eps)  # (B, C, H, W) each
                 mu, logvar = model.encode(x)
-                heat += m.double()
-                recon += r.double()
                 kl += kl_to_standard_normal(mu, logvar).double()
-        k = len(models)
-        images.append(batch.pixels)
-        maps.append((heat / k).sum(1).cpu().numpy())
-        recons.append((recon / k).clamp(0, 1).mul(255).round().byte().cpu().numpy())
         kls.append((kl / k).cpu().numpy())
+        images.append(batch.pixels)
+        local_map = None
         if local is not None:
             local_map, region = maps_batch(local[0], local[1], batch.pixels, batch.paths, batch.sources, tile_threads())
             local_maps.append(local_map)
             regions.append(region)
+        if features is not None:
+            side = batch.pixels.shape[-2:]
+            maps.append(np.zeros((len(x), *side)) if local_map is None else np.asarray(local_map, np.float64))
+            recons.append(batch.pixels)
+            continue
+        heat = torch.zeros_like(x, dtype=torch.float64)
+        recon = torch.zeros_like(x, dtype=torch.float64)
+        with torch.no_grad():
+            for model in models:
+                m, r = pixel_nll_map(model, x, eps)  # (B, C, H, W) each
+                heat += m.double()
+                recon += r.double()
+        maps.append((heat / k).sum(1).cpu().numpy())
+        recons.append((recon / k).clamp(0, 1).mul(255).round().byte().cpu().numpy())
     empty = np.zeros((0, prep.channels, prep.size, prep.size), np.uint8)
     return HeatMaps(
         paths,

@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import LIKELIHOODS
 from .errors import ConfigError
+from .feature_vae import FeatureVAE, FeatureVAEConfig
 
 Likelihood = Literal["bernoulli", "gaussian"]
 
@@ -198,3 +199,17 @@ class ConvVAE(nn.Module):
         log_sigma = self.log_scale.clamp(MIN_LOG_SCALE, MAX_LOG_SCALE).view(-1, 1, 1)
         mean = torch.sigmoid(out)
         return -0.5 * ((x - mean) / log_sigma.exp()) ** 2 - log_sigma - 0.5 * math.log(2 * math.pi)
+
+
+VAE = ConvVAE | FeatureVAE  # the pixel VAE above, or the VAE over a backbone's features (feature_vae.py)
+ModelConfig = VAEConfig | FeatureVAEConfig
+
+
+def build_model(config: ModelConfig) -> VAE:
+    """The network a config describes: a `FeatureVAEConfig` gives a `FeatureVAE`, a `VAEConfig` a `ConvVAE`."""
+    return FeatureVAE(config) if isinstance(config, FeatureVAEConfig) else ConvVAE(config)
+
+
+def config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    """A model file's network config; files without a `kind` hold the pixel VAE."""
+    return FeatureVAEConfig.from_dict(d) if d.get("kind") == "features" else VAEConfig.from_dict(d)

@@ -18,7 +18,8 @@ import torch
 from .config import SCORE_NAMES
 from .decoding import png_bits
 from .errors import ConfigError
-from .model import ConvVAE
+from .feature_vae import FeatureVAE
+from .model import VAE
 from .neighbours import LatentBank
 
 LOG_2PI = math.log(2 * math.pi)
@@ -42,7 +43,7 @@ def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tenso
 
 
 def _log_likelihoods(
-    model: ConvVAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor
+    model: VAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(x|z_l) summed over pixels, and the z_l themselves: (L, B), (L, B, D).
 
@@ -70,7 +71,7 @@ class _Terms:
     bank: LatentBank | None = None  # the model's training latents (neighbours.py)
 
 
-def _terms(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor, decode: bool = True) -> _Terms:
+def _terms(model: VAE, x: torch.Tensor, eps: torch.Tensor, decode: bool = True) -> _Terms:
     mu, logvar = model.encode(x)
     ll, z = _log_likelihoods(model, x, mu, logvar, eps) if decode else (None, None)
     return _Terms(logvar, kl_to_standard_normal(mu, logvar), ll, z, eps, mu)
@@ -81,7 +82,7 @@ def _negative_elbo(t: _Terms) -> torch.Tensor:
     return -t.ll.mean(0) + t.kl
 
 
-def negative_elbo(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+def negative_elbo(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """-ELBO(x) = -E_q[log p(x|z)] + KL(q(z|x) || N(0, I)), per image (B,).
 
     The SGVB estimator B of Kingma & Welling (2014, Eq. 7): the reconstruction
@@ -99,7 +100,7 @@ def _log_importance_weights(t: _Terms) -> torch.Tensor:
     return t.ll + log_prior - log_q
 
 
-def log_importance_weights(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+def log_importance_weights(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x), shape (K, B)."""
     return _log_importance_weights(_terms(model, x, eps))
 
@@ -109,7 +110,7 @@ def _iwae_bound(t: _Terms) -> torch.Tensor:
     return -(torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0]))
 
 
-def iwae_bound(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+def iwae_bound(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """-L_K(x) = -log (1/K) sum_k w_k, per image (B,) (Burda et al. 2016, Eq. 8).
 
     An upper bound on -log p(x) that tightens as K grows; with K = 1 it is the
@@ -123,7 +124,7 @@ def _reconstruction_probability(t: _Terms) -> torch.Tensor:
     return -(torch.logsumexp(t.ll, dim=0) - math.log(t.ll.shape[0]))
 
 
-def reconstruction_probability(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+def reconstruction_probability(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """-log (1/L) sum_l p(x|z_l), z_l ~ q(z|x), per image (B,).
 
     An & Cho (2015), Algorithm 4: the reconstruction probability is the mean
@@ -133,8 +134,10 @@ def reconstruction_probability(model: ConvVAE, x: torch.Tensor, eps: torch.Tenso
     return _reconstruction_probability(_terms(model, x, eps))
 
 
-def _complexity_corrected(model: ConvVAE, x: torch.Tensor, t: _Terms, bits: torch.Tensor | None) -> torch.Tensor:
+def _complexity_corrected(model: VAE, x: torch.Tensor, t: _Terms, bits: torch.Tensor | None) -> torch.Tensor:
     nats = _negative_elbo(t)
+    if isinstance(model, FeatureVAE):  # features have no PNG length: -ELBO in bits
+        return nats / math.log(2.0)
     if model.config.likelihood == "gaussian":
         nats = nats + x[0].numel() * math.log(255.0)
     if bits is None:
@@ -143,7 +146,7 @@ def _complexity_corrected(model: ConvVAE, x: torch.Tensor, t: _Terms, bits: torc
 
 
 def complexity_corrected_elbo(
-    model: ConvVAE, x: torch.Tensor, eps: torch.Tensor, bits: torch.Tensor | None = None
+    model: VAE, x: torch.Tensor, eps: torch.Tensor, bits: torch.Tensor | None = None
 ) -> torch.Tensor:
     """S(x) = -ELBO(x) in bits - L(x), L the PNG length in bits (Serra et al. 2020, Eq. 2).
 
@@ -153,13 +156,16 @@ def complexity_corrected_elbo(
     look typical just for being simple, and busy ones are not flagged for
     being busy. A Gaussian density on [0, 1] becomes a code length for 8-bit
     pixels by adding log2(255) bits per pixel (the quantisation bin width).
+    Over a backbone's features (feature_vae.py) there is no PNG length to
+    subtract, and S(x) is -ELBO in bits: the backbone's features already
+    describe what an image shows, not how many bits its pixels take.
     `bits`, if given, is `png_bits` of x's pixels computed beforehand (by
     the decoding workers), which takes compression off the scoring path.
     """
     return _complexity_corrected(model, x, _terms(model, x, eps), bits)
 
 
-def _with_neighbours(model: ConvVAE, x: torch.Tensor, t: _Terms, bits: torch.Tensor | None) -> torch.Tensor:
+def _with_neighbours(model: VAE, x: torch.Tensor, t: _Terms, bits: torch.Tensor | None) -> torch.Tensor:
     if t.bank is None or t.mu is None:
         raise ConfigError(
             "the score elbo-ic-nn needs the training images' latent codes, which this model file does not keep "
@@ -170,7 +176,7 @@ def _with_neighbours(model: ConvVAE, x: torch.Tensor, t: _Terms, bits: torch.Ten
 
 
 def complexity_corrected_neighbours(
-    model: ConvVAE, x: torch.Tensor, eps: torch.Tensor, bank: LatentBank, bits: torch.Tensor | None = None
+    model: VAE, x: torch.Tensor, eps: torch.Tensor, bank: LatentBank, bits: torch.Tensor | None = None
 ) -> torch.Tensor:
     """S_nn(x) = S_ic(x) / IQR_train(S_ic) + d_5(mu(x)) / IQR_train(d_5), per image (B,).
 
@@ -182,7 +188,7 @@ def complexity_corrected_neighbours(
     return _with_neighbours(model, x, replace(t, bank=bank), bits)
 
 
-def latent_kl(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+def latent_kl(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """KL(q(z|x) || N(0, I)) alone (Kingma & Welling 2014, Appendix B), per image (B,).
 
     The latent part of -ELBO: large when the encoder places x far from where
@@ -194,7 +200,7 @@ def latent_kl(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tenso
 
 # The one dispatch table: each score from the terms of one encoder pass (and the decoder passes
 # its draws need); `score_batch` and every public function above go through it.
-_FROM_TERMS: dict[str, Callable[[ConvVAE, torch.Tensor, _Terms, torch.Tensor | None], torch.Tensor]] = {
+_FROM_TERMS: dict[str, Callable[[VAE, torch.Tensor, _Terms, torch.Tensor | None], torch.Tensor]] = {
     "elbo-ic-nn": _with_neighbours,
     "elbo": lambda model, x, t, bits: _negative_elbo(t),
     "elbo-ic": _complexity_corrected,
@@ -209,7 +215,7 @@ NEEDS_BITS = frozenset({"elbo-ic", "elbo-ic-nn"})  # the scores with the PNG len
 
 
 def score_batch(
-    model: ConvVAE,
+    model: VAE,
     x: torch.Tensor,
     noise: Mapping[str, torch.Tensor],
     bits: torch.Tensor | None = None,
@@ -242,7 +248,7 @@ def score_batch(
         return out
 
 
-def pixel_nll_map(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pixel_nll_map(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pixel -log p(x|z) averaged over the draws, and the mean reconstruction.
 
     Returns (B, C, H, W) maps whose sum over pixels is the reconstruction term
@@ -258,6 +264,6 @@ def pixel_nll_map(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor) -> tuple[t
     return maps / len(eps), recon / len(eps)
 
 
-def score_images(model: ConvVAE, x: torch.Tensor, score: str, eps: torch.Tensor) -> torch.Tensor:
+def score_images(model: VAE, x: torch.Tensor, score: str, eps: torch.Tensor) -> torch.Tensor:
     """One score by name; `x` is float (B, C, H, W) in [0, 1] on the model's device."""
     return score_batch(model, x, {score: eps})[score]

@@ -25,9 +25,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import TrainConfig
+from .devices import model_input
 from .distributed import World
 from .errors import TrainingError
-from .model import ConvVAE
+from .model import VAE
 from .scores import kl_to_standard_normal, latent_noise, negative_elbo
 
 # On a GPU the loss is read back (NaN check, running mean) every this many steps, not every
@@ -64,7 +65,7 @@ class TrainResult:
         return asdict(self)
 
 
-def elbo_terms(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def elbo_terms(model: VAE, x: torch.Tensor, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-ELBO and its KL term per image (B,), one reparameterised sample (Kingma & Welling 2014, Eq. 10)."""
     out, mu, logvar = model(x, eps)
     nll = -model.pixel_log_likelihood(x, out).flatten(1).sum(-1)
@@ -72,7 +73,7 @@ def elbo_terms(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor | None = None)
     return nll + kl, kl
 
 
-def elbo_loss(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def elbo_loss(model: VAE, x: torch.Tensor, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean -ELBO over the batch, and the mean KL so progress can show how much the latent code costs."""
     neg_elbo, kl = elbo_terms(model, x, eps)
     return neg_elbo.mean(), kl.mean()
@@ -89,9 +90,9 @@ def default_epochs(n_train: int, batch_size: int, min_steps: int) -> int:
 
 class _Objective(nn.Module):
     """The per-image loss as one module call. DDP reduces the gradients of what its module's
-    forward computes; the decoder scale enters the loss outside `ConvVAE.forward`."""
+    forward computes; the decoder scale enters the loss outside `VAE.forward`."""
 
-    def __init__(self, model: ConvVAE) -> None:
+    def __init__(self, model: VAE) -> None:
         super().__init__()
         self.model = model
 
@@ -99,7 +100,7 @@ class _Objective(nn.Module):
         return elbo_terms(self.model, x, eps)
 
 
-def _wrap(model: ConvVAE, device: torch.device) -> DistributedDataParallel:
+def _wrap(model: VAE, device: torch.device) -> DistributedDataParallel:
     """DDP around the objective: one process per GPU (device_ids), or CPU tensors with gloo."""
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
     return DistributedDataParallel(_Objective(model), device_ids=ids)
@@ -155,12 +156,12 @@ def _resident(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _to_float(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return pixels.to(device, non_blocking=True).float().div_(255.0)
+    return model_input(pixels.to(device, non_blocking=True))
 
 
 @torch.no_grad()
 def held_out_loss(
-    model: ConvVAE, pixels: torch.Tensor, device: torch.device, batch_size: int = 512, world: World | None = None
+    model: VAE, pixels: torch.Tensor, device: torch.device, batch_size: int = 512, world: World | None = None
 ) -> float:
     """Mean -ELBO on held-out images with fixed draws, so epochs compare fairly.
 
@@ -182,7 +183,7 @@ def held_out_loss(
 
 
 def train(
-    model: ConvVAE,
+    model: VAE,
     train_pixels: torch.Tensor,
     val_pixels: torch.Tensor | None,
     config: TrainConfig,

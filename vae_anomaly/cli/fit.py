@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from .. import artifact, distributed, launch
 from ..batching import DecodeOptions
 from ..budget import FitPlan
-from ..config import CROSS_FIT_BELOW, DEFAULT_FOLDS, DEFAULT_TIME_BUDGET, LIKELIHOODS, MIN_TILE, FitConfig
+from ..config import CROSS_FIT_BELOW, DEFAULT_FOLDS, DEFAULT_TIME_BUDGET, FEATURES, LIKELIHOODS, MIN_TILE, FitConfig
 from ..detector import Detector
 from ..errors import FitInterrupted, OutputError
 from ..outputs import check_model_output
@@ -62,7 +62,19 @@ def _tile(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
     show_default=True,
     help="Model file to write.",
 )
-@click.option("--image-size", type=click.IntRange(4, 1024), help="Square input side; default: from the data.")
+@click.option(
+    "--features",
+    type=click.Choice(FEATURES),
+    default=FIT_DEFAULTS.features,
+    show_default=True,
+    help="What the VAE models: a pretrained backbone's features of each image (EfficientNet-Lite0, ImageNet), "
+    "its pixels, or auto (pixels for images under 64 px a side, else the backbone).",
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(4, 1024),
+    help="Square working side of the pixel model (implies --features pixels under auto); default: from the data.",
+)
 @click.option("--latent-dim", type=click.IntRange(1, 4096), default=FIT_DEFAULTS.latent_dim, show_default=True)
 @click.option(
     "--hidden-channels",
@@ -163,6 +175,7 @@ def _tile(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
 def fit(
     inputs: tuple[Path, ...],
     output: Path,
+    features: str,
     image_size: int | None,
     latent_dim: int,
     hidden_channels: tuple[int, ...],
@@ -195,6 +208,7 @@ def fit(
     progress and writes the checkpoint and the model file.
     """
     config = FitConfig(
+        features=features,
         image_size=image_size,
         latent_dim=latent_dim,
         hidden_channels=hidden_channels,

@@ -11,6 +11,7 @@ from rich.table import Table
 from ..checks import PREFIX
 from ..ci import verdict_lines
 from ..decoding import Preprocessing
+from ..features import describe as describe_features
 from ..report import Report, why_text
 
 if TYPE_CHECKING:  # scikit-learn is imported by `evaluate` alone, not by every `score`
@@ -166,7 +167,8 @@ def info_table(model: str, data: dict[str, Any]) -> None:
         ("fingerprint", data["fingerprint"]),
         ("created", data["created"]),
         ("input", Preprocessing.from_dict(prep).describe()),
-        ("network", f"latent {cfg['latent_dim']}, channels {cfg['hidden_channels']}, {cfg['likelihood']} decoder"),
+        ("features", describe_features(data.get("features"), cfg)[0]),
+        ("network", describe_features(data.get("features"), cfg)[1]),
         (
             "images",
             f"{tr['images']} read ({tr['train_images']} train, {tr['validation_images']} validation, "
