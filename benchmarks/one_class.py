@@ -8,7 +8,7 @@ reconstruction error (90% variance), kNN distance (k=5) on raw pixels, and
 PyOD's AutoEncoder and VAE where `pyod` is installed (`pip install -e .[bench]`).
 
     python benchmarks/one_class.py --data ../shared/data/mnist [--digits 0,8] [--seeds 0,1,2]
-        [--time-budget 60] [--jobs 1] [--via-files]
+        [--time-budget 60] [--jobs 1] [--via-files] [--features auto|backbone|pixels]
 
 Writes benchmarks/results/one_class.json and .md (or --out PREFIX).
 """
@@ -77,9 +77,9 @@ DECISION = "default decision (elbo-ic-nn, kl guard, checks, two-sided)"
 
 
 def run_digit(
-    args: tuple[str, int, int, float | None, int, bool, tuple[str, ...], bool, tuple[int, ...]],
+    args: tuple[str, int, int, float | None, int, bool, tuple[str, ...], bool, tuple[int, ...], str],
 ) -> dict[str, Any]:
-    data, digit, seed, budget, threads, via_files, score_names, with_pyod, png_levels = args
+    data, digit, seed, budget, threads, via_files, score_names, with_pyod, png_levels, features = args
     import torch
 
     torch.set_num_threads(threads)
@@ -87,7 +87,7 @@ def run_digit(
     x_te, y_te = load_mnist(data, "test")
     normal = x_tr[y_tr == digit]
     labels = (y_te != digit).astype(int)
-    cfg = FitConfig(seed=seed, device="cpu", time_budget=budget)
+    cfg = FitConfig(seed=seed, device="cpu", time_budget=budget, features=features)
     t0 = time.perf_counter()
     det = Detector(cfg).fit(normal)
     fit_s = time.perf_counter() - t0
@@ -188,7 +188,7 @@ def markdown(doc: dict[str, Any]) -> str:
     best_base = max(base, key=lambda m: t[m]["mean"]) if base else None
     lines = [
         f"One-class MNIST, {doc['date']}, {doc['machine']}, commit {doc['commit']}, seeds {doc['seeds']}, "
-        f"time budget {doc['time_budget']}",
+        f"time budget {doc['time_budget']}, features {doc.get('features', 'auto')}",
         "",
         f"    {doc['command']}",
         "",
@@ -242,6 +242,7 @@ def main() -> int:
     ap.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--time-budget", type=float, default=None, help="fit --time-budget (default: fit's default)")
+    ap.add_argument("--features", default="auto", help="fit --features: auto, backbone or pixels")
     ap.add_argument("--jobs", type=int, default=1, help="digits trained in parallel (each with --threads)")
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2)))
     ap.add_argument("--via-files", action="store_true", help="also run each digit through PNG files and the CLI")
@@ -267,7 +268,7 @@ def main() -> int:
     names = tuple(args.scores.split(","))
     png_levels = tuple(int(v) for v in args.png_levels.split(",") if v)
     tasks = [
-        (args.data, d, s, args.time_budget, threads, args.via_files, names, not args.no_pyod, png_levels)
+        (args.data, d, s, args.time_budget, threads, args.via_files, names, not args.no_pyod, png_levels, args.features)
         for s in seeds
         for d in digits
     ]
@@ -289,6 +290,7 @@ def main() -> int:
         **provenance(f"torch threads {threads} x {args.jobs} jobs"),
         "seeds": seeds,
         "time_budget": args.time_budget,
+        "features": args.features,
         "wall_seconds": time.perf_counter() - t0,
         "rows": rows,
         "table": summarise(rows),

@@ -355,9 +355,11 @@ def test_the_tail_model_is_fitted_only_where_an_image_reaches_the_floor(monkeypa
     fitted: list[tuple[str, ...]] = []
     original = Calibration.tail_model
 
-    def counting(self: Calibration, names: Sequence[str], tail: str = "two-sided") -> object:
+    def counting(
+        self: Calibration, names: Sequence[str], tail: str = "two-sided", weights: Sequence[float] | None = None
+    ) -> object:
         fitted.append(tuple(names))
-        return original(self, names, tail)
+        return original(self, names, tail, weights)
 
     monkeypatch.setattr(Calibration, "tail_model", counting)
     typical = [rng.standard_normal(50) * 0.5, rng.standard_normal(50) * 0.5]
@@ -378,3 +380,43 @@ def test_a_discrete_statistic_has_no_tail_and_a_continuous_one_far_out_does() ->
     smooth = rng.standard_normal(100)
     near, far = Evidence.of(smooth[None], ["upper"]).per_statistic(np.array([[smooth.max() + 0.01, 50.0]]))[0]
     assert near == pytest.approx(np.log(101), abs=0.5) and far > near + 3 and far < np.log(101) + tail_size(100)
+
+
+def test_a_statistics_weight_counts_as_that_many_copies_of_it() -> None:
+    """(3) with integer weights is the sum over repeated statistics: p-values, T and bounds agree."""
+    from vae_anomaly import combination
+
+    rng = np.random.default_rng(7)
+    cal = rng.standard_t(3, size=(3, 60))
+    new = rng.standard_t(3, size=(1, 3, 25)) * 1.5
+    tails = ["upper", "two-sided", "lower"]
+    weighted = combination.p_values(cal, np.zeros(60, np.int64), new, tails, weights=[3.0, 1.0, 1.0])
+    copies = combination.p_values(
+        cal[[0, 0, 0, 1, 2]], np.zeros(60, np.int64), new[:, [0, 0, 0, 1, 2]], ["upper"] * 3 + tails[1:]
+    )
+    np.testing.assert_allclose(weighted[0], copies[0])
+    np.testing.assert_allclose(weighted[1], copies[1])
+    plain = combination.p_values(cal, np.zeros(60, np.int64), new, tails)
+    assert not np.allclose(plain[1], weighted[1])
+    with pytest.raises(ValueError, match="weights must be 3 positive numbers"):
+        Evidence.of(cal, tails, [1.0, 0.0, 1.0])
+
+
+def test_a_backbone_models_score_is_upper_tailed_and_weighs_as_much_as_the_rest() -> None:
+    """The rule's defaults follow what the model models (features.py): pixels keep the two-sided,
+    equally weighted test; an explicit --tail wins."""
+    from vae_anomaly.calibration import Calibration
+
+    rng = np.random.default_rng(3)
+    scores = {"elbo-ic-nn": rng.normal(size=50), "kl": rng.normal(size=50), "property:brightness": rng.normal(size=50)}
+    sides = {"brightness": "two-sided"}
+    pixels = Calibration(scores, np.zeros(50, np.int64), 1, sides)
+    backbone = Calibration(scores, np.zeros(50, np.int64), 1, sides, "backbone")
+    rule = DecisionRule()
+    stats = rule.statistics_in(backbone)
+    assert rule.tails_for(stats, pixels) == ("two-sided", "two-sided", "two-sided")
+    assert rule.tails_for(stats, backbone) == ("upper", "upper", "two-sided")
+    assert rule.weights_for(stats, pixels) is None
+    assert rule.weights_for(stats, backbone) == (2.0, 1.0, 1.0)
+    assert DecisionRule(tail="two-sided").tails_for(stats, backbone)[0] == "two-sided"
+    assert rule.resolved("backbone").tail == "upper" and rule.resolved("pixels").tail == "two-sided"

@@ -102,10 +102,11 @@ def combined_p_values(
     folds: np.ndarray,
     model_scores: np.ndarray,
     tail: Tails = "two-sided",
+    weights: Sequence[float] | None = None,
 ) -> np.ndarray:
     """One conformal p-value per image for J statistics taken together (`combination.p_values`):
     (J, n) calibration values, (n,) the model of each, (K, J, m) the new images' values under each
-    model; one tail for all statistics or one each."""
+    model; one tail for all statistics or one each, and each one's weight (None: all 1)."""
     cal = np.atleast_2d(np.asarray(calibration, dtype=np.float64))
     if cal.shape[1] == 0:
         raise CalibrationError("no calibration scores: the model file holds none for this score")
@@ -114,7 +115,7 @@ def combined_p_values(
     if scores.ndim != 3 or scores.shape[1] != len(cal) or scores.shape[0] != int(folds.max()) + 1:
         models = int(folds.max()) + 1
         raise ValueError(f"scores of shape {scores.shape} given for {len(cal)} statistics, {models} models")
-    return combination.p_values(cal, folds, scores, tails_of(tail, len(cal)))[0]
+    return combination.p_values(cal, folds, scores, tails_of(tail, len(cal)), weights)[0]
 
 
 def cross_conformal_p_values(
@@ -168,8 +169,10 @@ class Calibration:
     # The side(s) of each image check the decision tests, as the model file stored them when it was
     # fitted (`properties.Property.decided`); None: a file written before they were stored.
     sides: Mapping[str, str] | None = None
+    # What the model's VAE models ("pixels" or "backbone", features.py): how the decision weighs its score.
+    features: str = "pixels"
     # Tail models fitted so far, by (statistics, tail): a decision asks twice (p-values, guarantee).
-    _tails: dict[tuple[tuple[str, ...], tuple[str, ...]], TailModel | None] = field(
+    _tails: dict[tuple[tuple[str, ...], tuple[str, ...], tuple[float, ...] | None], TailModel | None] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -187,13 +190,15 @@ class Calibration:
         """The (J, n) calibration scores of the statistics `names`, in that order."""
         return np.stack([np.asarray(self.of(name), dtype=np.float64) for name in names])
 
-    def tail_model(self, names: Sequence[str], tail: Tails = "two-sided") -> TailModel | None:
+    def tail_model(
+        self, names: Sequence[str], tail: Tails = "two-sided", weights: Sequence[float] | None = None
+    ) -> TailModel | None:
         """The tail model (`tail_model.fit_tail`) of the calibration images' combined statistic T, where n
         is in its range."""
-        key = (tuple(names), tuple(tails_of(tail, len(names))))
+        key = (tuple(names), tuple(tails_of(tail, len(names))), None if weights is None else tuple(weights))
         if key not in self._tails:
             cal = self.stacked(names)
-            own = Evidence.of(cal, key[1]).members(np.arange(cal.shape[1]))  # T of each in its own bag
+            own = Evidence.of(cal, key[1], weights).members(np.arange(cal.shape[1]))  # T of each in its own bag
             self._tails[key] = fit_tail(own) if covers(cal.shape[1]) else None
         return self._tails[key]
 
@@ -205,6 +210,7 @@ class Calibration:
         tail: Tails = "two-sided",
         *,
         exact: bool = False,
+        weights: Sequence[float] | None = None,
     ) -> np.ndarray:
         """One conformal p-value per image for the statistics `names` together (`combination.p_values`).
 
@@ -227,8 +233,8 @@ class Calibration:
                 )
             per_model = np.stack([np.atleast_2d(np.asarray(ms, dtype=np.float64)) for ms in model_scores], axis=1)
             folds = self.folds
-        p, evidence = combination.p_values(cal, folds, per_model, tails_of(tail, len(cal)))
+        p, evidence = combination.p_values(cal, folds, per_model, tails_of(tail, len(cal)), weights)
         if exact or not np.any(at_floor(p, cal.shape[1])):
             return p  # no image at the floor: nothing for the tail model to refine (nor to fit it for)
-        model = self.tail_model(names, tail)
+        model = self.tail_model(names, tail, weights)
         return p if model is None else refine(p, cal.shape[1], evidence, model)

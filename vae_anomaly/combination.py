@@ -20,13 +20,15 @@ discrete statistic) there is no tail: (1) alone. "Ten times further than any nor
 more than "just beyond". A two-sided statistic doubles its smaller side: p_j = min(1, 2 min(p_up,
 p_down)). The evidence of the image is the Cauchy combination (Liu & Xie 2020), kept to the side of evidence:
 
-    T(b) = sum_j cot(pi min(p_j(b), 1/2))        (tan((1/2 - p) pi), 0 for p >= 1/2)       (3)
+    T(b) = sum_j w_j cot(pi min(p_j(b), 1/2))    (tan((1/2 - p) pi), 0 for p >= 1/2)       (3)
 
 about sum_j 1 / (pi p_j): led by the most atypical statistic, so one far beyond every normal image
 is not drowned by a dozen typical ones (Fisher's sum of -log p_j was, on the photo, shape and digit
 sets of benchmarks/small_sets.py), yet an image extreme on several statistics is stranger than one
 extreme on one. Statistics with p_j >= 1/2 add nothing, instead of the large negative terms of the
-untruncated sum, which let typical statistics cancel an extreme one. T is a symmetric
+untruncated sum, which let typical statistics cancel an extreme one. The weights w_j are 1, except
+over a backbone's features, where the model's score weighs as much as every other statistic
+together (features.py says why); Liu & Xie's combination allows any fixed weights. T is a symmetric
 function of the bag, so
 
     p(x) = #{b in bag : T(b) >= T(x)} / (n + 1)                                            (4)
@@ -135,11 +137,16 @@ class Evidence:
     sides: list[_Side]
     n_stats: int
     n: int
+    weights: np.ndarray  # w_j of (3), (J,)
 
     @classmethod
-    def of(cls, calibration: np.ndarray, tails: Sequence[str]) -> Evidence:
-        """(J, n) calibration values and a tail per statistic ("two-sided", "upper" or "lower")."""
+    def of(cls, calibration: np.ndarray, tails: Sequence[str], weights: Sequence[float] | None = None) -> Evidence:
+        """(J, n) calibration values, a tail per statistic ("two-sided", "upper" or "lower") and its weight
+        in (3) (None: all 1)."""
         cal = np.atleast_2d(np.asarray(calibration, dtype=np.float64))
+        w = np.ones(len(cal)) if weights is None else np.asarray(weights, dtype=np.float64)
+        if w.shape != (len(cal),) or np.any(w <= 0):
+            raise ValueError(f"weights must be {len(cal)} positive numbers, got {weights!r}")
         sides = []
         for j, tail in enumerate(tails):
             factor = 2.0 if tail == "two-sided" else 1.0
@@ -147,7 +154,7 @@ class Evidence:
                 sides.append(_Side.of(j, cal[j], 1.0, factor))
             if tail in ("two-sided", "lower"):
                 sides.append(_Side.of(j, cal[j], -1.0, factor))
-        return cls(sides, len(cal), cal.shape[1])
+        return cls(sides, len(cal), cal.shape[1], w)
 
     def _combine(self, per_side: list[np.ndarray]) -> np.ndarray:
         """(3) from each side's -log p: a statistic's evidence is its strongest side's."""
@@ -156,7 +163,8 @@ class Evidence:
             best[side.stat] = np.maximum(best[side.stat], e)
         p = np.exp(-best)
         with np.errstate(divide="ignore"):
-            out: np.ndarray = np.where(p < 0.5, 1.0 / np.tan(np.pi * p), 0.0).sum(axis=0)
+            terms = np.where(p < 0.5, 1.0 / np.tan(np.pi * p), 0.0)
+        out: np.ndarray = (self.weights.reshape(-1, *([1] * (terms.ndim - 1))) * terms).sum(axis=0)
         return out
 
     def per_statistic(self, x: np.ndarray) -> np.ndarray:
@@ -210,7 +218,11 @@ def _ahead(evidence: Evidence, b: np.ndarray, i: np.ndarray, x: np.ndarray, t_x:
 
 
 def p_values(
-    calibration: np.ndarray, folds: np.ndarray, model_values: np.ndarray, tails: Sequence[str]
+    calibration: np.ndarray,
+    folds: np.ndarray,
+    model_values: np.ndarray,
+    tails: Sequence[str],
+    weights: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(4) for each new image, and T of each under each model.
 
@@ -222,7 +234,7 @@ def p_values(
     least T(x) are ahead of x, those whose largest is below it never are, and only the rest, with the
     few strict extremes whose tail (2) moves with x, are compared pair by pair.
     """
-    evidence = Evidence.of(calibration, tails)
+    evidence = Evidence.of(calibration, tails, weights)
     folds = np.asarray(folds)
     values = np.asarray(model_values, dtype=np.float64)
     m = values.shape[-1]

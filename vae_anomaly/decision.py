@@ -25,6 +25,8 @@ from .calibration import TAILS, Calibration, calibration_needed, smallest_p_valu
 from .checks import PREFIX
 from .config import DEFAULT_GUARD, DEFAULT_SCORE, GUARDS, SCORE_NAMES, check_choice, check_float
 from .errors import CalibrationError, ConfigError
+from .features import SCORE_SIDE
+from .features import weights as feature_weights
 from .properties import BY_NAME
 from .tail_model import TailModel, covers
 from .thresholds import Threshold, auto_threshold, fdr_threshold, flag, score_threshold, tail_bounds
@@ -108,7 +110,7 @@ class DecisionRule:
 
     score: str = DEFAULT_SCORE
     guard: str | None = DEFAULT_GUARD
-    tail: str = "two-sided"
+    tail: str | None = None  # the score's and guard's side; None: the model's (features.SCORE_SIDE)
     threshold: str | float = "auto"
     fpr: float = 0.01
     fdr: float | None = None
@@ -125,7 +127,8 @@ class DecisionRule:
         check_choice("score", self.score, SCORE_NAMES)
         if self.guard is not None:
             check_choice("guard", self.guard, GUARDS)
-        check_choice("tail", self.tail, TAILS)
+        if self.tail is not None:
+            check_choice("tail", self.tail, TAILS)
         if self.threshold != "auto":
             if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
                 raise ConfigError(f"threshold must be 'auto' or a number, got {self.threshold!r}")
@@ -160,11 +163,25 @@ class DecisionRule:
             return calibration.sides.get(name)
         return BY_NAME[name].decided if name in BY_NAME else "two-sided"
 
+    def resolved(self, features: str) -> DecisionRule:
+        """The rule with its tail made explicit for a model of this kind (reports state the side used)."""
+        return self if self.tail is not None else replace(self, tail=SCORE_SIDE.get(features, "two-sided"))
+
+    def tail_for(self, calibration: Calibration) -> str:
+        """The score's and the guard's side: the rule's, else the model's (two-sided for pixels)."""
+        return self.tail or SCORE_SIDE.get(calibration.features, "two-sided")
+
     def tails_for(self, stats: Sequence[str], calibration: Calibration) -> tuple[str, ...]:
-        """The tail of each of the test's statistics: the rule's for the score and the guard, each
-        check's own (`_side`)."""
+        """The tail of each of the test's statistics: the rule's (or the model's) for the score and the
+        guard, each check's own (`_side`)."""
         n = len(self.statistics)
-        return (self.tail,) * n + tuple(self._side(s, calibration) or "two-sided" for s in stats[n:])
+        own = self.tail_for(calibration)
+        return (own,) * n + tuple(self._side(s, calibration) or "two-sided" for s in stats[n:])
+
+    @staticmethod
+    def weights_for(stats: Sequence[str], calibration: Calibration) -> tuple[float, ...] | None:
+        """Each statistic's weight in the combination (`features.weights`; None: all 1)."""
+        return feature_weights(calibration.features, len(stats))
 
     @property
     def level(self) -> float:
@@ -226,7 +243,14 @@ class DecisionRule:
             v = np.asarray(checked[check], dtype=np.float64)
             values.append(v)
             per_model.append(None if calibration.models == 1 else np.repeat(v[None], calibration.models, axis=0))
-        return calibration.p_values(stats, values, per_model, self.tails_for(stats, calibration), exact=self.strict)
+        return calibration.p_values(
+            stats,
+            values,
+            per_model,
+            self.tails_for(stats, calibration),
+            exact=self.strict,
+            weights=self.weights_for(stats, calibration),
+        )
 
     def threshold_for(
         self,
@@ -235,6 +259,7 @@ class DecisionRule:
         tails: Sequence[str],
         models: int = 1,
         tail_model: TailModel | None = None,
+        weights: Sequence[float] | None = None,
     ) -> Threshold:
         """The rule as applied to a batch with these p-values: cut-off and, where they exist, score bounds.
 
@@ -248,15 +273,15 @@ class DecisionRule:
         requested = None if level == self.level else self.level
         bounds = models == 1
         if self.fdr is not None:
-            rule = fdr_threshold(calibration, p, level, tails, models=models, guard=self.guard)
+            rule = fdr_threshold(calibration, p, level, tails, models=models, guard=self.guard, weights=weights)
         else:
-            rule = auto_threshold(calibration, level, tails, bounds=bounds)
+            rule = auto_threshold(calibration, level, tails, bounds=bounds, weights=weights)
         floor = self.floor(calibration.shape[1])
         cutoff = rule.p_cutoff
         if tail_model is not None and cutoff is not None and cutoff < floor:
             rule = replace(rule, tail_model=tail_model.to_dict())
             if rule.rule == "auto" and models == 1:
-                low, high = tail_bounds(calibration, tail_model, cutoff, tails)
+                low, high = tail_bounds(calibration, tail_model, cutoff, tails, weights)
                 rule = replace(rule, low=low, high=high)
         if models > 1:
             rule = replace(rule, low=None, high=None, models=models)
@@ -300,11 +325,12 @@ class DecisionRule:
         cal = calibration.stacked(stats)
         n = cal.shape[1]
         tails = self.tails_for(stats, calibration)
-        threshold = self.threshold_for(p, cal, tails, calibration.models)
+        weights = self.weights_for(stats, calibration)
+        threshold = self.threshold_for(p, cal, tails, calibration.models, weights=weights)
         if not self.strict and threshold.p_cutoff is not None and threshold.p_cutoff < self.floor(n):
             # Below the floor the tail model decides; fitted only then (SciPy's import alone costs ~0.5 s).
-            tail_model = calibration.tail_model(stats, tails)
-            threshold = self.threshold_for(p, cal, tails, calibration.models, tail_model)
+            tail_model = calibration.tail_model(stats, tails, weights)
+            threshold = self.threshold_for(p, cal, tails, calibration.models, tail_model, weights)
         flags = flag(scores, p, threshold)
         return Decision(p, flags, threshold, n, list(warnings), self.floor(n), guarantee(threshold, n))
 

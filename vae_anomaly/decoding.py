@@ -90,17 +90,20 @@ class Preprocessing:
                 f"({RESIZE_RULE!r}, 'x/255')"
             )
 
-    def describe(self) -> str:
-        """The working-size rule as applied to this model, in words (`info` shows it)."""
+    def describe(self, backbone: bool = False) -> str:
+        """The working-size rule as applied to this model, in words (`info` shows it); with `backbone`,
+        the size is the backbone's input and there is no complexity term."""
         colour = "grey" if self.channels == 1 else "RGB"
         text = f"{colour} {self.size}x{self.size}, stretched (bilinear, aspect not kept), pixels x/255"
         if self.sides is not None:
             shortest, longest = self.sides
-            text += (
-                f"; training files {shortest}-{longest} px a side; the working size is their native size "
-                f"up to {WORKING_SIZE} px unless --image-size set it"
+            rule = (
+                "the backbone's input size"
+                if backbone
+                else f"their native size up to {WORKING_SIZE} px unless --image-size set it"
             )
-        return text + f"; complexity term: PNG at deflate level {self.png_level}"
+            text += f"; training files {shortest}-{longest} px a side; the working size is {rule}"
+        return text if backbone else text + f"; complexity term: PNG at deflate level {self.png_level}"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

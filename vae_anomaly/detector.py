@@ -37,6 +37,7 @@ from .distributed import current
 from .duplicates import NEAR_BITS, Duplicate, Fingerprints, find_duplicates
 from .errors import ModelFileError, UsageError
 from .feature_vae import FeatureVAE, FeatureVAEConfig
+from .features import NOT_TESTED
 from .inference import HeatMaps, ImageInput, ScoreResult
 from .listing import FileListing
 from .local import PatchBank
@@ -45,6 +46,27 @@ from .neighbours import LatentBank
 from .scores import NEEDS_BITS, latent_noise
 from .tiles import Scales, TileBank
 from .train import EpochStats
+
+
+class Phases:
+    """The phases of a fit: a line for each as it starts and ends, and the seconds each took."""
+
+    def __init__(self, on_phase: Callable[[str], None] | None, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.on_phase, self.clock = on_phase, clock
+        self.seconds: dict[str, float] = {}
+        self._current: tuple[str, float] | None = None
+
+    def start(self, name: str, line: str) -> None:
+        self._current = (name, self.clock())
+        if self.on_phase is not None:
+            self.on_phase(line)
+
+    def end(self, line: str) -> None:
+        assert self._current is not None
+        name, t0 = self._current
+        self.seconds[name] = self.clock() - t0
+        if self.on_phase is not None:
+            self.on_phase(f"{line} ({self.seconds[name]:.1f} s)")
 
 
 class Detector:
@@ -83,6 +105,7 @@ class Detector:
         checkpoint_every: float = 30.0,
         on_plan: Callable[[FitPlan], None] | None = None,
         started: float | None = None,
+        on_phase: Callable[[str], None] | None = None,
     ) -> Detector:
         """Train on normal images (paths, folders, or a uint8 array) and calibrate.
 
@@ -94,13 +117,20 @@ class Detector:
         Before training, `on_plan` receives the `FitPlan`: the epochs that fit
         the time budget and the expected seconds (see `budget.py`), counted
         from `started` (a `time.perf_counter()` value; default: now), so
-        that a command's budget can include its own start-up.
+        that a command's budget can include its own start-up. `on_phase`
+        receives a line as each phase starts and ends (reading, features,
+        local banks, training, calibration); their seconds go in the model
+        file (`training.phases`).
         """
         started = time.perf_counter() if started is None else started
         cfg, world = self.config, current()
         hooks = crossfit.Hooks(on_epoch, on_model, should_stop, checkpoint, resume, checkpoint_every, on_warning)
         warn = on_warning or (lambda _msg: None)
+        phases = Phases(on_phase)
+        phases.start("reading", "reading the training images")
         images = crossfit.read_training_images(data, cfg, warn)
+        phases.end(f"read {len(images.pixels):,} images at {images.prep.size} px; the VAE models {images.features} "
+                   f"({images.why})")  # fmt: skip
         rng = np.random.default_rng(cfg.seed)
         plans = crossfit.plan(len(images.pixels), cfg, rng)
         n_calibration = sum(len(c) for _, c in plans)
@@ -110,8 +140,10 @@ class Detector:
         device = training_device(cfg.device, world)
         prep = images.prep
         if images.features == "backbone":
+            phases.start("features", f"features: {backbone.NAME} on {len(images.pixels):,} images")
             self._features = backbone.Features(device)
             inputs, bits = self._features(images.pixels), None  # what the VAE models, computed once
+            phases.end(f"features: {backbone.DIM} values per image ({self._features.engine})")
             vae_cfg: ModelConfig = FeatureVAEConfig(
                 backbone.DIM, cfg.latent_dim, image_size=prep.size, in_channels=prep.channels
             )
@@ -124,9 +156,11 @@ class Detector:
         # `spent`, so that the plan gives training only what is left of the budget (after it, they
         # overran a 180 s budget by 9-12% at 256 and 1,024 px).
         patch_rng = rng.spawn(1)[0]
+        phases.start("local", "local statistic: describing patches and choosing the banks")
         self.patches_, held_out = local.fit(images.pixels, plans, patch_rng)
         sides = np.stack([images.facts.properties["width"], images.facts.properties["height"]], 1).astype(np.int64)
         self.tiles_, tiled = tiles.fit(images.files, sides, prep.channels, prep.size, plans, cfg.tile, patch_rng)
+        phases.end("local statistic: banks ready" + (", tiles too" if self.tiles_ is not None else ""))
         speed = budget.measure_speed(vae_cfg, inputs, cfg.batch_size, noise, device)
         if world.size > 1:
             speed = world.broadcast_object(speed)  # one plan for every process
@@ -145,9 +179,12 @@ class Detector:
         deadline = None if cfg.budget is None else started + cfg.budget
         data_fp, ident, settings = crossfit.identity(images.pixels, cfg)
         schedule = (fit_plan.default_epochs, deadline, budget.reserve(n_calibration, speed))
+        phases.start("training", "training")
         models, results, sizes = crossfit.train_models(
             inputs, plans, cfg, vae_cfg, device, world, ident, hooks, rng, schedule
         )
+        phases.end("training done")
+        phases.start("calibration", f"calibrating on {n_calibration:,} held-out images")
         self.models_, self.preprocessing_, self.device_ = models, prep, device
         trained = (plans, results, sizes)
         self.metadata_ = crossfit.training_metadata(vae_cfg, images, cfg, trained, settings, data_fp, device, world)
@@ -163,7 +200,9 @@ class Detector:
         images.facts.properties[local.NAME] = np.zeros(len(images.pixels))
         images.facts.properties[local.NAME][order] = np.maximum(held_out, tiled)
         self._calibrate_checks(images, order, warn)
+        phases.end("calibrated")
         self.metadata_["training"]["plan"] = {**fit_plan.to_dict(), "seconds": time.perf_counter() - started}
+        self.metadata_["training"]["phases"] = phases.seconds
         self.checksum_ = None
         return self
 
@@ -173,6 +212,9 @@ class Detector:
         """The checks' calibration entries, the format shares and near-duplicate bound, every training
         image's name and fingerprints (checks.calibrate)."""
         entries, meta = checks.calibrate(images.facts, order, images.paths, warn)
+        # Over a backbone's features some checks only dilute the evidence (features.NOT_TESTED): they are
+        # still measured and explained, not tested.
+        meta["sides"] = {k: v for k, v in meta["sides"].items() if k not in NOT_TESTED[images.features]}
         self.calibration_.update(entries)
         self.metadata_["checks"] = meta
         self.training_fingerprints_ = images.facts.fingerprints
@@ -197,7 +239,8 @@ class Detector:
     def calibration(self) -> Calibration:
         """The calibration scores of every statistic, with the model behind each."""
         sides = self.metadata_.get("checks", {}).get("sides")
-        return Calibration(self.calibration_, self.calibration_folds_, self.n_models, sides)
+        features = str(self.metadata_.get("features", {}).get("kind", "pixels"))
+        return Calibration(self.calibration_, self.calibration_folds_, self.n_models, sides, features)
 
     @property
     def fingerprint(self) -> str | None:
@@ -303,7 +346,8 @@ class Detector:
     # --------------------------------------------------------------- decide
     def rule(self, result: ScoreResult, **options: Any) -> DecisionRule:
         """The decision rule for a scored batch: its score and guard, and `options` (tail, threshold, fpr, fdr)."""
-        return DecisionRule(result.score, None if result.guard is None else result.guard.score, **options)
+        rule = DecisionRule(result.score, None if result.guard is None else result.guard.score, **options)
+        return rule.resolved(self.calibration.features)
 
     def decide(self, result: ScoreResult, rule: DecisionRule | None = None, **options: Any) -> Decision:
         """Conformal p-values against the calibration scores, and flags under the rule.

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.covariance import LedoitWolf
+from sklearn.covariance import ledoit_wolf_shrinkage
 from torch import nn
 
 from .errors import ConfigError
@@ -70,19 +70,23 @@ class FeatureVAEConfig:
 
 
 def whitening(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(c, W) with W (x - c) of the training features zero-mean and, under Ledoit-Wolf's shrunk
-    covariance of the standardised features, of identity covariance (PCA whitening)."""
+    """(c, W) such that u = (x - c) W has zero mean and identity covariance under Ledoit-Wolf's shrunk
+    covariance C = (1 - d) S + d m I of the standardised training features (ZCA whitening, W = C^(-1/2)
+    after the standardisation). With n images S has rank < n: C^(-1/2) acts as (d m)^(-1/2) off the
+    span of the training images and is computed from their thin SVD, O(n^2 D) rather than O(D^3)."""
     x = np.asarray(features, np.float64)
     center = x.mean(0)
     scale = x.std(0)
     scale = np.where(scale > 1e-6 * max(float(scale.max()), 1e-12), scale, 1.0)  # constant features stay put
     z = (x - center) / scale
-    cov = LedoitWolf(assume_centered=True).fit(z).covariance_
-    values, vectors = np.linalg.eigh(cov)
-    values = np.maximum(values, 1e-6 * values.max())
-    # u = V^T diag(1/scale) (x - c) / sqrt(lambda): as a matrix acting on row vectors, x W.
-    w = (vectors / np.sqrt(values)).T / scale
-    return center.astype(np.float32), w.T.astype(np.float32)
+    n, d = z.shape
+    shrinkage = float(ledoit_wolf_shrinkage(z, assume_centered=True))
+    _, sv, vt = np.linalg.svd(z, full_matrices=False)
+    mu = float((sv**2).sum() / (n * d))  # trace(S) / D
+    floor = max(shrinkage * mu, 1e-12)  # the shrunk eigenvalue off the span
+    values = (1.0 - shrinkage) * sv**2 / n + floor
+    inv_sqrt = np.eye(d) / np.sqrt(floor) + (vt.T * (1.0 / np.sqrt(values) - 1.0 / np.sqrt(floor))) @ vt
+    return center.astype(np.float32), (inv_sqrt / scale[:, None]).astype(np.float32)
 
 
 class FeatureVAE(nn.Module):
@@ -106,7 +110,7 @@ class FeatureVAE(nn.Module):
         self._memo: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def fit_whitening(self, features: np.ndarray) -> None:
-        """Set c and W from the images this model trains on (never its calibration images)."""
+        """Set c and W from the images this model trains on (never its calibration images); u = (x - c) W."""
         center, w = whitening(features)
         self.center.copy_(torch.from_numpy(center))
         self.whiten.copy_(torch.from_numpy(w))

@@ -47,6 +47,7 @@ class ShardReport:
     guard_calibration: np.ndarray | None
     checks_calibration: dict[str, np.ndarray]  # property check -> calibration values ({} without checks)
     checks_sides: dict[str, str] | None  # the side(s) the decision tests each check on (None: older reports)
+    features: str  # what the model's VAE models (features.py; reports before it: pixels)
     near_bits: int  # the model's near-duplicate bound
     unlike: list[tuple[str, int, str]]
     decision_warnings: list[str]
@@ -101,6 +102,7 @@ def load_shard_report(path: str | os.PathLike[str]) -> ShardReport:
         checks_sides=None
         if block.get("checks_sides") is None
         else {str(k): str(v) for k, v in block["checks_sides"].items()},
+        features=str(block.get("features", "pixels")),
         unlike=[(u["kind"], u["count"], u["example"]) for u in block["unlike"]],
         decision_warnings=list(block["decision_warnings"]),
         summary=summary,
@@ -264,8 +266,9 @@ def merge_reports(
     _check_scores(readable, scores, model_scores)
     calibration = first.calibration
     if rule is None:  # the Python API without a rule: the shards' (the CLI always passes merge's own)
-        rule = DecisionRule.from_options(opts)
+        rule = DecisionRule.from_options(opts).resolved(first.features)
     else:
+        rule = rule.resolved(first.features)
         _check_rule(rule, first)
     if model_calibration is not None and not np.array_equal(model_calibration.of(rule.score), calibration):
         raise MergeError(
@@ -356,7 +359,7 @@ def _carried_calibration(rule: DecisionRule, first: ShardReport, models: int) ->
         cal[rule.guard] = first.guard_calibration
     if rule.checks:
         cal.update({PREFIX + name: values for name, values in first.checks_calibration.items()})
-    return Calibration(cal, first.calibration_folds, models, first.checks_sides)
+    return Calibration(cal, first.calibration_folds, models, first.checks_sides, first.features)
 
 
 def _recomputed_p(

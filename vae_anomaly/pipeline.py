@@ -138,7 +138,7 @@ def score_report(config: ScoreConfig, *, on_message: Say = _quiet, on_warning: S
     if config.outputs.pictures:
         visualize.check_available()  # before scoring 100,000 images, not after
     detector = Detector.load(config.model, device=config.device, decode=config.decode)
-    rule = config.rule
+    rule = config.rule.resolved(detector.calibration.features)
     t0 = time.perf_counter()
     shard = None if config.shard is None else select_shard(list(config.inputs), *config.shard)
     result = detector.score(

@@ -181,6 +181,7 @@ def shard_report(
             k.removeprefix(PREFIX): [float(c) for c in v] for k, v in calibration.scores.items() if k.startswith(PREFIX)
         },
         "checks_sides": None if calibration.sides is None else dict(calibration.sides),
+        "features": calibration.features,
         "unlike": [{"kind": k, "count": c, "example": e} for k, (c, e) in result.unlike.items()],
         "decision_warnings": list(decision_warnings),
     }

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -132,7 +132,9 @@ def _beyond(point: float, sign: float, reaches: Callable[[np.ndarray], np.ndarra
     return None
 
 
-def score_bounds(calibration: np.ndarray, alpha: float, tail: Tails = "two-sided") -> tuple[float | None, float | None]:
+def score_bounds(
+    calibration: np.ndarray, alpha: float, tail: Tails = "two-sided", weights: Sequence[float] | None = None
+) -> tuple[float | None, float | None]:
     """Score bounds (low, high) equivalent to p <= alpha for one model, read off the calibration scores.
 
     `calibration` is (J, n): the score's calibration scores first, then the other statistics' of the
@@ -153,7 +155,7 @@ def score_bounds(calibration: np.ndarray, alpha: float, tail: Tails = "two-sided
     folds = np.zeros(n, np.int64)
 
     def reaches(scores: np.ndarray) -> np.ndarray:
-        p = combined_p_values(cal, folds, _others_at_median(cal, scores)[None], tails)
+        p = combined_p_values(cal, folds, _others_at_median(cal, scores)[None], tails, weights)
         hit: np.ndarray = p <= alpha + 1e-12
         return hit
 
@@ -177,7 +179,7 @@ def score_bounds(calibration: np.ndarray, alpha: float, tail: Tails = "two-sided
 
 
 def tail_bounds(
-    calibration: np.ndarray, model: TailModel, level: float, tail: Tails
+    calibration: np.ndarray, model: TailModel, level: float, tail: Tails, weights: Sequence[float] | None = None
 ) -> tuple[float | None, float | None]:
     """The scores beyond which the tail model gives p <= level, every other statistic at its median:
     where (1) of `tail_model` equals the level, found on the combined statistic T by bisection."""
@@ -189,7 +191,7 @@ def tail_bounds(
     cal = np.atleast_2d(np.asarray(calibration, dtype=np.float64))
     tails = tails_of(tail, len(cal))
     t_star = model.threshold + float(genpareto.isf(share, model.shape, scale=model.scale))
-    evidence = Evidence.of(cal, tails)
+    evidence = Evidence.of(cal, tails, weights)
 
     def reaches(scores: np.ndarray) -> np.ndarray:
         hit: np.ndarray = evidence.new(_others_at_median(cal, scores)) >= t_star
@@ -201,11 +203,16 @@ def tail_bounds(
 
 
 def auto_threshold(
-    calibration: np.ndarray, alpha: float, tail: Tails = "two-sided", *, bounds: bool = True
+    calibration: np.ndarray,
+    alpha: float,
+    tail: Tails = "two-sided",
+    *,
+    bounds: bool = True,
+    weights: Sequence[float] | None = None,
 ) -> Threshold:
     """The `auto` rule at level alpha with its score bounds (`score_bounds`; none where `bounds` is
-    False); `tail` is the score's, or one per statistic of the test."""
-    low, high = score_bounds(calibration, alpha, tail) if bounds else (None, None)
+    False); `tail` is the score's, or one per statistic of the test, `weights` theirs in (3)."""
+    low, high = score_bounds(calibration, alpha, tail, weights) if bounds else (None, None)
     return Threshold("auto", tails_of(tail, len(np.atleast_2d(calibration)))[0], alpha, low, high, alpha)
 
 
@@ -217,6 +224,7 @@ def fdr_threshold(
     *,
     models: int = 1,
     guard: str | None = None,
+    weights: Sequence[float] | None = None,
 ) -> Threshold:
     """The Benjamini-Hochberg rule at level q over this batch's p-values, with its score bounds.
 
@@ -226,7 +234,7 @@ def fdr_threshold(
     _, cutoff = benjamini_hochberg(p, q)
     low = high = None
     if cutoff is not None and models == 1:
-        low, high = score_bounds(calibration, min(cutoff, 1 - 1e-12), tail)
+        low, high = score_bounds(calibration, min(cutoff, 1 - 1e-12), tail, weights)
     return Threshold("fdr", tails_of(tail, len(np.atleast_2d(calibration)))[0], q, low, high, cutoff, models, guard)
 
 

@@ -45,7 +45,12 @@ from .settings import config_option
     show_default=True,
     help="Target false-positive rate of the auto threshold behind the confusion matrix.",
 )
-@click.option("--tail", type=click.Choice(TAILS), default="two-sided", show_default=True)
+@click.option(
+    "--tail",
+    type=click.Choice(TAILS),
+    default=None,
+    help="Side of the model's score; default: the model's own (two-sided for pixels, upper for the backbone).",
+)
 @guard_option("The guard statistic of the auto rule behind the confusion matrix, as in `score`.")
 @click.option(
     "--strict-fpr/--no-strict-fpr",
@@ -71,7 +76,7 @@ def evaluate(
     labels: Path | None,
     score_names: tuple[str, ...],
     fpr: float,
-    tail: str,
+    tail: str | None,
     guard: str,
     strict_fpr: bool,
     fmt: str,

@@ -262,6 +262,7 @@ def _fit(
                 checkpoint_every=checkpoint_every,
                 on_model=progress.new_model,
                 on_plan=progress.plan if main_rank else None,
+                on_phase=progress.phase if main_rank else None,
                 started=launch.STARTED,  # the budget counts the whole command, torch's import included
             )
             seconds = time.perf_counter() - t0
@@ -350,6 +351,7 @@ class _FitProgress:
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
+        self.t0 = time.perf_counter()
         self.last_line = -1e9
         self.bar: Progress | None = None
         self.task: Any = None
@@ -385,6 +387,12 @@ class _FitProgress:
             f"({p.spent:.1f} s of it already spent starting, reading images and describing their patches){capped}",
             highlight=False,
         )
+
+    def phase(self, line: str) -> None:
+        """A phase of the fit starts or ends: one line, with the seconds since the command started."""
+        if not self.quiet:
+            since = launch.STARTED if launch.STARTED is not None else self.t0
+            err.print(f"{time.perf_counter() - since:6.1f} s  {line}", highlight=False)
 
     def new_model(self, k: int, folds: int) -> None:
         self.last_line = -1e9  # each model's clock starts at zero

@@ -71,7 +71,7 @@ def rule_options(fn: Any) -> Any:
         fpr: float,
         fdr: float | None,
         strict_fpr: bool,
-        tail: str,
+        tail: str | None,
         checks: bool,
         **kwargs: Any,
     ) -> Any:
@@ -135,9 +135,9 @@ def rule_options(fn: Any) -> Any:
         click.option(
             "--tail",
             type=click.Choice(TAILS),
-            default="two-sided",
-            show_default=True,
-            help="two-sided also flags images too simple to be normal (blank, tiny, cropped).",
+            default=None,
+            help="Side of the model's score: two-sided also flags images too simple to be normal (blank, tiny, "
+            "cropped). Default: the model's own (two-sided for pixel models, upper over the backbone's features).",
         ),
         checks_option,
     ]

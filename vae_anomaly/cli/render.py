@@ -166,7 +166,7 @@ def info_table(model: str, data: dict[str, Any]) -> None:
     rows = [
         ("fingerprint", data["fingerprint"]),
         ("created", data["created"]),
-        ("input", Preprocessing.from_dict(prep).describe()),
+        ("input", Preprocessing.from_dict(prep).describe(cfg.get("kind") == "features")),
         ("features", describe_features(data.get("features"), cfg)[0]),
         ("network", describe_features(data.get("features"), cfg)[1]),
         (
