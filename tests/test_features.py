@@ -10,14 +10,13 @@ import torch
 from PIL import Image
 from sklearn.covariance import LedoitWolf
 
+from conftest import cli_run
 from vae_anomaly import Detector, FitConfig
 from vae_anomaly.detector import Phases
 from vae_anomaly.feature_vae import FeatureVAE, FeatureVAEConfig, whitening
 from vae_anomaly.features import PIXELS_BELOW, choose_features
 from vae_anomaly.model import ConvVAE, build_model, config_from_dict
 from vae_anomaly.scores import latent_noise, negative_elbo
-
-from conftest import cli_run
 
 SIDE = 72  # above PIXELS_BELOW: `auto` picks the backbone
 
