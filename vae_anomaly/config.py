@@ -59,6 +59,10 @@ MIN_VALIDATION_IMAGES = 20  # below this, early stopping would chase noise
 # a split's 60 calibration scores leave 1% to the tail model and its rate
 # wandered (0.25% and 3.8% in two fits), where 5 folds held 0.6%.
 CROSS_FIT_BELOW = 500
+# Over a backbone's features each model trains in seconds: cross-fitting to this many images makes every image
+# calibrate (200 calibration images of 1,000 photos put the 1% cut-off at their second largest value; 1,000 at
+# their tenth), at the cost of the local statistic of every image at fit.
+CROSS_FIT_FEATURES_BELOW = 5000
 DEFAULT_FOLDS = 5
 # Seconds for the whole `fit` (decoding, every model, calibration) unless --epochs or --time-budget
 # says otherwise: a few thousand photos fit in it on 2 CPU cores (benchmarks/photos.py, README).

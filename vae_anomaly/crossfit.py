@@ -29,7 +29,15 @@ from . import __version__, artifact, backbone
 from .batching import ImageBatch, ImageFacts, read_images
 from .budget import model_time
 from .calibration import calibration_needed
-from .config import CROSS_FIT_BELOW, DEFAULT_FOLDS, MIN_TRAINING_IMAGES, MIN_VALIDATION_IMAGES, FitConfig, check_float
+from .config import (
+    CROSS_FIT_BELOW,
+    CROSS_FIT_FEATURES_BELOW,
+    DEFAULT_FOLDS,
+    MIN_TRAINING_IMAGES,
+    MIN_VALIDATION_IMAGES,
+    FitConfig,
+    check_float,
+)
 from .decision import DecisionRule
 from .decoding import WORKING_SIZE, Preprocessing, ReadError, infer_preprocessing
 from .distributed import World
@@ -134,14 +142,18 @@ def model_sizes(plans: Sequence[tuple[np.ndarray, np.ndarray]], cfg: FitConfig) 
     return sizes
 
 
-def plan(n: int, cfg: FitConfig, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(training, calibration) indices of each model: one split, or K folds below CROSS_FIT_BELOW images."""
+def plan(
+    n: int, cfg: FitConfig, rng: np.random.Generator, features: str = "pixels"
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(training, calibration) indices of each model: one split, or K folds below CROSS_FIT_BELOW images
+    (CROSS_FIT_FEATURES_BELOW for a VAE over the backbone's features)."""
     if n < MIN_TRAINING_IMAGES:
         raise FitError(
             f"only {n} readable training image(s); at least {MIN_TRAINING_IMAGES} are needed to train "
             "and hold some out for calibration (a few hundred give useful p-values)"
         )
-    folds = cfg.folds if cfg.folds is not None else (DEFAULT_FOLDS if n < CROSS_FIT_BELOW else 1)
+    below = CROSS_FIT_FEATURES_BELOW if features == "backbone" else CROSS_FIT_BELOW
+    folds = cfg.folds if cfg.folds is not None else (DEFAULT_FOLDS if n < below else 1)
     if folds > 1 and n < 2 * folds:
         raise FitError(f"{folds} folds need at least {2 * folds} readable images, got {n}; lower --folds")
     if folds == 1:

@@ -132,7 +132,7 @@ class Detector:
         phases.end(f"read {len(images.pixels):,} images at {images.prep.size} px; the VAE models {images.features} "
                    f"({images.why})")  # fmt: skip
         rng = np.random.default_rng(cfg.seed)
-        plans = crossfit.plan(len(images.pixels), cfg, rng)
+        plans = crossfit.plan(len(images.pixels), cfg, rng, images.features)
         n_calibration = sum(len(c) for _, c in plans)
         warning = crossfit.calibration_warning(n_calibration, len(plans))
         if warning is not None:
@@ -317,8 +317,8 @@ class Detector:
         given = samples if isinstance(samples, Mapping) else dict.fromkeys(scores, samples)
         counts = {name: given.get(name) or self.default_samples(name) for name in scores}
         noise = {name: self._noise(n) for name, n in counts.items()}
-        threads = ThreadShare(self.device_)
         features = self.features_
+        threads = ThreadShare(self.device_, backbone=features is not None)
         bits = features is None and not NEEDS_BITS.isdisjoint(scores)
         it, ignored = inference.batches(
             data, prep, batch_size, self.decode, bits=bits, on_warning=on_warning, threads=threads, local=self.local_

@@ -64,9 +64,14 @@ class ThreadShare:
     # lose a little (700-790 against 786-874). A heuristic: `--workers 0` or `--workers N`
     # overrides it.
     WORTH_IT = 1.2
+    # With the backbone, scoring is its forward pass under ONNX Runtime, which gains little from a second
+    # thread: a worker decoding beside it pays even at 0.8x (2,000 128-px JPEGs on 2 cores: 99 against
+    # 81 images/s).
+    WORTH_IT_BACKBONE = 0.5
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, backbone: bool = False) -> None:
         self.cpu = device.type == "cpu"
+        self.worth = self.WORTH_IT_BACKBONE if backbone else self.WORTH_IT
         # Scoring on the CPU keeps half the CPUs; on a GPU it needs one to feed it.
         self.reserve = max(1, available_cpus() // 2) if self.cpu else 1
         self._before: int | None = None
@@ -80,7 +85,7 @@ class ThreadShare:
     def worth_it(self, decode_seconds: float) -> bool:
         if not self.cpu or self.score_seconds is None:
             return True
-        return decode_seconds >= self.WORTH_IT * self.score_seconds
+        return decode_seconds >= self.worth * self.score_seconds
 
     def share(self, workers: int) -> None:
         if self.cpu:

@@ -15,7 +15,16 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from .. import artifact, distributed, launch
 from ..batching import DecodeOptions
 from ..budget import FitPlan
-from ..config import CROSS_FIT_BELOW, DEFAULT_FOLDS, DEFAULT_TIME_BUDGET, FEATURES, LIKELIHOODS, MIN_TILE, FitConfig
+from ..config import (
+    CROSS_FIT_BELOW,
+    CROSS_FIT_FEATURES_BELOW,
+    DEFAULT_FOLDS,
+    DEFAULT_TIME_BUDGET,
+    FEATURES,
+    LIKELIHOODS,
+    MIN_TILE,
+    FitConfig,
+)
 from ..detector import Detector
 from ..errors import FitInterrupted, OutputError
 from ..outputs import check_model_output
@@ -159,7 +168,8 @@ def _tile(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
     "--folds",
     type=click.IntRange(1, 20),
     help=f"Cross-fit K models on K folds, every image then calibrates. Default: {DEFAULT_FOLDS} below "
-    f"{CROSS_FIT_BELOW} readable images, else 1 (one model, --calibration-fraction held out).",
+    f"{CROSS_FIT_BELOW} readable images ({CROSS_FIT_FEATURES_BELOW} over the backbone's features), else 1 (one "
+    "model, --calibration-fraction held out).",
 )
 @click.option(
     "--tile",
