@@ -126,6 +126,9 @@ def test_photos_are_modelled_through_the_backbone_and_the_file_says_so(feature_d
     assert meta["features"]["weights_sha256"].startswith("579344248a93")
     assert feature_detector.preprocessing_ is not None and feature_detector.preprocessing_.size == 128
     assert set(meta["training"]["phases"]) >= {"reading", "features", "local", "training", "calibration"}
+    tested = meta["checks"]["sides"]
+    assert "brightness" in tested and not {"balance-x", "balance-y", "entropy", "shadows"} & set(tested)
+    assert feature_detector.calibration.features == "backbone"
 
 
 def test_dark_photos_score_far_above_normal_ones_on_features(feature_detector: Detector, photo_dir: Path) -> None:
@@ -165,3 +168,24 @@ def test_fit_says_what_it_does_phase_by_phase(photo_dir: Path, tmp_path: Path) -
     assert -1 not in positions and positions == sorted(positions), err
     code, out, _ = cli_run("info", tmp_path / "m.vae", "--format", "json")
     assert code == 0 and '"backbone": "efficientnet-lite0"' in out and "auto: training images 72 px" in out
+
+
+def test_a_backbone_model_cross_fits_where_a_pixel_model_splits_once() -> None:
+    from vae_anomaly import crossfit
+
+    rng = np.random.default_rng(0)
+    assert len(crossfit.plan(1000, FitConfig(), rng, "pixels")) == 1
+    plans = crossfit.plan(1000, FitConfig(), rng, "backbone")
+    assert len(plans) == 5 and sum(len(c) for _, c in plans) == 1000  # every image calibrates
+    assert len(crossfit.plan(6000, FitConfig(), rng, "backbone")) == 1
+    assert len(crossfit.plan(1000, FitConfig(folds=1), rng, "backbone")) == 1
+
+
+def test_decode_workers_start_beside_the_backbone_at_a_smaller_share_of_its_cost() -> None:
+    from vae_anomaly.devices import ThreadShare
+
+    pixel, feature = ThreadShare(torch.device("cpu")), ThreadShare(torch.device("cpu"), backbone=True)
+    for share in (pixel, feature):
+        share.observe(0.7, 100)  # 7 ms an image to score
+    assert not pixel.worth_it(0.006) and feature.worth_it(0.006)
+    assert not feature.worth_it(0.002)

@@ -173,7 +173,9 @@ def test_fit_tiles_large_files_keeps_the_banks_and_score_names_the_worst_tile(
     folder = grain["normal"][0].parent
     model = tmp_path / "m.vae"
     runner = CliRunner()
-    done = runner.invoke(main, ["fit", str(folder), "-o", str(model), "--epochs", "1", "-q", "--seed", "0"])
+    done = runner.invoke(
+        main, ["fit", str(folder), "-o", str(model), "--epochs", "1", "-q", "--seed", "0", "--features", "pixels"]
+    )
     assert done.exit_code == 0, done.output
     det = Detector.load(model)
     assert isinstance(det.tiles_, TileBank) and det.tiles_.tile is None and det.info()["tiles"]["overlap"] == 0.25
@@ -182,7 +184,9 @@ def test_fit_tiles_large_files_keeps_the_banks_and_score_names_the_worst_tile(
     assert all(r["tile"] is not None for r in records), "every blurred file was found by a tile"
     assert all(overlaps(r["region"], DEFECT) for r in records)
     off = tmp_path / "off.vae"
-    done = runner.invoke(main, ["fit", str(folder), "-o", str(off), "--epochs", "1", "-q", "--tile", "0"])
+    done = runner.invoke(
+        main, ["fit", str(folder), "-o", str(off), "--epochs", "1", "-q", "--tile", "0", "--features", "pixels"]
+    )
     assert done.exit_code == 0 and Detector.load(off).tiles_ is None
     bad = runner.invoke(main, ["fit", str(folder), "-o", str(off), "--tile", "5"])
     assert bad.exit_code == 2 and "at least 16 px" in bad.output

@@ -248,20 +248,30 @@ def fit_banks(pixels: np.ndarray, training: Sequence[np.ndarray], rng: np.random
     size = pixels.shape[-1]
     p, stride = geometry(size)
     train_all = np.unique(np.concatenate(list(training)))
-    sample = rng.choice(train_all, min(len(train_all), 512), replace=False)
-    flat, texture = _raw(pixels[np.sort(sample)], p, stride)
-    flat, texture = flat.reshape(-1, flat.shape[-1]), texture.reshape(-1, 2)
-    pick = rng.choice(len(flat), min(len(flat), FIT_PATCHES), replace=False)
-    mean = flat[pick].mean(0)
-    axes = principal_axes(flat[pick] - mean, FEATURES, rng)
-    rms = float(np.sqrt((((flat[pick] - mean) @ axes.T) ** 2).sum(1).mean()))
+    sample = np.sort(rng.choice(train_all, min(len(train_all), 512), replace=False))
+    per_image = ((size - p) // stride + 1) ** 2  # patches of one image
+    pick = np.sort(rng.choice(len(sample) * per_image, min(len(sample) * per_image, FIT_PATCHES), replace=False))
+    # The sample's patches in blocks of IMAGES images, keeping only the picked ones' pixels: at 128 px
+    # (the backbone's size) all of them would take 330 MB, twice over.
+    picked, textures = [], []
+    for i in range(0, len(sample), IMAGES):
+        flat, texture = _raw(pixels[sample[i : i + IMAGES]], p, stride)
+        flat = flat.reshape(-1, flat.shape[-1])
+        first = i * per_image
+        rows = pick[(pick >= first) & (pick < first + len(flat))] - first
+        picked.append(flat[rows])
+        textures.append(texture.reshape(-1, 2))
+    chosen_flat, texture = np.concatenate(picked), np.concatenate(textures)
+    mean = chosen_flat.mean(0)
+    axes = principal_axes(chosen_flat - mean, FEATURES, rng)
+    rms = float(np.sqrt((((chosen_flat - mean) @ axes.T) ** 2).sum(1).mean()))
     t_std = np.maximum(texture.std(0), 1e-6)
     tex = np.stack([texture.mean(0), t_std, np.full(2, TEXTURE_WEIGHT * rms / np.sqrt(2))]).astype(np.float32)
     bank = PatchBank(size, mean.astype(np.float32), axes.astype(np.float32), tex, (), math.inf)
     banks = []
     for train in training:
-        chosen = rng.choice(train, min(len(train), 1024), replace=False)
-        phi = bank.descriptors(pixels[np.sort(chosen)])
+        chosen = np.sort(rng.choice(train, min(len(train), 1024), replace=False))
+        phi = np.concatenate([bank.descriptors(pixels[chosen[i : i + IMAGES]]) for i in range(0, len(chosen), IMAGES)])
         phi = phi.reshape(-1, phi.shape[-1])
         if len(phi) > CANDIDATES:
             phi = phi[rng.choice(len(phi), CANDIDATES, replace=False)]
