@@ -62,7 +62,8 @@ def write_folders(workdir: Path, digit: int, seed: int) -> dict[str, int]:
 def vae_anomaly(*args: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "vae_anomaly", *args]
     print("$ vae-anomaly " + " ".join(args), file=sys.stderr)
-    return subprocess.run(cmd, capture_output=True, text=True)
+    # stderr passes through: fit's progress and phases show as they happen.
+    return subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
 
 
 def main() -> int:
@@ -94,11 +95,9 @@ def main() -> int:
         str(args.seed),
         "--calibration-fraction",
         "0.35",
-        "--quiet",
         *extra,
     )
     fit_s = time.perf_counter() - t0
-    sys.stderr.write(fit.stderr)
     if fit.returncode != 0:
         return fit.returncode
 
@@ -116,7 +115,6 @@ def main() -> int:
         "json",
     )
     score_s = time.perf_counter() - t0
-    sys.stderr.write(score.stderr)
     if score.returncode not in (0, 1):
         return score.returncode
     report = json.loads(score.stdout)

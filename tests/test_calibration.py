@@ -402,10 +402,12 @@ def test_a_statistics_weight_counts_as_that_many_copies_of_it() -> None:
         Evidence.of(cal, tails, [1.0, 0.0, 1.0])
 
 
-def test_a_backbone_models_score_is_upper_tailed_and_weighs_as_much_as_the_rest() -> None:
+def test_a_backbone_models_score_is_upper_tailed_and_weighs_more_the_more_images_calibrate_it() -> None:
     """The rule's defaults follow what the model models (features.py): pixels keep the two-sided,
-    equally weighted test; an explicit --tail wins."""
+    equally weighted test; a backbone model's score weighs one per SCORE_WEIGHT_PER calibration images,
+    from 1 up to as much as the rest together; an explicit --tail wins."""
     from vae_anomaly.calibration import Calibration
+    from vae_anomaly.features import SCORE_WEIGHT_PER, weights
 
     rng = np.random.default_rng(3)
     scores = {"elbo-ic-nn": rng.normal(size=50), "kl": rng.normal(size=50), "property:brightness": rng.normal(size=50)}
@@ -417,6 +419,9 @@ def test_a_backbone_models_score_is_upper_tailed_and_weighs_as_much_as_the_rest(
     assert rule.tails_for(stats, pixels) == ("two-sided", "two-sided", "two-sided")
     assert rule.tails_for(stats, backbone) == ("upper", "upper", "two-sided")
     assert rule.weights_for(stats, pixels) is None
-    assert rule.weights_for(stats, backbone) == (2.0, 1.0, 1.0)
+    assert rule.weights_for(stats, backbone) == (1.0, 1.0, 1.0), "50 calibration images: the score weighs as one"
+    assert weights("backbone", 16, 3 * SCORE_WEIGHT_PER) == (3.0,) + (1.0,) * 15
+    assert weights("backbone", 16, 100 * SCORE_WEIGHT_PER) == (15.0,) + (1.0,) * 15, "at most all the others"
+    assert weights("pixels", 16, 10_000) is None
     assert DecisionRule(tail="two-sided").tails_for(stats, backbone)[0] == "two-sided"
     assert rule.resolved("backbone").tail == "upper" and rule.resolved("pixels").tail == "two-sided"

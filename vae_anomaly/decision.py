@@ -181,7 +181,7 @@ class DecisionRule:
     @staticmethod
     def weights_for(stats: Sequence[str], calibration: Calibration) -> tuple[float, ...] | None:
         """Each statistic's weight in the combination (`features.weights`; None: all 1)."""
-        return feature_weights(calibration.features, len(stats))
+        return feature_weights(calibration.features, len(stats), len(calibration.of(stats[0])))
 
     @property
     def level(self) -> float:
