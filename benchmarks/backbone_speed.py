@@ -2,7 +2,7 @@
 
 `backbone.Features` runs the network under ONNX Runtime on the CPU where it measures faster than
 PyTorch; this prints both engines' rates (images/s, forward pass only: no decoding, no VAE) at the
-backbone's size and two smaller ones, by batch size, each the median of `--repeats` timings of
+backbone's size (the export's only one), by batch size, each the median of `--repeats` timings of
 `--images` random images, the engines alternated.
 
     python benchmarks/backbone_speed.py [--images 256] [--repeats 5] [--out benchmarks/results/backbone_speed]
@@ -36,7 +36,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--sizes", default="128,96,64")
     parser.add_argument("--batches", default="16,32,64")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "backbone_speed"))
     args = parser.parse_args()
@@ -52,7 +51,7 @@ def main() -> None:
 
     rows, doc = [], []
     rng = np.random.default_rng(0)
-    for size in (int(s) for s in args.sizes.split(",")):
+    for size in (backbone.SIZE,):
         x = rng.uniform(0, 255, (args.images, 3, size, size)).astype(np.float32)
         for batch in (int(b) for b in args.batches.split(",")):
             onnx(x[:batch]), eager(x[:batch])  # warm-up: the first call allocates

@@ -222,7 +222,7 @@ class Features:
     """uint8 images (B, C, SIZE, SIZE) -> float32 feature vectors (B, DIM), on the fastest engine at hand.
 
     On the CPU the network runs under ONNX Runtime where it is installed
-    (2.5-6x PyTorch's rate at 128 px on 2 cores: benchmarks/backbone_speed.py),
+    (1.9-3.1x PyTorch's rate at 128 px on 2 cores, batches of 16-64: benchmarks/backbone_speed.py),
     exported once and cached by the weights' hash; on a GPU, and where
     onnxruntime or onnx is missing, under PyTorch. Both give the same
     features to 1e-4 (tested).

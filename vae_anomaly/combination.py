@@ -27,8 +27,8 @@ is not drowned by a dozen typical ones (Fisher's sum of -log p_j was, on the pho
 sets of benchmarks/small_sets.py), yet an image extreme on several statistics is stranger than one
 extreme on one. Statistics with p_j >= 1/2 add nothing, instead of the large negative terms of the
 untruncated sum, which let typical statistics cancel an extreme one. The weights w_j are 1, except
-over a backbone's features, where the model's score weighs as much as every other statistic
-together (features.py says why); Liu & Xie's combination allows any fixed weights. T is a symmetric
+over a backbone's features, where the model's score weighs more, the more images calibrate it
+(features.py says why); Liu & Xie's combination allows any fixed weights. T is a symmetric
 function of the bag, so
 
     p(x) = #{b in bag : T(b) >= T(x)} / (n + 1)                                            (4)
@@ -189,13 +189,37 @@ class Evidence:
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For each calibration image: T with no new image as far out as it on any side (the largest
-        it can be, tail aside), T with one as far out on every side (the smallest), and whether it is
-        the strict extreme of some side (its tail (2) moves with the new image: compared exactly)."""
+        it can be), T with one as far out on every side (the smallest), and whether it is the strict
+        extreme of some side (its tail (2) moves with a new image that enters that side's top k + 1).
+        On the sides where a member is a strict extreme its bounds hold its own-bag evidence, tail
+        included: exact while the new image stays below the side's (k+1)-th largest value
+        (`Evidence.moving` says where it does not; those pairs are compared exactly)."""
         log_bag = np.log(self.n + 1.0)
-        highest = [log_bag - np.log(side.own) - np.log(side.factor) for side in self.sides]
-        lowest = [log_bag - np.log(side.own + 1.0) - np.log(side.factor) for side in self.sides]
-        extreme = np.any([side.own <= side.k for side in self.sides], axis=0)
-        return self._combine(highest), self._combine(lowest), extreme
+        highest, lowest, extremes = [], [], []
+        everyone = np.arange(self.n)
+        for side in self.sides:
+            extreme = side.own <= side.k
+            high = log_bag - np.log(side.own) - np.log(side.factor)
+            low = log_bag - np.log(side.own + 1.0) - np.log(side.factor)
+            if np.any(extreme):
+                exact = side.member(everyone, None)
+                high, low = np.where(extreme, exact, high), np.where(extreme, exact, low)
+            highest.append(high)
+            lowest.append(low)
+            extremes.append(extreme)
+        return self._combine(highest), self._combine(lowest), np.any(extremes, axis=0)
+
+    def moving(self, b: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """(len(b), m): whether new image i (of x, (J, m) raw values) enters the top k + 1 of a side on
+        which member b is a strict extreme, so that b's tail (2) moves with it."""
+        out = np.zeros((len(b), x.shape[1]), bool)
+        for side in self.sides:
+            if side.k:
+                extreme = side.own[b] <= side.k
+                if np.any(extreme):
+                    enters = side.sign * x[side.stat] >= side.top[side.k + 1]
+                    out |= extreme[:, None] & enters[None, :]
+        return out
 
 
 def _undecided(lowest: np.ndarray, highest: np.ndarray, t_new: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -250,9 +274,17 @@ def p_values(
         count += len(plain) - np.searchsorted(np.sort(lowest[plain]), t_x, side="left")
         for j, i in _undecided(lowest[plain], highest[plain], t_x):
             count += _ahead(evidence, plain[j], i, x, t_x)
-        step = max(1, _PAIRS // max(m, 1))  # every (extreme member, image) pair
+        # Extreme members: their bounds hold while the image stays out of their sides' tails; the pairs
+        # where it enters one are compared exactly.
+        step = max(1, _PAIRS // max(m, 1))
         for start in range(0, len(tails_moving), step):
-            b = np.repeat(tails_moving[start : start + step], m)
-            count += _ahead(evidence, b, np.tile(np.arange(m), len(b) // m), x, t_x)
+            b = tails_moving[start : start + step]
+            moves = evidence.moving(b, x)
+            ahead = (lowest[b][:, None] >= t_x[None, :]) & ~moves
+            open_ = (lowest[b][:, None] < t_x[None, :]) & (highest[b][:, None] >= t_x[None, :]) | moves
+            count += ahead.sum(axis=0)
+            jb, ii = np.nonzero(open_)
+            if len(jb):
+                count += _ahead(evidence, b[jb], ii, x, t_x)
     p: np.ndarray = (1.0 + count) / (evidence.n + 1.0)
     return p, t_new
