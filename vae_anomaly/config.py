@@ -53,7 +53,7 @@ MIN_VALIDATION_IMAGES = 20  # below this, early stopping would chase noise
 # Below this many readable normal images `fit` cross-fits by default, so that
 # every image becomes a calibration score. The default decision is one test
 # (floor 1/(n+1)): 99 calibration scores reach 1% exactly, which a 20% split
-# gives from 495 images on. Measured (benchmarks/small_sets.py, README): at
+# gives from 495 images on. Measured (benchmarks/small_sets.py, benchmarks/README.md): at
 # 1,000 images one split model trains 4-7x faster than 5 folds with the same
 # false-positive rate and detection within the repetitions' spread; at 300,
 # a split's 60 calibration scores leave 1% to the tail model and its rate
@@ -65,7 +65,7 @@ CROSS_FIT_BELOW = 500
 CROSS_FIT_FEATURES_BELOW = 5000
 DEFAULT_FOLDS = 5
 # Seconds for the whole `fit` (decoding, every model, calibration) unless --epochs or --time-budget
-# says otherwise: a few thousand photos fit in it on 2 CPU cores (benchmarks/photos.py, README).
+# says otherwise: a few thousand photos fit in it on 2 CPU cores (benchmarks/photos.py, benchmarks/README.md).
 DEFAULT_TIME_BUDGET = 180.0
 MAX_FOLDS = 20
 MIN_TILE = 16  # px: smaller tiles than this would show less than a working-size patch of detail

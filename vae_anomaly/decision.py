@@ -118,7 +118,7 @@ class DecisionRule:
     # stated) or, strict, flag nothing at the level asked for (`--strict-fpr`).
     strict: bool = False
     # The image-property checks and the local statistic (checks.py, local.py) join the one test, each
-    # on its own side, where the model file calibrated them; measured to help (README, "Checks",
+    # on its own side, where the model file calibrated them; measured to help (benchmarks/README.md, "Checks",
     # "Local defects"). False: the model's statistics alone.
     checks: bool = True
     statistics: tuple[str, ...] = field(init=False, repr=False, compare=False)

@@ -34,13 +34,13 @@ GREY_MODES: frozenset[str] = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I
 DEFAULT_MAX_IMAGE_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
 RESIZE_RULE = "stretch-bilinear"  # resize to size x size, aspect not kept; Pillow antialiases
 # The largest side the global model sees by default (`fit --image-size` overrides). Measured on
-# benchmarks/photos.py (README, "Working size"): 48 px ranks photo anomalies as 32 px does and 0.02
+# benchmarks/photos.py (benchmarks/README.md): 48 px ranks photo anomalies as 32 px does and 0.02
 # ROC-AUC below 64 px, while its network scores 2.7x faster than at 64 px, which keeps `score` at
 # 1,000 photos/s on 2 cores.
 WORKING_SIZE = 48
 LEGACY_PNG_LEVEL = 9  # what model files without a png_level were calibrated with
 # Deflate level of the complexity term L(x) (png_bits): measured to rank as level 9 does at half its
-# cost (benchmarks/one_class.py and photos.py --png-levels, README).
+# cost (benchmarks/one_class.py and photos.py --png-levels, benchmarks/README.md).
 PNG_LEVEL = 1
 
 
@@ -286,7 +286,7 @@ def _turbo(img: Image.Image, prep: Preprocessing) -> Image.Image | None:
     """A drafted JPEG's pixels from simplejpeg (libjpeg-turbo) at the size `draft` set, or None for Pillow's path.
 
     Measured 1.4-3x faster than Pillow's open-draft-load on 96-256 px photos
-    (README), and the same pixels: the same libjpeg scaling, colour
+    (benchmarks/README.md), and the same pixels: the same libjpeg scaling, colour
     conversion and upsampling. Pillow has already parsed the header (the
     decompression-bomb check, the mode, EXIF); anything but a plain RGB or
     grey JPEG with no rotation, and any error, goes to Pillow, whose

@@ -38,7 +38,8 @@ from .decoding import Source
 
 # The largest Hamming distance (of 64 bits) at which two perceptual hashes are taken for one picture:
 # on benchmarks/quality_checks.py's photos, re-encoded, resized and brightened copies all lie within 8
-# bits of their source and no distinct photo within 9 (README, "Checks").
+# bits of their source and no distinct photo within 9 (benchmarks/README.md, "Checks and duplicates beside
+# CleanVision").
 NEAR_BITS = 8
 # `fit` lowers the bound for its own images (`calibrate_bound`): at most this share of the training
 # images may have another, distinct training image within it. Simple images (digits, icons, scans of

@@ -25,7 +25,7 @@ the bank a coreset of BANK patches chosen by greedy k-center selection
 (each next patch the one farthest from those already chosen, as PatchCore
 does: Roth et al., CVPR 2022), so that rare normal patches are covered as
 well as common ones (a random sample leaves them out and calls them
-unusual; README, "Local defects", has the measurement);
+unusual; benchmarks/README.md, "Local defects", has the measurement);
 and the image's local statistic is its largest patch distance, in units of
 the region bound b (the 99th percentile of held-out normal patch
 distances), so that it compares with the same statistic on tiles (tiles.py):

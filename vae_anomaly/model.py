@@ -36,7 +36,7 @@ def default_hidden_channels(image_size: int) -> tuple[int, ...]:
     measured best on MNIST). Above 32 px channels start at 16 and double up
     to 128: at the 48 px working size of photos that network (16, 32, 64)
     scores 3x faster than one starting at 32 and trains 2.8x faster, at
-    0.006 lower ROC-AUC on benchmarks/photos.py (README, "Working size").
+    0.006 lower ROC-AUC on benchmarks/photos.py (benchmarks/README.md).
     """
     channels = [32 if image_size <= 32 else 16]
     size = image_size // 2

@@ -15,7 +15,7 @@ explains as well as a normal 7 still lands where no 7 does (deep kNN on
 learned features, Bergman, Cohen & Hoshen 2020). Both constants come from
 training images only, so calibration images stay exchangeable with incoming
 ones and the conformal p-values keep their guarantee. Measured on one-class
-MNIST, 3 seeds (README, "Detection quality").
+MNIST, 3 seeds (benchmarks/README.md, "Detection quality").
 
 No torch: the encoder means arrive as arrays (`inference.latent_banks`).
 """

@@ -284,7 +284,7 @@ def _scan_all(
     row of `paints`), on `threads` threads of one BLAS thread each: a file's tiles are too small for
     BLAS to use two cores (32 against 35 ms for 16 tiles at 48 px, measured against five banks), while
     NumPy's products and Pillow's decoding release the GIL, so two files at once run 1.6 times as fast
-    on 2 cores (README, "Tiles")."""
+    on 2 cores (benchmarks/README.md, "Local defects")."""
     if tiles is None:
         return [None] * len(paths)
     paint = [None] * len(paths) if paints is None else list(paints)
