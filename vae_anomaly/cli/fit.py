@@ -144,7 +144,7 @@ def _tile(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
     default=FIT_DEFAULTS.precision,
     show_default=True,
     help="Training arithmetic: bf16 runs the forward pass under bf16 autocast (for larger images on "
-    "GPUs; slower for small ones, see docs/usage.md). Scores are always float32.",
+    "GPUs; slower for small ones, see benchmarks/README.md). Scores are always float32.",
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option(

@@ -102,7 +102,7 @@ def rule_options(fn: Any) -> Any:
             default=DEFAULT_SCORE,
             show_default=True,
             help="elbo-ic-nn: elbo-ic (-ELBO in bits minus the PNG length) plus the latent distance to the training "
-            "images, each over its spread; see docs/checks.md for all.",
+            "images, each over its spread; see docs/decisions.md for all.",
         ),
         guard_option(
             "A second statistic, the latent KL, in the same test as the score: catches shrunk, noisy, dim frames."
