@@ -30,8 +30,8 @@ from vae_anomaly.batching import iter_batches
 from vae_anomaly.cli import main
 from vae_anomaly.decoding import Preprocessing, decode_image
 from vae_anomaly.errors import ImageReadError, ModelFileError
-from vae_anomaly.launch import Terminated, signals_held
 from vae_anomaly.listing import find_images
+from vae_anomaly.process import Terminated, signals_held
 
 GREY16 = Preprocessing(1, 16)
 

@@ -20,7 +20,7 @@ import click
 
 from .. import __version__
 from ..errors import VaeAnomalyError
-from ..launch import Terminated, signals_held, terminate
+from ..process import Terminated, signals_held, terminate
 
 # Each command's module, imported when the command runs (click's lazy-loading pattern): `score`
 # then starts without `evaluate`'s scikit-learn, about 0.7 s of every CI job's start-up.

@@ -12,7 +12,7 @@ import click
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .. import artifact, distributed, launch
+from .. import artifact, distributed, process
 from ..batching import DecodeOptions
 from ..budget import FitPlan
 from ..config import (
@@ -273,7 +273,7 @@ def _fit(
                 on_model=progress.new_model,
                 on_plan=progress.plan if main_rank else None,
                 on_phase=progress.phase if main_rank else None,
-                started=launch.STARTED,  # the budget counts the whole command, torch's import included
+                started=process.STARTED,  # the budget counts the whole command, torch's import included
             )
             seconds = time.perf_counter() - t0
             if main_rank:
@@ -401,7 +401,7 @@ class _FitProgress:
     def phase(self, line: str) -> None:
         """A phase of the fit starts or ends: one line, with the seconds since the command started."""
         if not self.quiet:
-            since = launch.STARTED if launch.STARTED is not None else self.t0
+            since = process.STARTED if process.STARTED is not None else self.t0
             err.print(f"{time.perf_counter() - since:6.1f} s  {line}", highlight=False)
 
     def new_model(self, k: int, folds: int) -> None:
