@@ -163,3 +163,16 @@ def test_evaluate_counts_exactly_the_images_score_threshold_auto_flags(model_fil
     _, out, _ = run(*args, "--guard=none")
     unguarded = {r["score"]: r for r in json.loads(out)["results"]}["elbo-ic"]["confusion"]
     assert unguarded != model_only, "the guard changes what is flagged on these images"
+
+
+def test_the_table_keeps_every_label_and_header_whole_at_80_columns(model_file: Path, labelled: Path) -> None:
+    """Six score columns in an 80-column terminal: values may wrap, labels and headers are never cut."""
+    scores = ["elbo-ic-nn", "elbo-ic", "elbo", "kl", "iwae", "recon-prob"]
+    args = ["evaluate", str(labelled / "lab"), "-m", str(model_file), *(a for s in scores for a in ("--score", s))]
+    result = CliRunner().invoke(main, args, catch_exceptions=False, env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.stderr
+    table = result.stdout.split("ROC-AUC, AP")[0]
+    assert "…" not in table and "..." not in table, table
+    for label in ("average precision", "  precision / recall", "auto rule: FPR / TPR", "TPR at FPR 5%"):
+        assert label in table, f"{label!r} cut: {table}"
+    assert max(len(line) for line in table.splitlines() if line[:1] in "┏┃┡│└") <= 80, "the title may be longer"

@@ -119,15 +119,12 @@ def evaluation_table(ev: Evaluation) -> None:
         title=f"{escape(ev.source)}: {int((ev.labels == 0).sum())} normal, {int((ev.labels == 1).sum())} anomalous",
         title_justify="left",
     )
-    table.add_column("metric")
-    for name, r in ev.results.items():
-        table.add_column(f"{name} ({r.samples})", justify="right")
     res = list(ev.results.values())
     rows = [
         ("ROC-AUC", [f"{r.metrics.roc_auc:.4f}" for r in res]),
         ("average precision", [f"{r.metrics.average_precision:.4f}" for r in res]),
         ("best F1", [f"{r.metrics.best_f1:.4f}" for r in res]),
-        ("  at score >=", [f"{r.metrics.best_f1_threshold:.5g}" for r in res]),
+        ("  at score >=", [f"{r.metrics.best_f1_threshold:.4g}" for r in res]),
         ("  precision / recall", [f"{r.metrics.best_f1_precision:.3f} / {r.metrics.best_f1_recall:.3f}" for r in res]),
         ("TPR at FPR 1%", [f"{r.metrics.tpr_at_fpr_1pct:.4f}" for r in res]),
         ("TPR at FPR 5%", [f"{r.metrics.tpr_at_fpr_5pct:.4f}" for r in res]),
@@ -135,6 +132,10 @@ def evaluation_table(ev: Evaluation) -> None:
         ("auto rule: FN / TP", [f"{r.confusion.fn} / {r.confusion.tp}" for r in res]),
         ("auto rule: FPR / TPR", [f"{r.confusion.fpr:.3f} / {r.confusion.tpr:.3f}" for r in res]),
     ]
+    # At 80 columns with every score, labels stay whole and values and headers wrap (rich would cut them).
+    table.add_column("metric", no_wrap=True, min_width=max(len(label) for label, _ in rows))
+    for name, r in ev.results.items():
+        table.add_column(f"{name} ({r.samples})", justify="right", overflow="fold", min_width=6)
     for label, cells in rows:
         table.add_row(label, *cells)
     out.print(table)
