@@ -14,6 +14,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +26,10 @@ from provenance import provenance, write_results
 from vae_anomaly import backbone
 
 
-def rate(run: object, x: np.ndarray, batch: int) -> float:
+def rate(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int) -> float:
     t0 = time.perf_counter()
     for i in range(0, len(x), batch):
-        run(x[i : i + batch])  # type: ignore[operator]
+        run(x[i : i + batch])
     return len(x) / (time.perf_counter() - t0)
 
 

@@ -209,15 +209,18 @@ class Evidence:
             extremes.append(extreme)
         return self._combine(highest), self._combine(lowest), np.any(extremes, axis=0)
 
-    def moving(self, b: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """(len(b), m): whether new image i (of x, (J, m) raw values) enters the top k + 1 of a side on
-        which member b is a strict extreme, so that b's tail (2) moves with it."""
-        out = np.zeros((len(b), x.shape[1]), bool)
-        for side in self.sides:
-            if side.k:
+    def entering(self, x: np.ndarray) -> list[np.ndarray | None]:
+        """Per side, whether each new image (x: (J, m) raw values) enters its top k + 1 (None: no tail)."""
+        return [side.sign * x[side.stat] >= side.top[side.k + 1] if side.k else None for side in self.sides]
+
+    def moving(self, b: np.ndarray, entering: Sequence[np.ndarray | None], m: int) -> np.ndarray:
+        """(len(b), m): whether new image i enters the top k + 1 of a side on which member b is a strict
+        extreme (`entering` per side, from `Evidence.entering`), so that b's tail (2) moves with it."""
+        out = np.zeros((len(b), m), bool)
+        for side, enters in zip(self.sides, entering, strict=True):
+            if enters is not None:
                 extreme = side.own[b] <= side.k
                 if np.any(extreme):
-                    enters = side.sign * x[side.stat] >= side.top[side.k + 1]
                     out |= extreme[:, None] & enters[None, :]
         return out
 
@@ -277,9 +280,10 @@ def p_values(
         # Extreme members: their bounds hold while the image stays out of their sides' tails; the pairs
         # where it enters one are compared exactly.
         step = max(1, _PAIRS // max(m, 1))
+        entering = evidence.entering(x)  # the same for every chunk of members below
         for start in range(0, len(tails_moving), step):
             b = tails_moving[start : start + step]
-            moves = evidence.moving(b, x)
+            moves = evidence.moving(b, entering, m)
             ahead = (lowest[b][:, None] >= t_x[None, :]) & ~moves
             open_ = (lowest[b][:, None] < t_x[None, :]) & (highest[b][:, None] >= t_x[None, :]) | moves
             count += ahead.sum(axis=0)

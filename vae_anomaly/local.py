@@ -263,8 +263,9 @@ def fit_banks(pixels: np.ndarray, training: Sequence[np.ndarray], rng: np.random
         textures.append(texture.reshape(-1, 2))
     chosen_flat, texture = np.concatenate(picked), np.concatenate(textures)
     mean = chosen_flat.mean(0)
-    axes = principal_axes(chosen_flat - mean, FEATURES, rng)
-    rms = float(np.sqrt((((chosen_flat - mean) @ axes.T) ** 2).sum(1).mean()))
+    centred = chosen_flat - mean
+    axes = principal_axes(centred, FEATURES, rng)
+    rms = float(np.sqrt(((centred @ axes.T) ** 2).sum(1).mean()))
     t_std = np.maximum(texture.std(0), 1e-6)
     tex = np.stack([texture.mean(0), t_std, np.full(2, TEXTURE_WEIGHT * rms / np.sqrt(2))]).astype(np.float32)
     bank = PatchBank(size, mean.astype(np.float32), axes.astype(np.float32), tex, (), math.inf)
