@@ -19,7 +19,7 @@ from vae_anomaly.cli import main
 from vae_anomaly.decoding import Preprocessing, read_upright
 from vae_anomaly.errors import ConfigError
 from vae_anomaly.local import fit as fit_whole
-from vae_anomaly.tiles import CHUNK, TileBank, boxes, fit, maps_batch, measure_batch, read_tiles, tile_side
+from vae_anomaly.tiles import CHUNK, Scales, TileBank, boxes, fit, maps_batch, measure_batch, read_tiles, tile_side
 
 SIDE = 384  # px: eight working sizes, so tiled by the automatic rule (t = 128)
 DEFECT = (200, 120, 236, 156)  # x0, y0, x1, y1: 0.9% of the area, 4.5 px at the working size
@@ -206,7 +206,7 @@ def test_workers_and_the_pixel_cache_give_the_local_statistic_the_parent_gives(
     files = grain["clean"] + grain["blurred"]
 
     def run(options: DecodeOptions) -> tuple[np.ndarray, np.ndarray]:
-        batches = list(iter_batches(files, prep, 8, options=options, local=(whole, tiled)))
+        batches = list(iter_batches(files, prep, 8, options=options, local=Scales(whole, tiled)))
         assert all(b.boxes is not None for b in batches)
         return np.concatenate([b.properties["local"] for b in batches]), np.concatenate([b.boxes for b in batches])
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -40,9 +40,7 @@ from .decoding import (
 from .duplicates import Fingerprints, fingerprints
 from .errors import ConfigError, ImageReadError
 from .listing import display_path
-from .local import NAME as LOCAL
 from .pixel_cache import CacheHit, FileKey, PixelCache, default_cache_dir
-from .tiles import Scales, measure_batch
 
 
 @dataclass
@@ -64,11 +62,26 @@ class ImageBatch:
     # lies in, (B, 8) int64, -1 where there is none; its value is properties["local"].
     boxes: np.ndarray | None = None
 
-    def measured(self, local: Scales | None = None) -> ImageBatch:
+    def measured(self, local: LocalMeasure | None = None) -> ImageBatch:
         """This batch with its properties and fingerprints (and, with `local`, the local statistic)
         computed from its pixels and sources."""
         self.properties, self.fingerprints, self.boxes = _measure(self.pixels, self.sources, self.paths, local)
         return self
+
+
+class LocalMeasure(Protocol):
+    """A model's local statistic measured on a decoded batch (local/tiles.Scales): each image's value, its
+    most unusual region and the tile it lies in. Passed in, and pickled to the decode workers, so that
+    decoding knows nothing of patch banks."""
+
+    @property
+    def name(self) -> str:
+        """The key of its values among an image's properties."""
+        ...
+
+    def __call__(
+        self, pixels: np.ndarray, paths: Sequence[str], sources: Sequence[Any], threads: int = ...
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
 # What is measured of each image where it is decoded: properties, fingerprints, and the local
@@ -103,14 +116,14 @@ class ImageFacts:
         )
 
 
-def _measure(pixels: np.ndarray, sources: Sequence[Source], paths: Sequence[str], local: Scales | None) -> Facts:
+def _measure(pixels: np.ndarray, sources: Sequence[Source], paths: Sequence[str], local: LocalMeasure | None) -> Facts:
     """The properties and duplicate fingerprints of decoded images (properties.py, duplicates.py), and
     with `local` their local statistic (tiles.measure_batch): measured in the decode workers, where
     it overlaps the parent's scoring, or here with a thread per CPU for the tiles."""
     found = properties.measure(pixels, sources)
     boxes = None
     if local is not None:
-        found[LOCAL], region, tile = measure_batch(local[0], local[1], pixels, paths, sources, tile_threads())
+        found[local.name], region, tile = local(pixels, paths, sources, tile_threads())
         boxes = np.concatenate([region, tile], 1)
     return found, fingerprints(pixels, sources), boxes
 
@@ -184,7 +197,9 @@ class _Decoded:
     facts: Facts
 
 
-def _decode_chunk(files: Sequence[Path], prep: Preprocessing, bits: bool, local: Scales | None = None) -> _Decoded:
+def _decode_chunk(
+    files: Sequence[Path], prep: Preprocessing, bits: bool, local: LocalMeasure | None = None
+) -> _Decoded:
     index: list[int] = []
     arrays: list[np.ndarray] = []
     sources: list[Source] = []
@@ -238,7 +253,7 @@ class _Pending:
     keys: dict[int, FileKey]
     misses: list[int]  # positions in the chunk sent to be decoded
     decoded: Future[_Decoded] | _Decoded | None
-    local: Scales | None = None  # the model's local statistic, measured with the other facts
+    local: LocalMeasure | None = None  # the model's local statistic, measured with the other facts
 
 
 def _assemble(p: _Pending, prep: Preprocessing, bits: bool, cache: PixelCache | None) -> ImageBatch:
@@ -374,7 +389,7 @@ def iter_batches(
     reserve: int = 0,
     on_workers: Callable[[int], None] | None = None,
     worth_it: Callable[[float], bool] | None = None,
-    local: Scales | None = None,
+    local: LocalMeasure | None = None,
 ) -> Iterator[ImageBatch]:
     """Decode files in batches, in input order, so memory stays bounded whatever the folder's size.
 

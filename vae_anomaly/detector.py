@@ -228,7 +228,7 @@ class Detector:
     @property
     def local_(self) -> Scales | None:
         """The local statistic's scales (whole image, tiles), or None for model files without it."""
-        return None if self.patches_ is None else (self.patches_, self.tiles_)
+        return None if self.patches_ is None else Scales(self.patches_, self.tiles_)
 
     @property
     def n_models(self) -> int:

@@ -26,7 +26,7 @@ from .listing import FileListing, find_images, require_images
 from .model import VAE
 from .neighbours import LatentBank
 from .scores import kl_to_standard_normal, pixel_nll_map, score_batch
-from .tiles import Scales, maps_batch
+from .tiles import Scales
 
 ImageInput = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | np.ndarray
 
@@ -353,7 +353,7 @@ def heat_maps(
         images.append(batch.pixels)
         local_map = None
         if local is not None:
-            local_map, region = maps_batch(local[0], local[1], batch.pixels, batch.paths, batch.sources, tile_threads())
+            local_map, region = local.maps(batch.pixels, batch.paths, batch.sources, tile_threads())
             local_maps.append(local_map)
             regions.append(region)
         if features is not None:

@@ -257,8 +257,24 @@ def fit(
     return TileBank(bank, tile, channels), raw / bank.bound
 
 
-# A model's local statistic: its whole-image scale and, where it has one, its tile scale.
-Scales = tuple[PatchBank, TileBank | None]
+@dataclass(frozen=True)
+class Scales:
+    """A model's local statistic: its whole-image scale and, where it has one, its tile scale. Called on a
+    decoded batch, it measures the batch (`measure_batch`); the decode workers receive it pickled."""
+
+    patches: PatchBank
+    tiles: TileBank | None = None
+    name: str = local.NAME  # the key of its values among an image's properties
+
+    def __call__(
+        self, pixels: np.ndarray, paths: Sequence[str], sources: Sequence[Any], threads: int = 1
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return measure_batch(self.patches, self.tiles, pixels, paths, sources, threads)
+
+    def maps(
+        self, pixels: np.ndarray, paths: Sequence[str], sources: Sequence[Any], threads: int = 1
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return maps_batch(self.patches, self.tiles, pixels, paths, sources, threads)
 
 
 def _scan(tiles: TileBank, path: str, source: Any, fold: int, paint: np.ndarray | None = None) -> Tiled | None:
