@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance, write_results
 
-from vae_anomaly import backbone
+from vae_anomaly.model import backbone
 
 
 def rate(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int) -> float:

@@ -53,7 +53,7 @@ def timed_score(folder: Path, model: Path, env: dict[str, str] | None = None) ->
 
 def padded(model: Path, out: Path, n: int, seed: int) -> None:
     """The model file with `n` training fingerprints: its own, then random ones (re-checksummed)."""
-    from vae_anomaly import artifact
+    from vae_anomaly.model import artifact
 
     mf = artifact.load(model)
     rng = np.random.default_rng(seed)

@@ -35,7 +35,7 @@ from mnist import load_mnist
 from provenance import provenance, write_results
 
 from vae_anomaly import Detector, FitConfig
-from vae_anomaly.calibration import decision_statistic
+from vae_anomaly.decision.calibration import decision_statistic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -49,8 +49,8 @@ from defect_images import AREAS, KINDS, MATERIALS, defect, foreign_material, mat
 from photos import cli, run
 from provenance import provenance, write_results
 
-from vae_anomaly.listing import display_path
-from vae_anomaly.tiles import maps_batch, measure_batch
+from vae_anomaly.images.listing import display_path
+from vae_anomaly.local.tiles import maps_batch, measure_batch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EVAL = 256  # pixel-level figures are computed at this side
@@ -100,8 +100,8 @@ def build(folder: Path, name: str, side: int, n_normal: int, n_clean: int, per_c
 
 
 def working(files: list[Path], size: int, channels: int) -> np.ndarray:
-    from vae_anomaly.batching import read_images
-    from vae_anomaly.decoding import Preprocessing
+    from vae_anomaly.images.batching import read_images
+    from vae_anomaly.images.decoding import Preprocessing
 
     batch = read_images(files, Preprocessing(channels, size))
     assert not batch.errors, batch.errors[:3]

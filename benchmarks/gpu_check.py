@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mnist import load_mnist
 
 from vae_anomaly import Detector, FitConfig
-from vae_anomaly.batching import DecodeOptions
-from vae_anomaly.config import SCORE_NAMES
-from vae_anomaly.model import ConvVAE, VAEConfig
-from vae_anomaly.train import elbo_loss
+from vae_anomaly.images.batching import DecodeOptions
+from vae_anomaly.model.score_table import SCORE_NAMES
+from vae_anomaly.model.train import elbo_loss
+from vae_anomaly.model.vae import ConvVAE, VAEConfig
 
 
 def bare_loop(pixels: torch.Tensor, precision: str, epochs: int = 3, batch_size: int = 128) -> float:

@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from defect_images import KINDS, MATERIALS, defect, foreign_material, material, normal_image
 from provenance import provenance, write_results
 
-from vae_anomaly import backbone, local
+from vae_anomaly.local import patches as local
+from vae_anomaly.model import backbone
 
 AREAS = (0.02, 0.05, 0.10)
 BANK = 16_384  # backbone cells per bank (of 256 per image at 128 px)

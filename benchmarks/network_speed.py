@@ -19,8 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance, write_results
 
-from vae_anomaly.model import ConvVAE, VAEConfig, default_hidden_channels
-from vae_anomaly.train import elbo_loss
+from vae_anomaly.model.train import elbo_loss
+from vae_anomaly.model.vae import ConvVAE, VAEConfig, default_hidden_channels
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYOUTS = [(28, 1, ()), (32, 3, ()), (48, 3, ()), (48, 3, (32, 64, 128)), (64, 3, ()), (64, 3, (32, 64, 128))]

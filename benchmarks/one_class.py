@@ -36,9 +36,9 @@ from mnist import load_mnist
 from provenance import provenance, write_results
 
 from vae_anomaly import Detector, FitConfig
-from vae_anomaly.calibration import decision_statistic
-from vae_anomaly.config import SCORE_NAMES
-from vae_anomaly.decoding import PNG_LEVEL, png_bits
+from vae_anomaly.decision.calibration import decision_statistic
+from vae_anomaly.images.decoding import PNG_LEVEL, png_bits
+from vae_anomaly.model.score_table import SCORE_NAMES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

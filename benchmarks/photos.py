@@ -216,8 +216,8 @@ def cli() -> list[str]:
 # ------------------------------------------------------------------ baselines
 def pixels(files: list[Path], size: int) -> np.ndarray:
     """Working-size pixels, decoded the way the model decodes them (flattened, in [0, 1])."""
-    from vae_anomaly.batching import read_images
-    from vae_anomaly.decoding import Preprocessing
+    from vae_anomaly.images.batching import read_images
+    from vae_anomaly.images.decoding import Preprocessing
 
     batch = read_images(files, Preprocessing(3, size))
     assert not batch.errors, batch.errors[:3]
@@ -299,9 +299,9 @@ def per_kind(kind_of: np.ndarray, ranking: np.ndarray, flags: np.ndarray) -> dic
 
 def speed(work: Path, n: int, model: Path, seed: int) -> dict[str, Any]:
     """`vae-anomaly score` over n 128x128 JPEG files against decoding them alone (same worker pool)."""
-    from vae_anomaly.batching import DecodeOptions, iter_batches
-    from vae_anomaly.decoding import Preprocessing
-    from vae_anomaly.listing import find_images
+    from vae_anomaly.images.batching import DecodeOptions, iter_batches
+    from vae_anomaly.images.decoding import Preprocessing
+    from vae_anomaly.images.listing import find_images
 
     folder = work / "speed"
     rng = np.random.default_rng(seed + 1)
@@ -328,7 +328,7 @@ def speed(work: Path, n: int, model: Path, seed: int) -> dict[str, Any]:
         # "scored N of N images in X s": the scoring loop alone, without start-up, listing and the report
         loop_s.append(float(re.search(r"scored \d+ of \d+ images.* in ([0-9.]+) s \(", proc.stderr).group(1)))
     d, s, loop = float(np.median(decode_s)), float(np.median(score_s)), float(np.median(loop_s))
-    from vae_anomaly import backbone
+    from vae_anomaly.model import backbone
 
     net = backbone.Features()
     batch = next(iter_batches(files[: backbone.BATCH * 8], prep, backbone.BATCH * 8)).pixels
@@ -391,9 +391,9 @@ def feature_gaussian(normal: list[Path], incoming: list[Path], seed: int) -> dic
     covariance of the standardised 992 values, fitted on 80% of the normal images (decoded as `fit` does)."""
     from sklearn.covariance import LedoitWolf
 
-    from vae_anomaly import backbone
-    from vae_anomaly.batching import read_images
-    from vae_anomaly.decoding import Preprocessing
+    from vae_anomaly.images.batching import read_images
+    from vae_anomaly.images.decoding import Preprocessing
+    from vae_anomaly.model import backbone
 
     features = backbone.Features()
     prep = Preprocessing(3, backbone.SIZE)

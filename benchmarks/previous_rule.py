@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from vae_anomaly.tail_model import at_floor, covers, fit_tail, refine
+from vae_anomaly.decision.tail_model import at_floor, covers, fit_tail, refine
 
 _QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 MEDIAN = 2  # the median's column in bag_quantiles

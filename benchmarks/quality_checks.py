@@ -237,9 +237,9 @@ def bound_sweep(
     training image; with each hash's cost per image."""
     import imagehash
 
-    from vae_anomaly.batching import read_images
-    from vae_anomaly.decoding import Preprocessing
-    from vae_anomaly.duplicates import fingerprints, hamming
+    from vae_anomaly.images.batching import read_images
+    from vae_anomaly.images.decoding import Preprocessing
+    from vae_anomaly.images.duplicates import fingerprints, hamming
 
     prep = Preprocessing.from_dict(
         json.loads(photos.run([*photos.cli(), "info", str(model), "--format", "json"])[1].stdout)["preprocessing"]

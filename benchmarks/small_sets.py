@@ -46,12 +46,12 @@ from previous_rule import previous_p_values
 from provenance import provenance, write_results
 
 from vae_anomaly import Detector, FitConfig
-from vae_anomaly.batch_tests import exceedance_test
-from vae_anomaly.checks import PREFIX
 from vae_anomaly.config import CROSS_FIT_BELOW, DEFAULT_FOLDS
-from vae_anomaly.decision import DecisionRule
-from vae_anomaly.inference import ScoreResult
-from vae_anomaly.thresholds import benjamini_hochberg
+from vae_anomaly.decision.batch_tests import exceedance_test
+from vae_anomaly.decision.checks import PREFIX
+from vae_anomaly.decision.rule import DecisionRule
+from vae_anomaly.decision.thresholds import benjamini_hochberg
+from vae_anomaly.model.inference import ScoreResult
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FPR, FDR, GATE_P = 0.01, 0.05, 0.01

@@ -46,12 +46,12 @@ from mnist import load_mnist
 from provenance import provenance, write_results
 
 from vae_anomaly import Detector, FitConfig
-from vae_anomaly.batching import DecodeOptions, available_cpus, read_images
-from vae_anomaly.config import SCORE_NAMES
-from vae_anomaly.decoding import Preprocessing
-from vae_anomaly.listing import find_images
-from vae_anomaly.model import ConvVAE, VAEConfig
-from vae_anomaly.train import elbo_loss
+from vae_anomaly.images.batching import DecodeOptions, available_cpus, read_images
+from vae_anomaly.images.decoding import Preprocessing
+from vae_anomaly.images.listing import find_images
+from vae_anomaly.model.score_table import SCORE_NAMES
+from vae_anomaly.model.train import elbo_loss
+from vae_anomaly.model.vae import ConvVAE, VAEConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLI = [sys.executable, "-m", "vae_anomaly"]

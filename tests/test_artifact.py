@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from conftest import disks
-from vae_anomaly import Detector, artifact
-from vae_anomaly.decoding import PNG_LEVEL
+from vae_anomaly import Detector
 from vae_anomaly.errors import ModelFileError
+from vae_anomaly.images.decoding import PNG_LEVEL
+from vae_anomaly.model import artifact
 
 
 def test_saved_and_reloaded_model_gives_identical_scores(fitted: Detector, model_file: Path) -> None:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from vae_anomaly import backbone
 from vae_anomaly.errors import ModelFileError
+from vae_anomaly.model import backbone
 
 skimage_data = pytest.importorskip("skimage.data")
 

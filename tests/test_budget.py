@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from conftest import cli_run, disks, write_pngs
-from vae_anomaly import Detector, FitConfig, budget, local
-from vae_anomaly.budget import CALIBRATION_MARGIN, SAVE_SECONDS, Speed, measure_speed, model_time, plan_fit
+from vae_anomaly import Detector, FitConfig
 from vae_anomaly.config import DEFAULT_TIME_BUDGET
 from vae_anomaly.errors import ConfigError
-from vae_anomaly.model import VAEConfig
-from vae_anomaly.scores import latent_noise
+from vae_anomaly.local import patches as local
+from vae_anomaly.model import budget
+from vae_anomaly.model.budget import CALIBRATION_MARGIN, SAVE_SECONDS, Speed, measure_speed, model_time, plan_fit
+from vae_anomaly.model.scores import latent_noise
+from vae_anomaly.model.vae import VAEConfig
 
 # 1 ms per trained image, 0.2 ms per held-out image, 5 ms per calibration image.
 SPEED = Speed(train=1e-3, held_out=2e-4, calibrate=5e-3)

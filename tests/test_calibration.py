@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from conftest import BACKGROUND, SIZE, crosses, disks
 from vae_anomaly import Detector
-from vae_anomaly.calibration import (
+from vae_anomaly.decision.calibration import (
     Calibration,
     calibration_needed,
     combined_p_values,
@@ -20,9 +20,9 @@ from vae_anomaly.calibration import (
     p_values,
     smallest_p_value,
 )
-from vae_anomaly.combination import MAX_EXCESS, Evidence, tail_size
-from vae_anomaly.decision import DecisionRule
-from vae_anomaly.thresholds import auto_threshold, flag
+from vae_anomaly.decision.combination import MAX_EXCESS, Evidence, tail_size
+from vae_anomaly.decision.rule import DecisionRule
+from vae_anomaly.decision.thresholds import auto_threshold, flag
 
 
 def test_p_values_follow_the_conformal_formulas() -> None:
@@ -384,7 +384,7 @@ def test_a_discrete_statistic_has_no_tail_and_a_continuous_one_far_out_does() ->
 
 def test_a_statistics_weight_counts_as_that_many_copies_of_it() -> None:
     """(3) with integer weights is the sum over repeated statistics: p-values, T and bounds agree."""
-    from vae_anomaly import combination
+    from vae_anomaly.decision import combination
 
     rng = np.random.default_rng(7)
     cal = rng.standard_t(3, size=(3, 60))
@@ -406,8 +406,8 @@ def test_a_backbone_models_score_is_upper_tailed_and_weighs_more_the_more_images
     """The rule's defaults follow what the model models (features.py): pixels keep the two-sided,
     equally weighted test; a backbone model's score weighs one per SCORE_WEIGHT_PER calibration images,
     from 1 up to as much as the rest together; an explicit --tail wins."""
-    from vae_anomaly.calibration import Calibration
-    from vae_anomaly.features import SCORE_WEIGHT_PER, weights
+    from vae_anomaly.decision.calibration import Calibration
+    from vae_anomaly.model.features import SCORE_WEIGHT_PER, weights
 
     rng = np.random.default_rng(3)
     scores = {"elbo-ic-nn": rng.normal(size=50), "kl": rng.normal(size=50), "property:brightness": rng.normal(size=50)}

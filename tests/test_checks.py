@@ -16,9 +16,11 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFilter
 
 from conftest import cli_run as run
-from vae_anomaly import Detector, artifact, properties
-from vae_anomaly.checks import Reason, kept, statistic_p_values
-from vae_anomaly.duplicates import (
+from vae_anomaly import Detector
+from vae_anomaly.decision.checks import Reason, kept, statistic_p_values
+from vae_anomaly.decision.gate import evaluate_gate, parse_gate
+from vae_anomaly.images import properties
+from vae_anomaly.images.duplicates import (
     NEAR_BITS,
     DuplicateFinder,
     Fingerprints,
@@ -27,8 +29,8 @@ from vae_anomaly.duplicates import (
     fingerprints,
     hamming,
 )
-from vae_anomaly.gate import evaluate_gate, parse_gate
-from vae_anomaly.properties import BY_NAME
+from vae_anomaly.images.properties import BY_NAME
+from vae_anomaly.model import artifact
 
 SIDE = 32
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import cli_run as run
-from vae_anomaly.documents import schema
-from vae_anomaly.thresholds import benjamini_hochberg
+from vae_anomaly.decision.thresholds import benjamini_hochberg
+from vae_anomaly.reports.documents import schema
 
 
 def _valid(out: str) -> dict:

@@ -12,7 +12,7 @@ import torch
 
 from conftest import cli_run, crosses, disks, write_pngs
 from vae_anomaly import Detector
-from vae_anomaly.calibration import smallest_p_value
+from vae_anomaly.decision.calibration import smallest_p_value
 
 
 @pytest.mark.slow

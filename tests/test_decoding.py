@@ -12,13 +12,15 @@ import torch
 from PIL import Image
 
 from conftest import crosses, disks, write_pngs
-from vae_anomaly import Detector, decoding, scores
-from vae_anomaly.batching import DecodeOptions, ImageBatch, iter_batches, read_images
-from vae_anomaly.decoding import Preprocessing, decode_image, png_bits
+from vae_anomaly import Detector
 from vae_anomaly.errors import ImageReadError
-from vae_anomaly.listing import find_images
-from vae_anomaly.pixel_cache import PixelCache
-from vae_anomaly.scores import latent_noise, score_batch
+from vae_anomaly.images import decoding
+from vae_anomaly.images.batching import DecodeOptions, ImageBatch, iter_batches, read_images
+from vae_anomaly.images.decoding import Preprocessing, decode_image, png_bits
+from vae_anomaly.images.listing import find_images
+from vae_anomaly.images.pixel_cache import PixelCache
+from vae_anomaly.model import scores
+from vae_anomaly.model.scores import latent_noise, score_batch
 
 # Each score's own documented function, against which the fused pass is checked.
 SCORE_FUNCTIONS = {
@@ -179,7 +181,7 @@ def test_workers_default_to_none_for_small_inputs_and_leave_cpus_for_scoring() -
 
 
 def test_one_fused_pass_gives_each_score_its_own_value() -> None:
-    from vae_anomaly.model import ConvVAE, VAEConfig
+    from vae_anomaly.model.vae import ConvVAE, VAEConfig
 
     torch.manual_seed(0)
     model = ConvVAE(VAEConfig(1, 16, 4)).eval()

@@ -21,8 +21,9 @@ import torch.distributed as dist
 
 import vae_anomaly
 from conftest import cli_run, disks, write_pngs
-from vae_anomaly import Detector, distributed
-from vae_anomaly.distributed import World
+from vae_anomaly import Detector
+from vae_anomaly.model import distributed
+from vae_anomaly.model.distributed import World
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),

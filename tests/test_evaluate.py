@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from sklearn import metrics as skm
 
 from vae_anomaly import Detector
-from vae_anomaly.calibration import p_values
 from vae_anomaly.cli import main
+from vae_anomaly.decision.calibration import p_values
 from vae_anomaly.errors import LabelsError
 from vae_anomaly.evaluation import evaluate_detector, labelled_folders, labels_csv
 

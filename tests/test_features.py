@@ -13,10 +13,10 @@ from sklearn.covariance import LedoitWolf
 from conftest import cli_run
 from vae_anomaly import Detector, FitConfig
 from vae_anomaly.detector import Phases
-from vae_anomaly.feature_vae import FeatureVAE, FeatureVAEConfig, whitening
-from vae_anomaly.features import PIXELS_BELOW, choose_features
-from vae_anomaly.model import ConvVAE, build_model, config_from_dict
-from vae_anomaly.scores import latent_noise, negative_elbo
+from vae_anomaly.model.feature_vae import FeatureVAE, FeatureVAEConfig, whitening
+from vae_anomaly.model.features import PIXELS_BELOW, choose_features
+from vae_anomaly.model.scores import latent_noise, negative_elbo
+from vae_anomaly.model.vae import ConvVAE, build_model, config_from_dict
 
 SIDE = 72  # above PIXELS_BELOW: `auto` picks the backbone
 
@@ -182,7 +182,7 @@ def test_a_backbone_model_cross_fits_where_a_pixel_model_splits_once() -> None:
 
 
 def test_decode_workers_start_beside_the_backbone_at_a_smaller_share_of_its_cost() -> None:
-    from vae_anomaly.devices import ThreadShare
+    from vae_anomaly.model.devices import ThreadShare
 
     pixel, feature = ThreadShare(torch.device("cpu")), ThreadShare(torch.device("cpu"), backbone=True)
     for share in (pixel, feature):

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from vae_anomaly.batch_tests import exceedance_test, shift_test
-from vae_anomaly.calibration import combined_p_values, cross_conformal_p_values, p_values
-from vae_anomaly.ci import github_escape_data, github_escape_property
+from vae_anomaly.decision.batch_tests import exceedance_test, shift_test
+from vae_anomaly.decision.calibration import combined_p_values, cross_conformal_p_values, p_values
+from vae_anomaly.decision.gate import GateRule, evaluate_gate, parse_gate
+from vae_anomaly.decision.thresholds import benjamini_hochberg
 from vae_anomaly.errors import GateSpecError
-from vae_anomaly.gate import GateRule, evaluate_gate, parse_gate
-from vae_anomaly.thresholds import benjamini_hochberg
+from vae_anomaly.reports.ci import github_escape_data, github_escape_property
 
 
 def bh_reference(p: list[float], q: float) -> list[bool]:

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from conftest import disks, write_pngs
 from vae_anomaly.cli import main
-from vae_anomaly.outputs import write_file
+from vae_anomaly.reports.outputs import write_file
 
 
 def run(*args: str | Path) -> tuple[int, str, str]:
@@ -104,8 +104,8 @@ def test_a_pickled_file_is_refused_without_advice_to_load_it_anyway(tmp_path: Pa
 
 
 def test_the_github_summary_escapes_the_html_a_file_name_holds() -> None:
-    from vae_anomaly.ci import github_summary
-    from vae_anomaly.report import ImageRecord, Report, Summary
+    from vae_anomaly.reports.ci import github_summary
+    from vae_anomaly.reports.report import ImageRecord, Report, Summary
 
     name = 'in/<img src=x onerror="alert(1)">.png'
     summary = Summary(
@@ -130,8 +130,8 @@ def test_the_github_summary_escapes_the_html_a_file_name_holds() -> None:
 def test_a_baseline_with_a_string_version_or_a_nan_score_is_refused_saying_why(tmp_path: Path) -> None:
     import json
 
-    from vae_anomaly.documents import read_report
     from vae_anomaly.errors import DocumentError
+    from vae_anomaly.reports.documents import read_report
 
     doc = {"schema": "vae-anomaly/score", "schema_version": "1", "summary": {}, "warnings": [], "records": []}
     path = tmp_path / "base.json"
@@ -147,12 +147,12 @@ def test_a_baseline_with_a_string_version_or_a_nan_score_is_refused_saying_why(t
 def test_an_absurd_shard_count_and_an_oversized_report_are_refused_saying_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from vae_anomaly import documents
     from vae_anomaly.errors import DocumentError, MergeError
+    from vae_anomaly.reports import documents
 
     code, _, err = run("score", tmp_path, "-m", tmp_path / "m.vae", "--shard", "1/99999999999999999999")
     assert code == 2 and "at most 10,000 shards" in " ".join(err.split())
-    from vae_anomaly.merge import ShardReport, _check_compatible
+    from vae_anomaly.reports.merge import ShardReport, _check_compatible
 
     forged = ShardReport.__new__(ShardReport)
     object.__setattr__(forged, "count", 10**20)
@@ -178,7 +178,7 @@ def test_the_pixel_limit_holds_for_cached_files_and_names_one_limit(
 
 
 def test_model_files_follow_the_umask_and_a_killed_runs_temporary_files_are_cleared(tmp_path: Path) -> None:
-    from vae_anomaly import artifact
+    from vae_anomaly.model import artifact
 
     left = tmp_path / ".m.vae.ckpt.abc123.tmp"
     left.write_bytes(b"\0" * 1000)  # what kill -9 left mid-write
@@ -196,7 +196,7 @@ def test_a_format_1_model_file_is_refused_saying_re_fit_not_damaged(tmp_path: Pa
 
     import torch
 
-    from vae_anomaly import artifact
+    from vae_anomaly.model import artifact
 
     meta, state, cal = json.dumps({"models": 1}), {"w": torch.zeros(2)}, {"elbo": torch.zeros(3)}
     payload = {
@@ -219,7 +219,7 @@ def test_an_interrupted_score_says_which_outputs_are_new(
 ) -> None:
     """Interrupted between the JSON report and the JUnit file: the message names the new report, and
     says the earlier run's JUnit file was left as it was."""
-    from vae_anomaly import ci
+    from vae_anomaly.reports import ci
 
     out, junit = tmp_path / "out.json", tmp_path / "junit.xml"
     junit.write_text("<previous run/>")

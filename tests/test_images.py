@@ -8,10 +8,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vae_anomaly.batching import iter_batches
-from vae_anomaly.decoding import PNG_LEVEL, WORKING_SIZE, Preprocessing, decode_image, infer_preprocessing, unlike_kinds
 from vae_anomaly.errors import InputPathError
-from vae_anomaly.listing import find_images
+from vae_anomaly.images.batching import iter_batches
+from vae_anomaly.images.decoding import (
+    PNG_LEVEL,
+    WORKING_SIZE,
+    Preprocessing,
+    decode_image,
+    infer_preprocessing,
+    unlike_kinds,
+)
+from vae_anomaly.images.listing import find_images
 
 GREY8 = Preprocessing(1, 8)
 

@@ -11,10 +11,10 @@ from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 from vae_anomaly import Detector, FitConfig
-from vae_anomaly.calibration import p_values
-from vae_anomaly.checks import key
-from vae_anomaly.decision import DecisionRule
-from vae_anomaly.local import NAME, PatchBank, coreset, fit, geometry, native_box, region
+from vae_anomaly.decision.calibration import p_values
+from vae_anomaly.decision.checks import key
+from vae_anomaly.decision.rule import DecisionRule
+from vae_anomaly.local.patches import NAME, PatchBank, coreset, fit, geometry, native_box, region
 
 
 def textures(n: int, seed: int, size: int = 32) -> np.ndarray:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from vae_anomaly.metrics import evaluate, tpr_at_fpr
+from vae_anomaly.reports.metrics import evaluate, tpr_at_fpr
 
 
 def test_figures_equal_sklearn_on_the_same_scores() -> None:

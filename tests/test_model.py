@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vae_anomaly.model import ConvVAE, VAEConfig
+from vae_anomaly.model.vae import ConvVAE, VAEConfig
 
 
 @pytest.mark.parametrize(("channels", "size"), [(1, 8), (1, 28), (3, 33), (3, 64), (1, 5)])

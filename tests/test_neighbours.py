@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from conftest import crosses, disks
-from vae_anomaly import Detector, neighbours
+from vae_anomaly import Detector
 from vae_anomaly import crossfit as cf
 from vae_anomaly.errors import ConfigError
-from vae_anomaly.inference import score_pixels
-from vae_anomaly.neighbours import LatentBank, spread
+from vae_anomaly.model import neighbours
+from vae_anomaly.model.inference import score_pixels
+from vae_anomaly.model.neighbours import LatentBank, spread
 
 
 def _means(det: Detector, k: int, x: np.ndarray) -> np.ndarray:

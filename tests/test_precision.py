@@ -11,10 +11,10 @@ import torch
 
 from conftest import disks
 from vae_anomaly import Detector, FitConfig
-from vae_anomaly.batching import DecodeOptions
-from vae_anomaly.config import TrainConfig
-from vae_anomaly.model import ConvVAE
-from vae_anomaly.train import EpochStats, held_out_loss
+from vae_anomaly.images.batching import DecodeOptions
+from vae_anomaly.model.train import EpochStats, held_out_loss
+from vae_anomaly.model.train_config import TrainConfig
+from vae_anomaly.model.vae import ConvVAE
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TINY = dict(epochs=4, latent_dim=4, seed=0, folds=1, decode=DecodeOptions(cache=False))
@@ -75,8 +75,8 @@ def test_a_set_too_large_for_gpu_memory_is_fed_from_pinned_memory(monkeypatch: p
 @cuda
 def test_the_gpu_nan_check_still_stops_a_diverging_fit(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU the loss is read back every few steps, not every step; a NaN still stops training."""
-    from vae_anomaly import train as train_mod
     from vae_anomaly.errors import TrainingError
+    from vae_anomaly.model import train as train_mod
 
     def nan_loss(model: torch.nn.Module, x: torch.Tensor, eps: torch.Tensor | None = None) -> tuple:
         out, mu, _ = model(x, eps)

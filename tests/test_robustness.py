@@ -26,11 +26,11 @@ from PIL import Image
 
 from conftest import crosses, disks, write_pngs
 from vae_anomaly import Detector, FitConfig
-from vae_anomaly.batching import iter_batches
 from vae_anomaly.cli import main
-from vae_anomaly.decoding import Preprocessing, decode_image
 from vae_anomaly.errors import ImageReadError, ModelFileError
-from vae_anomaly.listing import find_images
+from vae_anomaly.images.batching import iter_batches
+from vae_anomaly.images.decoding import Preprocessing, decode_image
+from vae_anomaly.images.listing import find_images
 from vae_anomaly.process import Terminated, signals_held
 
 GREY16 = Preprocessing(1, 16)
@@ -143,7 +143,7 @@ def test_animated_gif_gives_its_first_frame(bad_corpus: Path) -> None:
 
 
 def test_bomb_limit_can_be_raised(bad_corpus: Path) -> None:
-    from vae_anomaly.decoding import set_max_image_pixels
+    from vae_anomaly.images.decoding import set_max_image_pixels
 
     set_max_image_pixels(10)
     try:
@@ -158,7 +158,7 @@ def test_permission_denied_is_a_record_even_where_root_could_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """CI runs as root, who reads any file: the reader's handling is checked by making open() refuse."""
-    import vae_anomaly.decoding as images_mod
+    import vae_anomaly.images.decoding as images_mod
 
     p = tmp_path / "locked.png"
     Image.new("L", (4, 4)).save(p)
@@ -330,8 +330,8 @@ def test_resume_refuses_a_checkpoint_of_other_data(tmp_path: Path) -> None:
 
 
 def test_nan_loss_stops_with_the_step_and_what_to_try(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vae_anomaly import train as train_mod
     from vae_anomaly.errors import TrainingError
+    from vae_anomaly.model import train as train_mod
 
     monkeypatch.setattr(
         train_mod, "elbo_loss", lambda model, x, eps=None: (torch.tensor(float("nan")), torch.tensor(0.0))
@@ -739,7 +739,7 @@ def test_crafted_shards_are_refused_with_the_file_named(
 def test_a_model_file_with_a_valid_checksum_but_impossible_settings_is_refused(
     fitted: object, data_dir: Path, tmp_path: Path, prep: dict
 ) -> None:
-    from vae_anomaly import artifact
+    from vae_anomaly.model import artifact
 
     path = tmp_path / "m.vae"
     fitted.save(path)  # type: ignore[attr-defined]
@@ -820,7 +820,7 @@ def test_fit_into_a_folder_that_cannot_be_written_fails_before_training(tmp_path
 def test_a_failed_model_write_keeps_the_training_for_resume_elsewhere(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from vae_anomaly import artifact
+    from vae_anomaly.model import artifact
 
     write_pngs(tmp_path / "normal", disks(40, seed=66))
     model = tmp_path / "m.vae"
@@ -1005,8 +1005,8 @@ def documents(cli_model: Path, data_dir: Path, tmp_path_factory: pytest.TempPath
 def test_any_edit_of_a_baseline_is_used_or_refused_never_a_crash(
     documents: dict, data: st.DataObject, value: object
 ) -> None:
-    from vae_anomaly.documents import load_baseline
     from vae_anomaly.errors import DocumentError
+    from vae_anomaly.reports.documents import load_baseline
 
     doc = documents["base"]
     place = data.draw(st.sampled_from(_places(doc)))  # type: ignore[arg-type]
@@ -1026,7 +1026,7 @@ def test_any_edit_of_a_shard_is_merged_honestly_or_refused_never_a_crash(
     documents: dict, data: st.DataObject, value: object
 ) -> None:
     from vae_anomaly.errors import DocumentError
-    from vae_anomaly.merge import load_shard_report, merge_reports
+    from vae_anomaly.reports.merge import load_shard_report, merge_reports
 
     doc = documents["s2"]
     place = data.draw(st.sampled_from(_places(doc)))  # type: ignore[arg-type]

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from vae_anomaly.config import SCORE_NAMES
-from vae_anomaly.model import ConvVAE, VAEConfig
-from vae_anomaly.neighbours import LatentBank
-from vae_anomaly.scores import (
+from vae_anomaly.model.neighbours import LatentBank
+from vae_anomaly.model.score_table import SCORE_NAMES
+from vae_anomaly.model.scores import (
     complexity_corrected_neighbours,
     iwae_bound,
     kl_to_standard_normal,
@@ -23,6 +22,7 @@ from vae_anomaly.scores import (
     score_batch,
     score_images,
 )
+from vae_anomaly.model.vae import ConvVAE, VAEConfig
 
 
 def _model(likelihood: str = "gaussian") -> ConvVAE:
@@ -140,8 +140,8 @@ def test_latent_noise_is_repeatable_and_rejects_zero_samples() -> None:
 
 
 def test_complexity_corrected_elbo_is_elbo_in_bits_minus_png_bits() -> None:
-    from vae_anomaly.decoding import png_bits
-    from vae_anomaly.scores import complexity_corrected_elbo
+    from vae_anomaly.images.decoding import png_bits
+    from vae_anomaly.model.scores import complexity_corrected_elbo
 
     model, x = _model(), _x(5)
     x = (x * 255).round() / 255  # exact 8-bit pixels, as the model always sees them
@@ -155,7 +155,7 @@ def test_complexity_corrected_elbo_is_elbo_in_bits_minus_png_bits() -> None:
 def test_png_bits_grow_with_image_complexity() -> None:
     import numpy as np
 
-    from vae_anomaly.decoding import png_bits
+    from vae_anomaly.images.decoding import png_bits
 
     flat = np.zeros((1, 1, 28, 28), np.uint8)
     noise = np.random.default_rng(0).integers(0, 255, (1, 1, 28, 28), dtype=np.uint8)
@@ -174,9 +174,9 @@ def test_kl_score_is_the_closed_form_kl_of_the_encoding() -> None:
 
 def test_calibration_batches_are_bounded_by_decoded_values_and_change_no_score(monkeypatch: pytest.MonkeyPatch) -> None:
     """16 draws of 48x48 RGB images would hold GBs of activations at 512 a batch; the bound changes no score."""
-    from vae_anomaly import inference
-    from vae_anomaly.distributed import World
-    from vae_anomaly.model import ConvVAE, VAEConfig
+    from vae_anomaly.model import inference
+    from vae_anomaly.model.distributed import World
+    from vae_anomaly.model.vae import ConvVAE, VAEConfig
 
     torch.manual_seed(0)
     model = ConvVAE(VAEConfig(3, 16, 4)).eval()

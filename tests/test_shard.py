@@ -16,9 +16,9 @@ from PIL import Image
 from conftest import cli_run as run
 from conftest import disks, write_pngs
 from vae_anomaly import Detector
-from vae_anomaly.documents import schema
-from vae_anomaly.shard import parse_shard, shard_positions
-from vae_anomaly.thresholds import benjamini_hochberg
+from vae_anomaly.decision.thresholds import benjamini_hochberg
+from vae_anomaly.reports.documents import schema
+from vae_anomaly.reports.shard import parse_shard, shard_positions
 
 # Every run below scores one image at a time. Scores do not depend on the batch an image sits in,
 # but only up to float rounding (tests/test_scores.py); scored alone, an image's score is the same

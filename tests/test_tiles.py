@@ -14,12 +14,22 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from vae_anomaly import Detector, FitConfig
-from vae_anomaly.batching import DecodeOptions, iter_batches, read_images
 from vae_anomaly.cli import main
-from vae_anomaly.decoding import Preprocessing, read_upright
 from vae_anomaly.errors import ConfigError
-from vae_anomaly.local import fit as fit_whole
-from vae_anomaly.tiles import CHUNK, Scales, TileBank, boxes, fit, maps_batch, measure_batch, read_tiles, tile_side
+from vae_anomaly.images.batching import DecodeOptions, iter_batches, read_images
+from vae_anomaly.images.decoding import Preprocessing, read_upright
+from vae_anomaly.local.patches import fit as fit_whole
+from vae_anomaly.local.tiles import (
+    CHUNK,
+    Scales,
+    TileBank,
+    boxes,
+    fit,
+    maps_batch,
+    measure_batch,
+    read_tiles,
+    tile_side,
+)
 
 SIDE = 384  # px: eight working sizes, so tiled by the automatic rule (t = 128)
 DEFECT = (200, 120, 236, 156)  # x0, y0, x1, y1: 0.9% of the area, 4.5 px at the working size

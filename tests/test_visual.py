@@ -19,13 +19,13 @@ from PIL import Image
 
 from conftest import crosses, disks
 from vae_anomaly import Detector
-from vae_anomaly.calibration import Calibration
 from vae_anomaly.cli import main
-from vae_anomaly.decision import DecisionRule
-from vae_anomaly.html_report import RowImages, render_html
-from vae_anomaly.report import build_report
-from vae_anomaly.thresholds import auto_threshold
-from vae_anomaly.visualize import colour_table, heat_overlay, heatmap_panel, png_bytes, score_histogram
+from vae_anomaly.decision.calibration import Calibration
+from vae_anomaly.decision.rule import DecisionRule
+from vae_anomaly.decision.thresholds import auto_threshold
+from vae_anomaly.reports.html_report import RowImages, render_html
+from vae_anomaly.reports.report import build_report
+from vae_anomaly.reports.visualize import colour_table, heat_overlay, heatmap_panel, png_bytes, score_histogram
 
 EVIL = "<img src=x onerror=alert(1)>"
 

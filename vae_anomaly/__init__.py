@@ -14,12 +14,12 @@ __version__ = "0.1.0"
 
 # The public names and the module each lives in.
 _PUBLIC = {
-    "Decision": "decision",
-    "DecisionRule": "decision",
+    "Decision": "decision.rule",
+    "DecisionRule": "decision.rule",
     "Detector": "detector",
     "FitConfig": "config",
-    "HeatMaps": "inference",
-    "ScoreResult": "inference",
+    "HeatMaps": "model.inference",
+    "ScoreResult": "model.inference",
     "VaeAnomalyError": "errors",
 }
 __all__ = [
@@ -35,14 +35,14 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .config import FitConfig
-    from .decision import Decision, DecisionRule
+    from .decision.rule import Decision, DecisionRule
     from .detector import Detector
     from .errors import VaeAnomalyError
-    from .inference import HeatMaps, ScoreResult
+    from .model.inference import HeatMaps, ScoreResult
 
 
 def __getattr__(name: str) -> Any:
-    # Imported on first use (PEP 562), so that `vae_anomaly.batching` alone, what the
+    # Imported on first use (PEP 562), so that `vae_anomaly.images.batching` alone, what the
     # decoding worker processes load, does not pull in torch.
     if name in _PUBLIC:
         import importlib

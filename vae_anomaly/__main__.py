@@ -1,3 +1,3 @@
-from vae_anomaly.launch import main
+from .launch import main
 
 main()

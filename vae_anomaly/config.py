@@ -1,49 +1,22 @@
-"""The options of `fit` and of the training loop, their defaults, and the score table: one place each.
+"""The options of `fit` (`FitConfig`, what the CLI builds) and the defaults of splits, folds and tiles.
 
 Every config validates every field on construction (the range allowed and
 the value received), so a bad option fails before any image is read.
-No torch: the CLI and the decoding workers can import this cheaply.
+The score table is in `score_table.py`, the training loop's options in
+`train_config.py`. No torch: the CLI can import this cheaply.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
-from .batching import DecodeOptions
 from .errors import ConfigError
+from .images.batching import DecodeOptions
+from .model.score_table import MAX_SAMPLES, SCORE_NAMES, default_samples
+from .model.train_config import LIKELIHOODS, TrainConfig
+from .validation import check_choice, check_device, check_float, check_int
 
-# ------------------------------------------------------------------ the score table
-
-
-@dataclass(frozen=True)
-class ScoreSpec:
-    """What a score is called, what it estimates, and its default sample count (scores.py computes it)."""
-
-    name: str
-    default_samples: int
-    summary: str
-
-
-SCORE_SPECS: dict[str, ScoreSpec] = {
-    "elbo-ic-nn": ScoreSpec(
-        "elbo-ic-nn", 1, "elbo-ic plus the latent code's distance to its 5 nearest training codes, each over its spread"
-    ),
-    "elbo": ScoreSpec("elbo", 1, "-ELBO: reconstruction cost + KL(q(z|x) || N(0, I))"),
-    "elbo-ic": ScoreSpec("elbo-ic", 1, "-ELBO in bits minus the PNG-compressed length in bits (Serra et al. 2020)"),
-    "kl": ScoreSpec("kl", 1, "KL(q(z|x) || N(0, I)): how far the image's latent code is from the prior"),
-    "iwae": ScoreSpec("iwae", 16, "-log p(x) by the importance-weighted bound (Burda et al. 2016)"),
-    "recon-prob": ScoreSpec("recon-prob", 16, "-log of the mean decoder likelihood over z ~ q(z|x) (An & Cho 2015)"),
-}
-SCORE_NAMES: tuple[str, ...] = tuple(SCORE_SPECS)
-MAX_SAMPLES = 10_000
-
-DEFAULT_SCORE = "elbo-ic-nn"  # measured best on one-class MNIST (benchmarks/one_class.py)
-DEFAULT_GUARD = "kl"  # catches shrunk, noisy, dimmed, blurred frames (benchmarks/corruptions.py)
-GUARDS: tuple[str, ...] = ("kl",)
-LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian")
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 # What the VAE models: a pretrained backbone's features, the pixels, or the rule in feature_vae.choose_features.
 FEATURES: tuple[str, ...] = ("auto", "backbone", "pixels")
 
@@ -69,91 +42,8 @@ DEFAULT_FOLDS = 5
 DEFAULT_TIME_BUDGET = 180.0
 MAX_FOLDS = 20
 MIN_TILE = 16  # px: smaller tiles than this would show less than a working-size patch of detail
-MAX_SEED = 2**62  # numpy and torch generators both take it; the noise seed adds 1,000,003
-
-
-# ------------------------------------------------------------------ validation helpers
-def check_int(name: str, value: Any, lo: int, hi: int | None = None, *, none: bool = False) -> None:
-    """A whole number in [lo, hi] (None allowed with `none`); ConfigError names the field and the value."""
-    if value is None and none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        allowed = f"a whole number >= {lo}" if hi is None else f"a whole number from {lo} to {hi}"
-        raise ConfigError(f"{name} must be {allowed}{' or None' if none else ''}, got {value!r}")
-
-
-def check_float(
-    name: str,
-    value: Any,
-    lo: float,
-    hi: float,
-    *,
-    lo_open: bool = False,
-    hi_open: bool = False,
-    none: bool = False,
-) -> None:
-    """A finite number in the interval given; NaN and infinities are refused (they compare false to everything)."""
-    if value is None and none:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        raise ConfigError(f"{name} must be a number in {interval}{' or None' if none else ''}, got {value!r}")
-
-
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-
-
-def check_device(value: Any) -> None:
-    ok = value in ("auto", "cpu", "cuda") or (
-        isinstance(value, str) and value.startswith("cuda:") and value[5:].isdigit()
-    )
-    if not ok:
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
-
-
-# ------------------------------------------------------------------ configs
-@dataclass
-class TrainConfig:
-    """How long and how to train: the training loop's options, and the defaults `fit` shows and uses."""
-
-    # Upper bound; early stopping usually ends sooner. None: 50 epochs, or more for
-    # small data sets so that training takes at least `min_steps` optimiser steps
-    # (30 epochs of 100 images would be only 30 steps).
-    epochs: int | None = None
-    min_steps: int = 600
-    time_budget: float | None = None  # seconds; stops mid-epoch when reached
-    batch_size: int = 128  # fast on 2 CPU cores, still many steps per epoch
-    learning_rate: float = 1e-3  # Adam's usual default works for this small network
-    patience: int = 5  # epochs without held-out improvement before stopping
-    seed: int = 0
-    device: str = "cpu"
-    # "bf16" runs the forward pass under bf16 autocast (weights, optimiser and the loss's sums stay
-    # float32; scores are always float32). Measured on an H100 (benchmarks/gpu_check.py) this small
-    # network trains slower in bf16, 18,600 against 23,600 images/s (its kernels are too small to
-    # gain), so float32 is the default; bf16 is for larger images on GPUs.
-    precision: str = "fp32"
-
-    def __post_init__(self) -> None:
-        check_int("epochs", self.epochs, 1, none=True)
-        check_int("min_steps", self.min_steps, 0)
-        check_float("time_budget", self.time_budget, 0, math.inf, lo_open=True, hi_open=True, none=True)
-        check_int("batch_size", self.batch_size, 1)
-        check_float("learning_rate", self.learning_rate, 0, 1, lo_open=True, hi_open=True)
-        check_int("patience", self.patience, 1)
-        check_int("seed", self.seed, 0, MAX_SEED)
-        check_device(self.device)
-        check_choice("precision", self.precision, PRECISIONS)
-
 
 _TRAIN = TrainConfig()
-
-
-def default_samples() -> dict[str, int]:
-    return {name: spec.default_samples for name, spec in SCORE_SPECS.items()}
 
 
 @dataclass

@@ -25,10 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, artifact, backbone
-from .batching import ImageBatch, ImageFacts, read_images
-from .budget import model_time
-from .calibration import calibration_needed
+from . import __version__
 from .config import (
     CROSS_FIT_BELOW,
     CROSS_FIT_FEATURES_BELOW,
@@ -36,18 +33,22 @@ from .config import (
     MIN_TRAINING_IMAGES,
     MIN_VALIDATION_IMAGES,
     FitConfig,
-    check_float,
 )
-from .decision import DecisionRule
-from .decoding import WORKING_SIZE, Preprocessing, ReadError, infer_preprocessing
-from .distributed import World
+from .decision.calibration import calibration_needed
+from .decision.rule import DecisionRule
 from .errors import FitError, FitInterrupted, ModelFileError
-from .feature_vae import FeatureVAE
-from .features import choose_features
-from .inference import ImageInput, as_paths, as_uint8_images
-from .listing import find_images, real_path, require_images
-from .model import VAE, ModelConfig, VAEConfig, build_model
-from .train import EpochStats, TrainResult, train
+from .images.batching import ImageBatch, ImageFacts, read_images
+from .images.decoding import WORKING_SIZE, Preprocessing, ReadError, infer_preprocessing
+from .images.listing import find_images, real_path, require_images
+from .model import artifact, backbone
+from .model.budget import model_time
+from .model.distributed import World
+from .model.feature_vae import FeatureVAE
+from .model.features import choose_features
+from .model.inference import ImageInput, as_paths, as_uint8_images
+from .model.train import EpochStats, TrainResult, train
+from .model.vae import VAE, ModelConfig, VAEConfig, build_model
+from .validation import check_float
 
 
 @dataclass

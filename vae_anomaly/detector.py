@@ -23,29 +23,36 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import artifact, backbone, budget, checks, crossfit, inference, local, neighbours, tiles
-from .batch_tests import BatchTest, run_batch_tests
-from .batching import DecodeOptions
-from .budget import FitPlan
-from .calibration import Calibration
-from .checks import Reason
-from .config import DEFAULT_GUARD, DEFAULT_SCORE, SCORE_NAMES, SCORE_SPECS, FitConfig, TrainConfig, check_choice
-from .decision import Decision, DecisionRule
-from .decoding import Preprocessing
-from .devices import ThreadShare, resolve_device, training_device
-from .distributed import current
-from .duplicates import NEAR_BITS, Duplicate, Fingerprints, find_duplicates
+from . import crossfit
+from .config import FitConfig
+from .decision import checks
+from .decision.batch_tests import BatchTest, run_batch_tests
+from .decision.calibration import Calibration
+from .decision.checks import Reason
+from .decision.rule import Decision, DecisionRule
 from .errors import ModelFileError, UsageError
-from .feature_vae import FeatureVAE, FeatureVAEConfig
-from .features import NOT_TESTED
-from .inference import HeatMaps, ImageInput, ScoreResult
-from .listing import FileListing
-from .local import PatchBank
-from .model import VAE, ModelConfig, VAEConfig, build_model, config_from_dict
-from .neighbours import LatentBank
-from .scores import NEEDS_BITS, latent_noise
-from .tiles import Scales, TileBank
-from .train import EpochStats
+from .images.batching import DecodeOptions
+from .images.decoding import Preprocessing
+from .images.duplicates import NEAR_BITS, Duplicate, Fingerprints, find_duplicates
+from .images.listing import FileListing
+from .local import patches as local
+from .local import tiles
+from .local.patches import PatchBank
+from .local.tiles import Scales, TileBank
+from .model import artifact, backbone, budget, inference, neighbours
+from .model.budget import FitPlan
+from .model.devices import ThreadShare, resolve_device, training_device
+from .model.distributed import current
+from .model.feature_vae import FeatureVAE, FeatureVAEConfig
+from .model.features import NOT_TESTED
+from .model.inference import HeatMaps, ImageInput, ScoreResult
+from .model.neighbours import LatentBank
+from .model.score_table import DEFAULT_GUARD, DEFAULT_SCORE, SCORE_NAMES, SCORE_SPECS
+from .model.scores import NEEDS_BITS, latent_noise
+from .model.train import EpochStats
+from .model.train_config import TrainConfig
+from .model.vae import VAE, ModelConfig, VAEConfig, build_model, config_from_dict
+from .validation import check_choice
 
 
 class Phases:

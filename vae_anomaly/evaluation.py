@@ -25,13 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from .config import DEFAULT_GUARD, SCORE_NAMES
-from .decoding import ReadError
+from .decision.thresholds import Threshold
 from .detector import Detector
 from .errors import LabelsError
-from .listing import display_path, find_images
-from .metrics import Confusion, DetectionMetrics, confusion, evaluate
-from .thresholds import Threshold
+from .images.decoding import ReadError
+from .images.listing import display_path, find_images
+from .model.score_table import DEFAULT_GUARD, SCORE_NAMES
+from .reports.metrics import Confusion, DetectionMetrics, confusion, evaluate
 
 SCHEMA_NAME = "vae-anomaly/evaluate"
 SCHEMA_VERSION = 1

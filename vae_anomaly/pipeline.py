@@ -18,19 +18,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import checks, distributed, outputs, visualize
-from .batching import DecodeOptions
-from .config import MAX_SAMPLES, check_device, check_int
-from .decision import Decision, DecisionRule
+from .decision import checks
+from .decision.gate import GateRule
+from .decision.rule import Decision, DecisionRule
 from .detector import Detector
-from .documents import load_baseline
 from .errors import ConfigError
-from .gate import GateRule
-from .inference import ScoreResult
-from .merge import load_shard_report, merge_reports
-from .outputs import Outputs
-from .report import FORMATS, Report, build_report
-from .shard import Shard, scoring_options, select_shard, shard_report
+from .images.batching import DecodeOptions
+from .model import distributed
+from .model.inference import ScoreResult
+from .model.score_table import MAX_SAMPLES
+from .reports import outputs, visualize
+from .reports.documents import load_baseline
+from .reports.merge import load_shard_report, merge_reports
+from .reports.outputs import Outputs
+from .reports.report import FORMATS, Report, build_report
+from .reports.shard import Shard, scoring_options, select_shard, shard_report
+from .validation import check_device, check_int
 
 Say = Callable[[str], None]
 

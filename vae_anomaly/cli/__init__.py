@@ -71,7 +71,7 @@ class _Group(click.Group):
 
 def _written() -> list[str]:
     """The files this process wrote (`outputs.WRITTEN`), or none where outputs.py was never imported."""
-    module = sys.modules.get("vae_anomaly.outputs")
+    module = sys.modules.get("vae_anomaly.reports.outputs")
     written: list[str] = getattr(module, "WRITTEN", [])
     return written
 

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import click
 
-from .. import visualize
-from ..batching import DecodeOptions
-from ..calibration import TAILS
-from ..config import SCORE_NAMES
+from ..decision.calibration import TAILS
 from ..detector import Detector
 from ..errors import UsageError
 from ..evaluation import evaluate_detector, labelled_folders, labels_csv
-from ..outputs import evaluation_plots
+from ..images.batching import DecodeOptions
+from ..model.score_table import SCORE_NAMES
+from ..reports import visualize
+from ..reports.outputs import evaluation_plots
 from .options import checks_option, decode_options, guard_option
 from .render import evaluation_table, say, warn
 from .settings import config_option

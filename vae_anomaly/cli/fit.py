@@ -12,24 +12,25 @@ import click
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .. import artifact, distributed, process
-from ..batching import DecodeOptions
-from ..budget import FitPlan
+from .. import process
 from ..config import (
     CROSS_FIT_BELOW,
     CROSS_FIT_FEATURES_BELOW,
     DEFAULT_FOLDS,
     DEFAULT_TIME_BUDGET,
     FEATURES,
-    LIKELIHOODS,
     MIN_TILE,
     FitConfig,
 )
 from ..detector import Detector
 from ..errors import FitInterrupted, OutputError
-from ..outputs import check_model_output
+from ..images.batching import DecodeOptions
+from ..model import artifact, distributed
+from ..model.budget import FitPlan
+from ..model.train import EpochStats
+from ..model.train_config import LIKELIHOODS
 from ..pipeline import fit_summary
-from ..train import EpochStats
+from ..reports.outputs import check_model_output
 from .options import decode_options, max_pixels_option
 from .render import err, warn
 from .settings import config_option

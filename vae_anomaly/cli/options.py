@@ -9,16 +9,16 @@ from typing import Any, TypeVar
 
 import click
 
-from ..batching import DecodeOptions
-from ..calibration import TAILS
-from ..config import DEFAULT_GUARD, DEFAULT_SCORE, GUARDS, SCORE_NAMES
-from ..decision import DecisionRule
-from ..decoding import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
+from ..decision.calibration import TAILS
+from ..decision.gate import GATE_RULES, GateRule, gate_from_options
+from ..decision.rule import DecisionRule
 from ..errors import ConfigError
-from ..gate import GATE_RULES, GateRule, gate_from_options
-from ..pixel_cache import default_cache_dir
-from ..report import FORMATS
-from ..shard import parse_shard
+from ..images.batching import DecodeOptions
+from ..images.decoding import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
+from ..images.pixel_cache import default_cache_dir
+from ..model.score_table import DEFAULT_GUARD, DEFAULT_SCORE, GUARDS, SCORE_NAMES
+from ..reports.report import FORMATS
+from ..reports.shard import parse_shard
 
 F = TypeVar("F", bound=Callable[..., Any])
 

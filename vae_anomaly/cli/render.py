@@ -8,11 +8,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..checks import PREFIX
-from ..ci import verdict_lines
-from ..decoding import Preprocessing
-from ..features import describe as describe_features
-from ..report import Report, why_text
+from ..decision.checks import PREFIX
+from ..images.decoding import Preprocessing
+from ..model.features import describe as describe_features
+from ..reports.ci import verdict_lines
+from ..reports.report import Report, why_text
 
 if TYPE_CHECKING:  # scikit-learn is imported by `evaluate` alone, not by every `score`
     from ..evaluation import Evaluation

@@ -7,20 +7,13 @@ from pathlib import Path
 
 import click
 
-from ..batching import DecodeOptions
-from ..decision import DecisionRule
-from ..outputs import Outputs
+from ..decision.rule import DecisionRule
+from ..images.batching import DecodeOptions
 from ..pipeline import MergeConfig, ScoreConfig, score_report
 from ..pipeline import merge as merge_reports
-from ..report import Report
-from .options import (
-    decode_options,
-    gate_rules,
-    max_pixels_option,
-    parse_shard_option,
-    report_options,
-    rule_options,
-)
+from ..reports.outputs import Outputs
+from ..reports.report import Report
+from .options import decode_options, gate_rules, max_pixels_option, parse_shard_option, report_options, rule_options
 from .render import report_table, say, warn
 from .settings import config_option
 

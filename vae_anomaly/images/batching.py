@@ -1,0 +1,499 @@
+"""Files to batches of pixels: worker processes, the pixel cache, input order, bounded memory.
+
+Every command that reads images goes through `iter_batches`; training
+reads all of them at once through `read_images`. No torch: the worker
+processes this module starts import nothing heavier than Pillow.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+from threadpoolctl import threadpool_limits
+
+from ..errors import ConfigError, ImageReadError
+from . import properties
+from .decoding import (
+    Preprocessing,
+    ReadError,
+    Source,
+    Unlike,
+    bomb_reason,
+    decode_image,
+    merge_unlike,
+    over_pixel_limit,
+    png_bits,
+    unlike_kinds,
+)
+from .duplicates import Fingerprints, fingerprints
+from .listing import display_path
+from .pixel_cache import CacheHit, FileKey, PixelCache, default_cache_dir
+
+
+@dataclass
+class ImageBatch:
+    """Decoded pixels of the readable files of one batch, and the unreadable ones."""
+
+    paths: list[str]
+    pixels: np.ndarray  # uint8 (B, C, H, W)
+    errors: list[ReadError]
+    # Images unlike what the model expects, converted anyway: kind -> (count, an example path).
+    unlike: Unlike = field(default_factory=dict)
+    bits: np.ndarray | None = None  # png_bits of each image's pixels, when asked for
+    # Each readable file's header (width, height, colour, format), its properties (properties.py)
+    # and its duplicate fingerprints (duplicates.py), in the order of `paths`.
+    sources: list[Source] = field(default_factory=list)
+    properties: dict[str, np.ndarray] = field(default_factory=dict)
+    fingerprints: Fingerprints = field(default_factory=Fingerprints.empty)
+    # With a model's local statistic (tiles.Scales): each image's most unusual region and the tile it
+    # lies in, (B, 8) int64, -1 where there is none; its value is properties["local"].
+    boxes: np.ndarray | None = None
+
+    def measured(self, local: LocalMeasure | None = None) -> ImageBatch:
+        """This batch with its properties and fingerprints (and, with `local`, the local statistic)
+        computed from its pixels and sources."""
+        self.properties, self.fingerprints, self.boxes = _measure(self.pixels, self.sources, self.paths, local)
+        return self
+
+
+class LocalMeasure(Protocol):
+    """A model's local statistic measured on a decoded batch (local/tiles.Scales): each image's value, its
+    most unusual region and the tile it lies in. Passed in, and pickled to the decode workers, so that
+    decoding knows nothing of patch banks."""
+
+    @property
+    def name(self) -> str:
+        """The key of its values among an image's properties."""
+        ...
+
+    def __call__(
+        self, pixels: np.ndarray, paths: Sequence[str], sources: Sequence[Any], threads: int = ...
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+# What is measured of each image where it is decoded: properties, fingerprints, and the local
+# statistic's boxes (region and tile) when a model's scales were given.
+Facts = tuple[dict[str, np.ndarray], Fingerprints, np.ndarray | None]
+
+
+@dataclass
+class ImageFacts:
+    """What the checks read of each scored image, in the order of the scored paths."""
+
+    properties: dict[str, np.ndarray]  # properties.measure, and the local statistic (local.py)
+    formats: list[str]  # each file's format, "" for arrays
+    fingerprints: Fingerprints
+    # The most unusual region of each image (local.py): (x0, y0, x1, y1) in the file's own pixels;
+    # None where the model has no local statistic.
+    regions: np.ndarray | None = None
+    # The tile that region lies in (tiles.py), the same way; rows of -1 where the whole image found it.
+    tiles: np.ndarray | None = None
+
+    @classmethod
+    def of(
+        cls, batches: Sequence[ImageBatch], regions: Sequence[np.ndarray] = (), tiles: Sequence[np.ndarray] = ()
+    ) -> ImageFacts:
+        keys = batches[0].properties if batches else {}
+        return cls(
+            {k: np.concatenate([b.properties[k] for b in batches]) for k in keys},
+            [s[3] for b in batches for s in b.sources],
+            Fingerprints.concat([b.fingerprints for b in batches]),
+            np.concatenate(regions).reshape(-1, 4) if len(regions) else None,
+            np.concatenate(tiles).reshape(-1, 4) if len(tiles) else None,
+        )
+
+
+def _measure(pixels: np.ndarray, sources: Sequence[Source], paths: Sequence[str], local: LocalMeasure | None) -> Facts:
+    """The properties and duplicate fingerprints of decoded images (properties.py, duplicates.py), and
+    with `local` their local statistic (tiles.measure_batch): measured in the decode workers, where
+    it overlaps the parent's scoring, or here with a thread per CPU for the tiles."""
+    found = properties.measure(pixels, sources)
+    boxes = None
+    if local is not None:
+        found[local.name], region, tile = local(pixels, paths, sources, tile_threads())
+        boxes = np.concatenate([region, tile], 1)
+    return found, fingerprints(pixels, sources), boxes
+
+
+# ---------------------------------------------------------------- decoding in worker processes
+
+# Batches decoded in this process, timed, before `worth_it` is asked (the least time counts:
+# the first batch also pays one-time costs).
+PROBE_BATCHES = 4
+# Below this many files, starting worker processes costs more than it saves.
+PARALLEL_FROM = 1024
+MAX_WORKERS = 8
+
+
+# Threads that read a batch's tiles (tiles.measure_batch): None, one per CPU (up to MAX_WORKERS);
+# a decode worker has one (`_worker_init`), the other workers have the other CPUs.
+_TILE_THREADS: int | None = None
+
+
+def tile_threads() -> int:
+    return _TILE_THREADS or min(available_cpus(), MAX_WORKERS)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (a container's quota, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How files become pixels: worker processes, and the on-disk cache of decoded pixels."""
+
+    # None: one per CPU left after `reserve` (up to 8), for >= PARALLEL_FROM files; 0: decode in this process
+    workers: int | None = None
+    cache: bool = True
+    cache_dir: str | None = None  # None: default_cache_dir()
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and (isinstance(self.workers, bool) or not 0 <= self.workers <= 256):
+            raise ConfigError(
+                f"workers must be a whole number from 0 to 256, or None (automatic); got {self.workers!r}"
+            )
+        if not isinstance(self.cache, bool):
+            raise ConfigError(f"cache must be True or False, got {self.cache!r}")
+        if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir):
+            raise ConfigError(f"cache_dir must be a folder path or None (the default), got {self.cache_dir!r}")
+
+    def workers_for(self, n_files: int, reserve: int = 0) -> int:
+        """Worker processes for `n_files`, leaving `reserve` CPUs to the caller's own work (scoring)."""
+        if self.workers is not None:
+            return self.workers
+        if n_files < PARALLEL_FROM:
+            return 0
+        return max(1, min(available_cpus() - reserve, MAX_WORKERS))
+
+
+@dataclass
+class _Decoded:
+    """One chunk's results, as a worker sends them back (plain arrays pickle cheaply)."""
+
+    index: list[int]  # positions in the chunk of the readable files
+    pixels: np.ndarray  # uint8 (len(index), C, H, W)
+    sources: list[Source]  # each readable file's own width, height, colour, format
+    bits: np.ndarray | None
+    errors: list[tuple[int, str]]  # (position, reason)
+    # Their properties and fingerprints, measured in the worker too: there they overlap the parent's
+    # scoring instead of adding to it (about 110 us an image at 48x48 RGB).
+    facts: Facts
+
+
+def _decode_chunk(
+    files: Sequence[Path], prep: Preprocessing, bits: bool, local: LocalMeasure | None = None
+) -> _Decoded:
+    index: list[int] = []
+    arrays: list[np.ndarray] = []
+    sources: list[Source] = []
+    errors: list[tuple[int, str]] = []
+    for i, path in enumerate(files):
+        source: dict[str, Any] = {}
+        try:
+            arrays.append(decode_image(path, prep, source))
+        except ImageReadError as exc:
+            errors.append((i, str(exc)))
+            continue
+        index.append(i)
+        w, h = source.get("size", (prep.size, prep.size))
+        sources.append((int(w), int(h), bool(source.get("colour", False)), str(source.get("format", ""))))
+    pixels = np.stack(arrays) if arrays else np.zeros((0, prep.channels, prep.size, prep.size), np.uint8)
+    lengths = png_bits(pixels, prep.png_level) if bits else None
+    shown = [display_path(files[i]) for i in index]
+    return _Decoded(index, pixels, sources, lengths, errors, _measure(pixels, sources, shown, local))
+
+
+def _worker_init(max_image_pixels: int | None) -> None:
+    # Ctrl-C reaches the whole process group; the parent decides what it means.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    Image.MAX_IMAGE_PIXELS = max_image_pixels
+    # One BLAS thread a worker (the local statistic's products): the parent and the other workers
+    # have the other CPUs, and threads competing for them run slower than one each.
+    threadpool_limits(1)
+    global _TILE_THREADS
+    _TILE_THREADS = 1
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """Forked workers on Linux (they start in milliseconds and import nothing); spawned elsewhere."""
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(Image.MAX_IMAGE_PIXELS,))
+
+
+def open_cache(options: DecodeOptions, prep: Preprocessing) -> PixelCache | None:
+    if not options.cache:
+        return None
+    return PixelCache(options.cache_dir or default_cache_dir(), prep)
+
+
+# ------------------------------------------------------------------------------- batching
+
+
+@dataclass
+class _Pending:
+    chunk: list[Path]
+    hits: dict[int, CacheHit]
+    keys: dict[int, FileKey]
+    misses: list[int]  # positions in the chunk sent to be decoded
+    decoded: Future[_Decoded] | _Decoded | None
+    local: LocalMeasure | None = None  # the model's local statistic, measured with the other facts
+
+
+def _assemble(p: _Pending, prep: Preprocessing, bits: bool, cache: PixelCache | None) -> ImageBatch:
+    """One batch in input order, from cached rows and freshly decoded files; new ones go into the cache."""
+    n = len(p.chunk)
+    pixels = np.empty((n, prep.channels, prep.size, prep.size), np.uint8)
+    ok = np.zeros(n, bool)
+    out_bits = np.full(n, np.nan)
+    facts = _Rows(n)
+    sources: dict[int, Source] = {}
+    reasons: dict[int, str] = {}
+    hits = p.hits
+    # A cached file is held to the pixel limit now in force, as decoding it would be.
+    refused = {i for i, h in hits.items() if over_pixel_limit(h.source[0], h.source[1])}
+    for i in refused:
+        reasons[i] = bomb_reason(hits[i].source[0] * hits[i].source[1])
+    hits = {i: h for i, h in hits.items() if i not in refused}
+    if hits:
+        rows = cache.read([h.row for h in hits.values()]) if cache is not None else None
+        good = list(hits)
+        if rows is not None and cache is not None:
+            valid = cache.verify([p.keys[i] for i in hits], list(hits.values()), rows)
+            good, rows = [i for i, v in zip(hits, valid, strict=True) if v], rows[valid]
+            pixels[good] = rows
+            ok[good] = True
+            for i in good:
+                sources[i] = hits[i].source
+                if hits[i].bits is not None:
+                    out_bits[i] = hits[i].bits
+        kept = set(good)
+        redo_pos = [i for i in hits if i not in kept] if rows is not None else list(hits)
+        if redo_pos:  # the cache broke between lookup and read, or rows failed their digest: decode here
+            redo = _decode_chunk([p.chunk[i] for i in redo_pos], prep, bits, p.local)
+            for j, reason in redo.errors:
+                reasons[redo_pos[j]] = reason
+            fresh = [redo_pos[j] for j in redo.index]
+            pixels[fresh] = redo.pixels
+            ok[fresh] = True
+            facts.put(fresh, redo.facts)
+            for j, i in enumerate(fresh):
+                sources[i] = redo.sources[j]
+                if redo.bits is not None:
+                    out_bits[i] = redo.bits[j]
+            if cache is not None and rows is not None:  # replace the bad rows
+                keyed = [j for j, i in enumerate(fresh) if i in p.keys]
+                cache.add(
+                    [p.keys[fresh[j]] for j in keyed],
+                    redo.pixels[keyed],
+                    None if redo.bits is None else redo.bits[keyed],
+                    [redo.sources[j] for j in keyed],
+                )
+    if p.decoded is not None:
+        d = p.decoded.result() if isinstance(p.decoded, Future) else p.decoded
+        pos = [p.misses[j] for j in d.index]
+        pixels[pos] = d.pixels
+        ok[pos] = True
+        facts.put(pos, d.facts)
+        for j, i in enumerate(pos):
+            sources[i] = d.sources[j]
+            if d.bits is not None:
+                out_bits[i] = d.bits[j]
+        for j, reason in d.errors:
+            reasons[p.misses[j]] = reason
+        if cache is not None:
+            fresh = [j for j, i in enumerate(pos) if i in p.keys]
+            cache.add(
+                [p.keys[pos[j]] for j in fresh],
+                d.pixels[fresh],
+                None if d.bits is None else d.bits[fresh],
+                [d.sources[j] for j in fresh],
+            )
+    if bits:
+        missing = np.nonzero(ok & np.isnan(out_bits))[0]
+        if len(missing):  # cached without them
+            out_bits[missing] = png_bits(pixels[missing], prep.png_level)
+            if cache is not None:
+                keyed = [int(i) for i in missing if int(i) in p.keys]
+                cache.set_bits([p.keys[i] for i in keyed], out_bits[keyed])
+    paths: list[str] = []
+    errors: list[ReadError] = []
+    unlike: Unlike = {}
+    for i, path in enumerate(p.chunk):
+        if not ok[i]:
+            errors.append(ReadError(display_path(path), reasons.get(i, "cannot decode image")))
+            continue
+        paths.append(display_path(path))
+        for kind in unlike_kinds(*sources[i][:3], prep):
+            count, example = unlike.get(kind, (0, paths[-1]))
+            unlike[kind] = (count + 1, example)
+    readable = [sources[i] for i in range(n) if ok[i]]
+    unmeasured = [i for i in range(n) if ok[i] and not facts.have[i]]  # read from the cache: measured here
+    if unmeasured:
+        shown = [display_path(p.chunk[i]) for i in unmeasured]
+        facts.put(unmeasured, _measure(pixels[unmeasured], [sources[i] for i in unmeasured], shown, p.local))
+    found, prints, boxes = facts.rows(ok)
+    return ImageBatch(paths, pixels[ok], errors, unlike, out_bits[ok] if bits else None, readable, found, prints, boxes)
+
+
+class _Rows:
+    """A batch's properties and fingerprints, row by row, as decoded and cached rows come in."""
+
+    def __init__(self, n: int) -> None:
+        self.have = np.zeros(n, bool)
+        self.values: dict[str, np.ndarray] = {}
+        self.exact = np.zeros(n, np.uint64)
+        self.near = np.zeros(n, np.uint64)
+        self.boxes: np.ndarray | None = None
+
+    def put(self, rows: Sequence[int], facts: Facts) -> None:
+        found, prints, boxes = facts
+        for name, v in found.items():
+            self.values.setdefault(name, np.full(len(self.have), np.nan))[rows] = v
+        self.exact[rows], self.near[rows] = prints.exact, prints.near
+        if boxes is not None:
+            if self.boxes is None:
+                self.boxes = np.full((len(self.have), 8), -1, np.int64)
+            self.boxes[rows] = boxes
+        self.have[rows] = True
+
+    def rows(self, ok: np.ndarray) -> Facts:
+        boxes = None if self.boxes is None else self.boxes[ok]
+        return {k: v[ok] for k, v in self.values.items()}, Fingerprints(self.exact[ok], self.near[ok]), boxes
+
+
+def iter_batches(
+    files: Sequence[Path],
+    prep: Preprocessing,
+    batch_size: int = 256,
+    *,
+    options: DecodeOptions | None = None,
+    bits: bool = False,
+    on_warning: Callable[[str], None] | None = None,
+    reserve: int = 0,
+    on_workers: Callable[[int], None] | None = None,
+    worth_it: Callable[[float], bool] | None = None,
+    local: LocalMeasure | None = None,
+) -> Iterator[ImageBatch]:
+    """Decode files in batches, in input order, so memory stays bounded whatever the folder's size.
+
+    With workers, the next batches are decoded in other processes while the
+    caller works on this one (at most 2 per worker in flight). Files found
+    unchanged in the pixel cache are read from it instead. `bits` adds each
+    image's `png_bits`, computed where it is decoded. The workers start with
+    the first batch that needs decoding (never, when the cache holds every
+    file), and `on_workers(n)` is called then, so that the caller can fit
+    its own threads into the CPUs the workers leave (`reserve`). With
+    `worth_it`, the first batches to decode are decoded here and timed, and
+    `worth_it(seconds per file)` decides whether workers start at all: where
+    the caller's own work per image dwarfs decoding, the CPUs are better
+    left to it. With `local` (a model's local statistic), each image's value,
+    region and tile are measured where it is decoded, beside its properties.
+    """
+    options = options or DecodeOptions(cache=False)
+    files = list(files)
+    workers = options.workers_for(len(files), reserve)
+    cache = open_cache(options, prep)
+    _usable(cache, on_warning)
+    pool: ProcessPoolExecutor | None = None
+    pending: deque[_Pending] = deque()
+    depth = 2 * workers
+    probes: list[float] = []  # seconds per file of decoding here, when `worth_it` asks
+    try:
+        for start in range(0, len(files), batch_size):
+            chunk = files[start : start + batch_size]
+            hits, keys = cache.lookup(chunk) if cache is not None and cache.usable else ({}, {})
+            misses = [i for i in range(len(chunk)) if i not in hits]
+            todo = [chunk[i] for i in misses]
+            decoded: Future[_Decoded] | _Decoded | None = None
+            if todo and workers > 0 and pool is None:
+                if worth_it is not None and len(probes) < PROBE_BATCHES:
+                    # Decode this batch here, timed, and hand it over at once, so that the caller
+                    # has worked on it before being asked whether workers would pay.
+                    t0 = time.perf_counter()
+                    decoded = _decode_chunk(todo, prep, bits, local)
+                    probes.append((time.perf_counter() - t0) / len(todo))
+                    pending.append(_Pending(chunk, hits, keys, misses, decoded, local))
+                    while pending:
+                        yield _assemble(pending.popleft(), prep, bits, _usable(cache, on_warning))
+                    continue
+                if worth_it is None or worth_it(min(probes, default=0.0)):
+                    pool = _pool(workers)
+                    if on_workers is not None:
+                        on_workers(workers)
+                else:
+                    workers = depth = 0
+            if todo:
+                if pool is None:
+                    decoded = _decode_chunk(todo, prep, bits, local)
+                else:
+                    with warnings.catch_warnings():  # Python >= 3.12 warns about forking a threaded process
+                        warnings.simplefilter("ignore", DeprecationWarning)
+                        decoded = pool.submit(_decode_chunk, todo, prep, bits, local)
+            pending.append(_Pending(chunk, hits, keys, misses, decoded, local))
+            if len(pending) > depth:
+                yield _assemble(pending.popleft(), prep, bits, _usable(cache, on_warning))
+        while pending:
+            yield _assemble(pending.popleft(), prep, bits, _usable(cache, on_warning))
+        if cache is not None and cache.corrupt and on_warning is not None:
+            on_warning(
+                f"{cache.corrupt} row(s) of the decoded-pixel cache in {display_path(cache.dir)} failed their "
+                "check (edited or damaged); those files were decoded again and their rows replaced"
+            )
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if cache is not None:
+            cache.close()
+
+
+def _usable(cache: PixelCache | None, on_warning: Callable[[str], None] | None) -> PixelCache | None:
+    if cache is None:
+        return None
+    if not cache.usable:
+        if on_warning is not None and cache.broken:
+            on_warning(cache.broken)
+            cache.broken = ""  # said once
+        return None
+    return cache
+
+
+def read_images(
+    files: Sequence[Path],
+    prep: Preprocessing,
+    *,
+    options: DecodeOptions | None = None,
+    bits: bool = False,
+    on_warning: Callable[[str], None] | None = None,
+) -> ImageBatch:
+    """All files at once into one contiguous uint8 array (for training)."""
+    batches = list(iter_batches(files, prep, 1024, options=options, bits=bits, on_warning=on_warning))
+    facts = ImageFacts.of(batches)
+    return ImageBatch(
+        [p for b in batches for p in b.paths],
+        np.concatenate([b.pixels for b in batches])
+        if batches
+        else np.zeros((0, prep.channels, prep.size, prep.size), np.uint8),
+        [e for b in batches for e in b.errors],
+        merge_unlike(b.unlike for b in batches),
+        (np.concatenate([b.bits for b in batches if b.bits is not None]) if batches else np.zeros(0)) if bits else None,
+        [s for b in batches for s in b.sources],
+        facts.properties,
+        facts.fingerprints,
+    )
