@@ -12,7 +12,7 @@ import click
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .. import process
+from .. import pipeline, process
 from ..config import (
     CROSS_FIT_BELOW,
     CROSS_FIT_FEATURES_BELOW,
@@ -22,15 +22,13 @@ from ..config import (
     MIN_TILE,
     FitConfig,
 )
-from ..detector import Detector
-from ..errors import FitInterrupted, OutputError
+from ..errors import FitInterrupted
 from ..images.batching import DecodeOptions
-from ..model import artifact, distributed
+from ..model import distributed
 from ..model.budget import FitPlan
 from ..model.train import EpochStats
 from ..model.train_config import LIKELIHOODS
-from ..pipeline import fit_summary
-from ..reports.outputs import check_model_output
+from ..pipeline import FitJob, FitWatch
 from .options import decode_options, max_pixels_option
 from .render import err, warn
 from .settings import config_option
@@ -238,47 +236,30 @@ def fit(
         decode=decode,
         tile=tile,
     )
+    job = FitJob(tuple(inputs), output, config, resume, checkpoint_every)
     world = distributed.init(device) if distributed.launched() else distributed.World()
     try:
-        _fit(Detector(config), inputs, output, resume, checkpoint_every, quiet, world)
+        _fit(job, quiet, world)
     finally:
         distributed.destroy()
 
 
-def _fit(
-    detector: Detector,
-    inputs: tuple[Path, ...],
-    output: Path,
-    resume: bool,
-    checkpoint_every: float,
-    quiet: bool,
-    world: distributed.World,
-) -> None:
-    """`fit` after its options are checked: train, save on rank 0, report on rank 0."""
+def _fit(job: FitJob, quiet: bool, world: distributed.World) -> None:
+    """`fit` after its options are checked: the library's fit under signal handlers and a progress
+    display; what happened, on rank 0; the exit code."""
     main_rank = world.is_main
-    checkpoint = output.with_name(output.name + ".ckpt")
-    if main_rank:
-        check_model_output(output, list(inputs))  # never a training image, as `score` refuses its inputs
-        artifact.check_writable(output)  # before the training, not after it
-    t0 = time.perf_counter()
     with _StopOnSignal(announce=main_rank) as stop, _FitProgress(quiet or not main_rank) as progress:
+        watch = FitWatch(
+            on_epoch=progress.update,
+            on_model=progress.new_model,
+            on_plan=progress.plan,
+            on_phase=progress.phase,
+            on_warning=warn,
+            should_stop=stop.requested,
+            started=process.STARTED,  # the budget counts the whole command, torch's import included
+        )
         try:
-            detector.fit(
-                list(inputs),
-                on_epoch=progress.update,
-                on_warning=warn if main_rank else None,
-                should_stop=stop.requested,
-                checkpoint=checkpoint,
-                resume=resume,
-                checkpoint_every=checkpoint_every,
-                on_model=progress.new_model,
-                on_plan=progress.plan if main_rank else None,
-                on_phase=progress.phase if main_rank else None,
-                started=process.STARTED,  # the budget counts the whole command, torch's import included
-            )
-            seconds = time.perf_counter() - t0
-            if main_rank:
-                _save(detector, output, checkpoint)
+            run = pipeline.fit(job, watch, world)
         except FitInterrupted as exc:
             if main_rank:
                 err.print(f"[yellow]interrupted[/]: {escape(str(exc))}")
@@ -286,37 +267,17 @@ def _fit(
         except KeyboardInterrupt:
             err.print("[red]aborted[/]: no model file written; `fit --resume` continues from the last checkpoint")
             sys.exit(130)
-    # The others wait for rank 0's file, so that every process of the job ends after it is written.
-    world.barrier()
-    tr = detector.metadata_["training"]
-    if not main_rank:
-        if stop.signum is not None:
-            sys.exit(128 + stop.signum)
-        return
     if stop.signum is not None:
-        err.print(
-            f"[yellow]interrupted[/] at epoch {tr['epochs_run']}: wrote the best model so far to "
-            f"{escape(str(output))} (best epoch {tr['best_epoch']}); `fit --resume` with the same options "
-            "continues training from the last checkpoint."
-        )
+        if main_rank:
+            tr = run.detector.metadata_["training"]
+            err.print(
+                f"[yellow]interrupted[/] at epoch {tr['epochs_run']}: wrote the best model so far to "
+                f"{escape(str(job.output))} (best epoch {tr['best_epoch']}); `fit --resume` with the same options "
+                "continues training from the last checkpoint."
+            )
         sys.exit(128 + stop.signum)
-    checkpoint.unlink(missing_ok=True)
-    summary = fit_summary(detector, output, seconds, world).removeprefix("wrote ")
-    err.print(f"[green]wrote[/] {escape(summary)}", highlight=False)
-
-
-def _save(detector: Detector, output: Path, checkpoint: Path) -> None:
-    """Write the model file; where that fails, say how to write it from the checkpoint without training again."""
-    try:
-        detector.save(output)
-    except OutputError as exc:
-        kept = (
-            f" The trained models are kept in {checkpoint}: free space and run the same command with --resume, "
-            f"or move it to OTHER.vae.ckpt and run it with --resume -o OTHER.vae."
-            if checkpoint.exists()
-            else ""
-        )
-        raise OutputError(f"{exc}{kept}") from None
+    if main_rank:
+        err.print(f"[green]wrote[/] {escape(run.summary.removeprefix('wrote '))}", highlight=False)
 
 
 class _StopOnSignal:

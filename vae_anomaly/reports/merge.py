@@ -15,21 +15,22 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..decision.batch_tests import run_batch_tests
 from ..decision.calibration import Calibration
-from ..decision.checks import PREFIX, Reason, kept
+from ..decision.checks import PREFIX, Reason
 from ..decision.gate import GateRule
 from ..decision.rule import DecisionRule
 from ..errors import CalibrationError, ConfigError, MergeError
 from ..images.decoding import Unlike, merge_unlike, unlike_warnings
 from ..images.duplicates import NEAR_BITS, Duplicate, Fingerprints, find_duplicates
-from .documents import load_baseline, read_report
-from .report import Report, build_report
+from .documents import read_report
+from .report import Report
 from .shard import MAX_SHARDS, OPTION_FLAGS, shard_positions
+from .verdict import ScoredBatch, Verdict, verdict
 
 
 @dataclass
@@ -283,46 +284,28 @@ def merge_reports(
     ours = rule.unreachable(n_cal, models)
     warnings = [w for w in first.decision_warnings if w != theirs] + ([ours] if ours else [])
     decision = rule.decision(scores, p, carried, warnings)
-    # Each shard kept the findings of every image that could be flagged; the merge picks the reasons of
-    # the images it flags, at its own cut-off.
-    reasons = [
-        kept([_reason(d) for d in r.get("reasons", [])], decision.threshold.p_cutoff) if f else []
-        for r, f in zip(readable, decision.flags, strict=True)
-    ]
-    duplicates = _duplicates(readable, first.near_bits)
-    baseline_scores = None
-    if baseline is not None:
-        baseline_scores = load_baseline(baseline, s0["model_fingerprint"], s0["score"])
-    tests = run_batch_tests(
-        scores,
-        p,
-        calibration,
-        fpr=rule.applied_fpr(len(calibration)),
-        model_scores=model_scores,
-        baseline=baseline_scores,
-    )
-    return build_report(
+    # Each shard kept the findings of every image that could be flagged; the verdict picks the reasons of
+    # the images merge flags, at its own cut-off.
+    batch = ScoredBatch(
         [r["path"] for r in readable],
         scores,
         [(r["path"], r["error"]) for r in unreadable],
-        decision,
-        calibration=calibration,
+        calibration,
         score=s0["score"],
         samples=int(s0["samples"]),
         ignored=int(s0["ignored"]),
         fingerprint=s0["model_fingerprint"],
-        gate=gate,
-        skip_unreadable=skip_unreadable,
-        warnings=[*unlike_warnings(_merge_unlike(ordered)), *warnings],
-        tests=tests,
         models=models,
-        baseline=None if baseline is None else os.fsdecode(baseline),
-        reasons=reasons,
+        model_scores=model_scores,
+        findings=[[_reason(d) for d in r.get("reasons", [])] for r in readable],
         atypical=[[_reason(d) for d in r.get("atypical", [])] for r in readable],
-        duplicates=duplicates,
+        duplicates=_duplicates(readable, first.near_bits),
         regions=[r.get("region") for r in readable],
         tiles=[r.get("tile") for r in readable],
+        warnings=[*unlike_warnings(_merge_unlike(ordered)), *warnings],
     )
+    asked = Verdict(tuple(gate), skip_unreadable, None if baseline is None else Path(baseline))
+    return verdict(batch, decision, rule, asked)
 
 
 def _reason(d: dict[str, Any]) -> Reason:

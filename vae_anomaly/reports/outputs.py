@@ -12,7 +12,7 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import OutputError
-from ..images.listing import IMAGE_EXTENSIONS, real_path
+from ..images.listing import IMAGE_EXTENSIONS
 from . import ci, html_report, visualize
-from .report import WRITERS, Report
+from .report import WRITERS, ImageRecord, Report
 
 if TYPE_CHECKING:
     from ..decision.thresholds import Threshold
-    from ..detector import Detector
     from ..evaluation import Evaluation
+    from ..model.inference import HeatMaps
 
 Say = Callable[[str], None]
 EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}
@@ -204,59 +204,62 @@ def safe_name(path: str) -> str:
     return stem[:80]
 
 
+def pictured(report: Report, outputs: Outputs) -> list[ImageRecord]:
+    """The records `pictures` draws: the HTML page's top rows and, with --heatmaps, every flagged image."""
+    if not (outputs.heatmaps or outputs.html):
+        return []
+    ranked = [r for r in report.records if r.error is None]
+    top = outputs.html_top if outputs.html else 0
+    wanted = {r.path: r for r in ranked[:top]}
+    if outputs.heatmaps:
+        wanted.update({r.path: r for r in ranked if r.flagged})
+    return list(wanted.values())
+
+
 def pictures(
-    detector: Detector,
     report: Report,
     threshold: Threshold,
     outputs: Outputs,
     *,
-    score: str,
-    samples: int | None,
-    batch_size: int,
+    calibration: np.ndarray,
+    maps: Iterable[tuple[Sequence[ImageRecord], HeatMaps]],
     model: str,
     inputs: str,
     on_message: Say,
     on_warning: Say,
 ) -> None:
-    """Heat maps of flagged images, the histogram, the HTML report: only what was asked for."""
+    """Heat maps of flagged images, the histogram, the HTML report: only what was asked for. `maps`: the
+    heat maps of the records `pictured` chose, a chunk at a time, computed by the caller."""
     if not outputs.pictures:
         return
-    ranked = [r for r in report.records if r.error is None]
     s = report.summary
     histogram = None
     if outputs.plots or outputs.html:
+        ranked = np.array([r.score for r in report.records if r.error is None])
         histogram = visualize.score_histogram(
-            {"calibration (normal)": detector.calibration_[score], "scored batch": np.array([r.score for r in ranked])},
+            {"calibration (normal)": calibration, "scored batch": ranked},
             threshold,
-            score=score,
-            title=f"{score}: {s.flagged:,} of {s.scored:,} flagged; {s.rule}",
+            score=s.score,
+            title=f"{s.score}: {s.flagged:,} of {s.scored:,} flagged; {s.rule}",
         )
         if outputs.plots:
-            target = outputs.plots / f"histogram_{score}.png"
+            target = outputs.plots / f"histogram_{s.score}.png"
             write_file(target, histogram, "the score histogram")
             on_message(f"wrote {os.fsdecode(target)}")
     top = outputs.html_top if outputs.html else 0
-    wanted = {r.path: r for r in ranked[:top]}
-    if outputs.heatmaps:
-        wanted.update({r.path: r for r in ranked if r.flagged})
     rows: dict[str, html_report.RowImages] = {}
-    lut = visualize.colour_table() if wanted else None
-    todo = list(wanted.values())
+    lut = None
     written = 0
-    for i in range(0, len(todo), batch_size):
-        chunk = todo[i : i + batch_size]
-        maps = detector.heatmap([real_path(r.path) for r in chunk], score=score, samples=samples)
-        for e in maps.errors:
+    for chunk, found in maps:
+        lut = visualize.colour_table() if lut is None else lut
+        for e in found.errors:
             on_warning(f"no heat map for {e.path}: {e.reason} (it changed since it was scored?)")
         by_path = {r.path: r for r in chunk}
-        for j, path in enumerate(maps.paths):
+        for j, path in enumerate(found.paths):
             rec = by_path[path]
-            img, rec_img, heat = maps.images[j], maps.reconstructions[j], maps.maps[j]
-            local = None if maps.local is None else maps.local[j]
-            box = None
-            if maps.regions is not None:
-                x0, y0, x1, y1 = (int(v) for v in maps.regions[j])
-                box = (x0, y0, x1, y1)
+            img, rec_img, heat = found.images[j], found.reconstructions[j], found.maps[j]
+            local = None if found.local is None else found.local[j]
+            box = None if found.regions is None else _box(found.regions[j])
             if outputs.heatmaps and rec.flagged:
                 caption = f"#{rec.rank}  score {rec.score:.4g}  p {rec.p_value:.4f}"
                 panel = visualize.heatmap_panel(img, rec_img, heat, caption=caption, lut=lut, local=local, box=box)
@@ -280,6 +283,11 @@ def pictures(
         page = html_report.render_html(report, histogram=histogram, images=rows, top=top, model=model, inputs=inputs)
         write_file(outputs.html, page, "the HTML report")
         on_message(f"wrote {os.fsdecode(outputs.html)} ({len(page.encode()) / 1024:,.0f} KiB)")
+
+
+def _box(region: np.ndarray) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = (int(v) for v in region)
+    return x0, y0, x1, y1
 
 
 def evaluation_plots(ev: Evaluation, folder: Path, on_message: Say) -> None:
