@@ -241,7 +241,7 @@ def test_report_stays_small_and_fast_for_100000_images() -> None:
     errors = [(f"batch/bad_{i}.png", "empty file (0 bytes)") for i in range(5000)]
     report = build_report(
         paths, scores, errors, decision, calibration=cal, score="elbo",
-        samples=1, ignored=0, fingerprint="f" * 16, gate=[], skip_unreadable=False,
+        samples=1, ignored=0, fingerprint="f" * 16, skip_unreadable=False,
     )  # fmt: skip
     hist = score_histogram({"calibration": cal, "scored": scores}, decision.threshold)
     tiny = png_bytes(np.zeros((16, 16, 3), np.uint8))

@@ -43,7 +43,7 @@ import numpy as np
 from ..decision.batch_tests import BatchTest
 from ..decision.calibration import decision_statistic
 from ..decision.checks import Reason
-from ..decision.gate import GateCheck, GateRule, evaluate_gate
+from ..decision.gate import GateCheck
 
 if TYPE_CHECKING:
     from ..decision.rule import Decision
@@ -212,7 +212,6 @@ def build_report(
     samples: int,
     ignored: int,
     fingerprint: str | None,
-    gate: list[GateRule],
     skip_unreadable: bool,
     warnings: list[str] | None = None,
     tests: dict[str, BatchTest] | None = None,
@@ -224,7 +223,8 @@ def build_report(
     regions: Sequence[Sequence[int] | None] | None = None,
     tiles: Sequence[Sequence[int] | None] | None = None,
 ) -> Report:
-    """Records ranked by the decision's own statistic, the summary, and the gate's verdict.
+    """Records ranked by the decision's own statistic and the summary; the gate is judged after it
+    (`verdict.judge`).
 
     `reasons[i]`, `atypical[i]`, `duplicates[i]`, `regions[i]` and `tiles[i]` belong to `paths[i]` (Detector.explain,
     Detector.duplicates, local.py, tiles.py)."""
@@ -257,8 +257,6 @@ def build_report(
     n_flagged = int(np.sum(flags))
     n_leaks = sum(1 for r in records if r.leak)
     n_duplicates = sum(1 for r in records if r.duplicate_in == "batch")
-    counts = {"duplicates": n_duplicates, "leaks": n_leaks}
-    checks = evaluate_gate(gate, n_flagged, len(scores), tests, counts)
     summary = Summary(
         total=len(paths) + len(errors),
         scored=len(scores),
@@ -272,8 +270,6 @@ def build_report(
         calibration_images=len(calibration),
         model_fingerprint=fingerprint,
         skip_unreadable=skip_unreadable,
-        gate=checks,
-        gate_passed=all(c.passed for c in checks),
         guarantee=decision.guarantee,
         models=models,
         smallest_p_value=decision.floor,

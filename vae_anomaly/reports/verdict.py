@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..decision.batch_tests import run_batch_tests
+from ..decision.batch_tests import BatchTest, run_batch_tests
 from ..decision.checks import Reason, kept
-from ..decision.gate import GateRule
+from ..decision.gate import GateRule, evaluate_gate
 from ..decision.rule import Decision, DecisionRule
 from ..images.duplicates import Duplicate
 from .documents import load_baseline
@@ -85,7 +85,7 @@ def verdict(
     )
     if explained is None:
         explained = reasons(batch.findings, decision.flags, decision.threshold.p_cutoff)
-    return build_report(
+    report = build_report(
         batch.paths,
         batch.scores,
         batch.errors,
@@ -95,7 +95,6 @@ def verdict(
         samples=batch.samples,
         ignored=batch.ignored,
         fingerprint=batch.fingerprint,
-        gate=list(asked.gate),
         skip_unreadable=asked.skip_unreadable,
         warnings=batch.warnings,
         tests=tests,
@@ -107,3 +106,15 @@ def verdict(
         regions=batch.regions,
         tiles=batch.tiles,
     )
+    return judge(report, asked.gate, tests)
+
+
+def judge(report: Report, gate: Sequence[GateRule], tests: dict[str, BatchTest] | None = None) -> Report:
+    """The gate's rules against the report's counts and batch tests: each with its value, limit and verdict,
+    and the exit code that follows."""
+    s = report.summary
+    counts = {"duplicates": s.duplicates, "leaks": s.leaks}
+    s.gate = evaluate_gate(list(gate), s.flagged, s.scored, tests, counts)
+    s.gate_passed = all(c.passed for c in s.gate)
+    s.exit_code = report.return_code
+    return report
