@@ -12,8 +12,9 @@ import torch
 from conftest import disks
 from vae_anomaly import Detector, FitConfig
 from vae_anomaly.images.batching import DecodeOptions
-from vae_anomaly.model.train import EpochStats, held_out_loss
+from vae_anomaly.model.train import held_out_loss
 from vae_anomaly.model.train_config import TrainConfig
+from vae_anomaly.model.train_state import EpochStats
 from vae_anomaly.model.vae import ConvVAE
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -46,7 +46,8 @@ from .model.distributed import World
 from .model.feature_vae import FeatureVAE
 from .model.features import choose_features
 from .model.inference import ImageInput, as_paths, as_uint8_images
-from .model.train import EpochStats, TrainResult, train
+from .model.train import TrainResult, train
+from .model.train_state import EpochStats
 from .model.vae import VAE, ModelConfig, VAEConfig, build_model
 from .validation import check_float
 

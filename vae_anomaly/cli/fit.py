@@ -26,8 +26,8 @@ from ..errors import FitInterrupted
 from ..images.batching import DecodeOptions
 from ..model import distributed
 from ..model.budget import FitPlan
-from ..model.train import EpochStats
 from ..model.train_config import LIKELIHOODS
+from ..model.train_state import EpochStats
 from ..pipeline import FitJob, FitWatch
 from .options import decode_options, max_pixels_option
 from .render import err, warn

@@ -13,7 +13,6 @@ held-out loss is summed over the processes, so early stopping agrees too.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable
@@ -29,25 +28,12 @@ from .devices import model_input
 from .distributed import World
 from .scores import kl_to_standard_normal, latent_noise, negative_elbo
 from .train_config import TrainConfig
+from .train_state import Checkpoints, EpochStats, Reached
 from .vae import VAE
 
 # On a GPU the loss is read back (NaN check, running mean) every this many steps, not every
 # step: each read waits for the GPU to finish, which would leave it idle while Python queues more.
 GPU_SYNC_EVERY = 20
-
-
-@dataclass
-class EpochStats:
-    """What a progress display needs after each epoch (or partial epoch)."""
-
-    epoch: int
-    epochs: int
-    train_loss: float  # mean -ELBO per image, nats
-    train_kl: float  # mean KL per image, nats
-    val_loss: float | None
-    images_per_s: float
-    elapsed: float
-    remaining: float | None  # seconds, estimated
 
 
 @dataclass
@@ -203,180 +189,173 @@ def train(
     `should_stop` is asked after every step (Ctrl-C in the CLI): training then
     ends with the best state so far. `on_checkpoint` receives, at the end of
     an epoch and at most every `checkpoint_every` seconds, a dict of tensors
-    and plain values from which `resume` continues exactly where it was:
-    same weights, optimiser moments and random streams, so a resumed run
-    ends identical to an uninterrupted one.
+    and plain values from which `resume` continues exactly where it was
+    (`train_state.Reached`).
 
     With a `world` of several processes (see the module's docstring), every
     process passes the same images and config; `on_checkpoint` should then
     be given on rank 0 only, whose state is every process's state.
     """
-    world = world or World()
-    device = torch.device(config.device)
-    model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    gen = torch.Generator().manual_seed(config.seed)
-    n = len(train_pixels)
-    if n == 0:
+    if len(train_pixels) == 0:
         raise TrainingError("no training images left after the calibration split")
-    steps_per_epoch = max(1, math.ceil(n / config.batch_size))
-    epochs = config.epochs or default_epochs(n, config.batch_size, config.min_steps)
-    best_val, best_epoch, best_state = math.inf, 0, None
-    history: list[dict[str, Any]] = []
-    stopped, seen, stale, first_epoch, before = "epochs", 0, 0, 1, 0.0
-    train_loss = math.nan
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        gen.set_state(resume["generator"])
-        torch.set_rng_state(resume["torch_rng"])
-        best_val = resume["best_val"]
-        best_epoch, stale, seen = resume["best_epoch"], resume["stale"], resume["seen"]
-        best_state = resume["best_state"] or None
-        history = list(resume["history"])
-        first_epoch, before = resume["epoch"] + 1, resume["elapsed"]
-        train_loss = history[-1]["train_loss"] if history else math.nan
-    net = _wrap(model, device) if world.size > 1 else None
-    train_pixels = _resident(train_pixels, device)
+    loop = _Loop(model, train_pixels, config, world or World(), should_stop)
+    reached = Reached() if resume is None else Reached.resumed(resume, model, loop.opt, loop.gen)
     if val_pixels is not None:
-        val_pixels = _resident(val_pixels, device)
-    cuda = device.type == "cuda"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
-    start = time.perf_counter() - before
-    last_checkpoint = time.perf_counter()
-    snapshot: dict[str, Any] | None = None
-    written = True
-    last_snapshot = -math.inf
-    epoch = first_epoch - 1
-    for epoch in range(first_epoch, epochs + 1):
-        order = torch.randperm(n, generator=gen).to(train_pixels.device)
-        loss_sum = 0.0
-        kl_sum = torch.zeros((), device=device)
-        pending = torch.zeros((), device=device, dtype=torch.float64)  # GPU: loss sum not yet read back
-        count = 0
-        out_of_time = interrupted = False
-        for step in range(steps_per_epoch):
-            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            # The whole batch's draws, from the CPU generator (which checkpoints hold), on every
-            # process alike: each trains on its slice, so W processes use the numbers one would.
-            eps = torch.randn(len(idx), model.config.latent_dim)
-            eps = eps.pin_memory().to(device, non_blocking=True) if cuda else eps
-            value: float | None = None  # the batch's mean loss, where read back at this step
-            if net is None:
-                with autocast:
-                    loss, kl = elbo_loss(model, _to_float(train_pixels[idx], device), eps)
-                kl_batch = kl.detach().float() * len(idx)
-                if not cuda:
-                    value = float(loss.detach())  # the step's one device sync: the NaN check and the running mean
-                    loss_sum += value * len(idx)
-                else:
-                    pending += loss.detach() * len(idx)
-                    if (step + 1) % GPU_SYNC_EVERY == 0:
-                        value = float(pending)
-                        loss_sum, pending = loss_sum + value, torch.zeros_like(pending)
-            else:
-                with autocast:
-                    loss, share = _shard_step(net, train_pixels, idx, eps, device, world)
-                # Ask before the gradients are reduced whether any process must stop (time budget,
-                # Ctrl-C): all then stop after this same step. One all-reduce, one device sync.
-                votes = [
-                    config.time_budget is not None and time.perf_counter() - start >= config.time_budget,
-                    should_stop is not None and should_stop(),
-                ]
-                local = torch.cat([share.double(), torch.tensor(votes, dtype=torch.float64, device=device)])
-                loss_total, kl_batch, late, stop = world.all_reduce_sum(local).tolist()
-                value = loss_total / world.size
-                loss_sum += value * len(idx)
-                out_of_time, interrupted = late > 0, stop > 0
-            if value is not None and not math.isfinite(value):
-                first = step + 1 if not cuda or net is not None else step + 2 - GPU_SYNC_EVERY
-                _diverged(value, epoch, first, step + 1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            opt.step()
-            kl_sum += kl_batch  # stays on the device until the epoch ends
-            count += len(idx)
-            if net is not None:
-                if out_of_time or interrupted:
-                    interrupted = interrupted and not out_of_time
-                    break
-                continue
-            if config.time_budget is not None and time.perf_counter() - start >= config.time_budget:
-                out_of_time = True
-                break
-            if should_stop is not None and should_stop():
-                interrupted = True
-                break
-        if cuda and net is None:
-            rest = float(pending)
-            if not math.isfinite(rest):
-                _diverged(rest, epoch, step + 1 - step % GPU_SYNC_EVERY, step + 1)
-            loss_sum += rest
-        seen += count
-        train_loss = loss_sum / count
+        val_pixels = _resident(val_pixels, loop.device)
+    checkpoints = Checkpoints(on_checkpoint, checkpoint_every)
+    epochs = config.epochs or default_epochs(loop.n, config.batch_size, config.min_steps)
+    start = time.perf_counter() - reached.elapsed
+    loop.start = start
+    stopped = "epochs"
+    for epoch in range(reached.epoch + 1, epochs + 1):
+        run = loop.epoch(epoch)
+        reached.seen += run.count
         val = None
         if val_pixels is not None and len(val_pixels):
-            val = held_out_loss(model, val_pixels, device, world=world)
+            val = held_out_loss(model, val_pixels, loop.device, world=loop.world)
         elapsed = time.perf_counter() - start
-        if config.time_budget is not None:
-            remaining = max(0.0, config.time_budget - elapsed)
-        else:
+        remaining = max(0.0, config.time_budget - elapsed) if config.time_budget is not None else None
+        if remaining is None:
             remaining = elapsed / epoch * (epochs - epoch)
-        stats = EpochStats(epoch, epochs, train_loss, float(kl_sum) / count, val, seen / elapsed, elapsed, remaining)
-        history.append(asdict(stats))
-        if val is None or val < best_val:
-            best_val, best_epoch, stale = (val if val is not None else math.inf), epoch, 0
-            best_state = copy.deepcopy(model.state_dict()) if val is not None else None
-        else:
-            stale += 1
+        kl = float(run.kl_sum) / run.count
+        stats = EpochStats(epoch, epochs, run.loss_sum / run.count, kl, val, reached.seen / elapsed, elapsed, remaining)
+        reached.record(stats, model)
         if on_epoch is not None:
             on_epoch(stats)
-        due = time.perf_counter() - last_checkpoint >= checkpoint_every
-        if on_checkpoint is not None and not interrupted and (due or time.perf_counter() - last_snapshot >= 1.0):
-            # A snapshot at an epoch end at most every second (tiny epochs would otherwise spend
-            # their time copying), written every `checkpoint_every` seconds and on an
-            # interruption, so a stop loses at most a second of training.
-            last_snapshot = time.perf_counter()
-            snapshot = {
-                "epoch": epoch,
-                "model": copy.deepcopy(model.state_dict()),
-                "optimizer": copy.deepcopy(opt.state_dict()),
-                "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "best_val": best_val,
-                "best_epoch": best_epoch,
-                "best_state": best_state or {},
-                "stale": stale,
-                "seen": seen,
-                "history": list(history),
-                "elapsed": elapsed,
-            }
-            written = False
-            if due:
-                on_checkpoint(snapshot)
-                last_checkpoint, written = time.perf_counter(), True
-        if interrupted:
-            if on_checkpoint is not None and snapshot is not None and not written:
-                on_checkpoint(snapshot)
-            stopped = "interrupted"
+        checkpoints.epoch_end(lambda: reached.state(model, loop.opt, loop.gen), run.interrupted)
+        stopped = "interrupted" if run.interrupted else "time-budget" if run.out_of_time else stopped
+        if run.interrupted or run.out_of_time:
             break
-        if out_of_time:
-            stopped = "time-budget"
-            break
-        if stale >= config.patience:
+        if reached.stale >= config.patience:
             stopped = "early-stopping"
             break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    if reached.best_state is not None:
+        model.load_state_dict(reached.best_state)
     model.eval()
     seconds = time.perf_counter() - start
     return TrainResult(
-        epochs_run=epoch,
-        best_epoch=best_epoch if best_state is not None else epoch,
-        best_val_loss=None if best_state is None else best_val,
-        final_train_loss=train_loss,
+        epochs_run=reached.epoch,
+        best_epoch=reached.best_epoch if reached.best_state is not None else reached.epoch,
+        best_val_loss=None if reached.best_state is None else reached.best_val,
+        final_train_loss=reached.train_loss,
         stopped=stopped,
         seconds=seconds,
-        images_per_s=seen / seconds if seconds > 0 else 0.0,
-        history=history,
+        images_per_s=reached.seen / seconds if seconds > 0 else 0.0,
+        history=reached.history,
     )
+
+
+@dataclass
+class _Epoch:
+    """One epoch's sums (the KL on the device until the epoch ends) and why it ended early, if it did."""
+
+    kl_sum: torch.Tensor
+    pending: torch.Tensor  # on a GPU: the loss sum not yet read back
+    loss_sum: float = 0.0
+    count: int = 0
+    out_of_time: bool = False
+    interrupted: bool = False
+
+
+class _Loop:
+    """The optimiser, the random streams and the steps of one training run, on one process or several."""
+
+    def __init__(
+        self,
+        model: VAE,
+        pixels: torch.Tensor,
+        config: TrainConfig,
+        world: World,
+        should_stop: Callable[[], bool] | None,
+    ) -> None:
+        self.model, self.config, self.world, self.should_stop = model, config, world, should_stop
+        self.device = torch.device(config.device)
+        model.to(self.device).train()
+        self.opt = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.n = len(pixels)
+        self.steps = max(1, math.ceil(self.n / config.batch_size))
+        self.net = _wrap(model, self.device) if world.size > 1 else None
+        self.pixels = _resident(pixels, self.device)
+        self.cuda = self.device.type == "cuda"
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+        self.start = time.perf_counter()
+
+    def late(self) -> bool:
+        return self.config.time_budget is not None and time.perf_counter() - self.start >= self.config.time_budget
+
+    def epoch(self, epoch: int) -> _Epoch:
+        """The steps of one epoch, until its end, the time budget or a stop request."""
+        order = torch.randperm(self.n, generator=self.gen).to(self.pixels.device)
+        zero = torch.zeros((), device=self.device)
+        run = _Epoch(zero.clone(), torch.zeros((), device=self.device, dtype=torch.float64))
+        size = self.config.batch_size
+        step = 0
+        for step in range(self.steps):
+            idx = order[step * size : (step + 1) * size]
+            # The whole batch's draws, from the CPU generator (which checkpoints hold), on every
+            # process alike: each trains on its slice, so W processes use the numbers one would.
+            eps = torch.randn(len(idx), self.model.config.latent_dim)
+            eps = eps.pin_memory().to(self.device, non_blocking=True) if self.cuda else eps
+            if self.net is None:
+                loss, kl_batch, value = self._step(idx, eps, step, run)
+            else:
+                loss, kl_batch, value = self._shared_step(idx, eps, run)
+            if value is not None and not math.isfinite(value):
+                first = step + 1 if not self.cuda or self.net is not None else step + 2 - GPU_SYNC_EVERY
+                _diverged(value, epoch, first, step + 1)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            self.opt.step()
+            run.kl_sum += kl_batch  # stays on the device until the epoch ends
+            run.count += len(idx)
+            if self.net is not None:
+                if run.out_of_time or run.interrupted:
+                    run.interrupted = run.interrupted and not run.out_of_time
+                    break
+                continue
+            if self.late():
+                run.out_of_time = True
+                break
+            if self.should_stop is not None and self.should_stop():
+                run.interrupted = True
+                break
+        if self.cuda and self.net is None:
+            rest = float(run.pending)
+            if not math.isfinite(rest):
+                _diverged(rest, epoch, step + 1 - step % GPU_SYNC_EVERY, step + 1)
+            run.loss_sum += rest
+        return run
+
+    def _step(
+        self, idx: torch.Tensor, eps: torch.Tensor, step: int, run: _Epoch
+    ) -> tuple[torch.Tensor, torch.Tensor | float, float | None]:
+        """One process: the loss, the batch's KL sum, and its mean loss where read back at this step."""
+        with self.autocast:
+            loss, kl = elbo_loss(self.model, _to_float(self.pixels[idx], self.device), eps)
+        kl_batch = kl.detach().float() * len(idx)
+        value: float | None = None
+        if not self.cuda:
+            value = float(loss.detach())  # the step's one device sync: the NaN check and the running mean
+            run.loss_sum += value * len(idx)
+        else:
+            run.pending += loss.detach() * len(idx)
+            if (step + 1) % GPU_SYNC_EVERY == 0:
+                value = float(run.pending)
+                run.loss_sum, run.pending = run.loss_sum + value, torch.zeros_like(run.pending)
+        return loss, kl_batch, value
+
+    def _shared_step(
+        self, idx: torch.Tensor, eps: torch.Tensor, run: _Epoch
+    ) -> tuple[torch.Tensor, float, float | None]:
+        """Several processes: this one's slice; whether any must stop is asked before the gradients are
+        reduced (time budget, Ctrl-C), so that all stop after this same step. One all-reduce, one sync."""
+        with self.autocast:
+            loss, share = _shard_step(self.net, self.pixels, idx, eps, self.device, self.world)  # type: ignore[arg-type]
+        votes = [self.late(), self.should_stop is not None and self.should_stop()]
+        local = torch.cat([share.double(), torch.tensor(votes, dtype=torch.float64, device=self.device)])
+        loss_total, kl_batch, late, stop = self.world.all_reduce_sum(local).tolist()
+        value = loss_total / self.world.size
+        run.loss_sum += value * len(idx)
+        run.out_of_time, run.interrupted = late > 0, stop > 0
+        return loss, kl_batch, value

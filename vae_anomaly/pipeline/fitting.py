@@ -22,7 +22,7 @@ from ..detector import Detector
 from ..errors import ConfigError, OutputError
 from ..model import artifact, distributed
 from ..model.budget import FitPlan
-from ..model.train import EpochStats
+from ..model.train_state import EpochStats
 from ..reports.outputs import check_model_output
 from ..validation import check_float
 
