@@ -17,63 +17,40 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import crossfit
+from . import crossfit, fit_steps
 from .config import FitConfig
 from .decision import checks
 from .decision.batch_tests import BatchTest, run_batch_tests
 from .decision.calibration import Calibration
 from .decision.checks import Reason
 from .decision.rule import Decision, DecisionRule
-from .errors import ModelFileError, UsageError
+from .errors import UsageError
+from .fitted import Fitted
 from .images.batching import DecodeOptions
 from .images.decoding import Preprocessing
 from .images.duplicates import NEAR_BITS, Duplicate, Fingerprints, find_duplicates
 from .images.listing import FileListing
 from .local import patches as local
-from .local import tiles
 from .local.patches import PatchBank
 from .local.tiles import Scales, TileBank
-from .model import artifact, backbone, budget, inference, neighbours
+from .model import backbone, budget, inference, neighbours
 from .model.budget import FitPlan
 from .model.devices import ThreadShare, resolve_device, training_device
 from .model.distributed import current
-from .model.feature_vae import FeatureVAE, FeatureVAEConfig
+from .model.feature_vae import FeatureVAE
 from .model.features import NOT_TESTED
 from .model.inference import HeatMaps, ImageInput, ScoreResult
 from .model.neighbours import LatentBank
 from .model.score_table import DEFAULT_GUARD, DEFAULT_SCORE, SCORE_NAMES, SCORE_SPECS
 from .model.scores import NEEDS_BITS, latent_noise
-from .model.train import EpochStats
-from .model.train_config import TrainConfig
-from .model.vae import VAE, ModelConfig, VAEConfig, build_model, config_from_dict
+from .model.train_state import EpochStats
+from .model.vae import VAE
 from .validation import check_choice
-
-
-class Phases:
-    """The phases of a fit: a line for each as it starts and ends, and the seconds each took."""
-
-    def __init__(self, on_phase: Callable[[str], None] | None, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.on_phase, self.clock = on_phase, clock
-        self.seconds: dict[str, float] = {}
-        self._current: tuple[str, float] | None = None
-
-    def start(self, name: str, line: str) -> None:
-        self._current = (name, self.clock())
-        if self.on_phase is not None:
-            self.on_phase(line)
-
-    def end(self, line: str) -> None:
-        assert self._current is not None
-        name, t0 = self._current
-        self.seconds[name] = self.clock() - t0
-        if self.on_phase is not None:
-            self.on_phase(f"{line} ({self.seconds[name]:.1f} s)")
 
 
 class Detector:
@@ -133,7 +110,7 @@ class Detector:
         cfg, world = self.config, current()
         hooks = crossfit.Hooks(on_epoch, on_model, should_stop, checkpoint, resume, checkpoint_every, on_warning)
         warn = on_warning or (lambda _msg: None)
-        phases = Phases(on_phase)
+        phases = fit_steps.Phases(on_phase)
         phases.start("reading", "reading the training images")
         images = crossfit.read_training_images(data, cfg, warn)
         phases.end(f"read {len(images.pixels):,} images at {images.prep.size} px; the VAE models {images.features} "
@@ -145,46 +122,16 @@ class Detector:
         if warning is not None:
             warn(warning)
         device = training_device(cfg.device, world)
-        prep = images.prep
-        if images.features == "backbone":
-            phases.start("features", f"features: {backbone.NAME} on {len(images.pixels):,} images")
-            self._features = backbone.Features(device)
-            inputs, bits = self._features(images.pixels), None  # what the VAE models, computed once
-            phases.end(f"features: {backbone.DIM} values per image ({self._features.engine})")
-            vae_cfg: ModelConfig = FeatureVAEConfig(
-                backbone.DIM, cfg.latent_dim, image_size=prep.size, in_channels=prep.channels
-            )
-        else:
-            inputs, bits = images.pixels, images.bits
-            vae_cfg = VAEConfig(prep.channels, prep.size, cfg.latent_dim, cfg.hidden_channels, cfg.likelihood)
+        inputs, bits, vae_cfg, self._features = fit_steps.model_inputs(images, cfg, device, phases)
         seed = crossfit.noise_seed(cfg)
         noise = {name: latent_noise(vae_cfg.latent_dim, n, seed) for name, n in cfg.samples.items()}
-        # The local statistic needs no model: describing its banks before training puts their time in
-        # `spent`, so that the plan gives training only what is left of the budget (after it, they
-        # overran a 180 s budget by 9-12% at 256 and 1,024 px).
-        patch_rng = rng.spawn(1)[0]
-        phases.start("local", "local statistic: describing patches and choosing the banks")
-        self.patches_, held_out = local.fit(images.pixels, plans, patch_rng)
-        sides = np.stack([images.facts.properties["width"], images.facts.properties["height"]], 1).astype(np.int64)
-        self.tiles_, tiled = tiles.fit(images.files, sides, prep.channels, prep.size, plans, cfg.tile, patch_rng)
-        phases.end("local statistic: banks ready" + (", tiles too" if self.tiles_ is not None else ""))
-        speed = budget.measure_speed(vae_cfg, inputs, cfg.batch_size, noise, device)
-        if world.size > 1:
-            speed = world.broadcast_object(speed)  # one plan for every process
-        fit_plan = budget.plan_fit(
-            crossfit.model_sizes(plans, cfg),
-            n_calibration,
-            cfg.batch_size,
-            TrainConfig().min_steps,
-            cfg.epochs,
-            cfg.budget,
-            time.perf_counter() - started,
-            speed,
-        )
+        self.patches_, self.tiles_, local_values = fit_steps.local_banks(images, cfg, plans, rng.spawn(1)[0], phases)
+        fit_plan = fit_steps.fit_plan(cfg, vae_cfg, inputs, noise, device, plans, started)
         if on_plan is not None:
             on_plan(fit_plan)
         deadline = None if cfg.budget is None else started + cfg.budget
         data_fp, ident, settings = crossfit.identity(images.pixels, cfg)
+        speed = fit_plan.speed
         schedule = (fit_plan.default_epochs, deadline, budget.reserve(n_calibration, speed))
         phases.start("training", "training")
         models, results, sizes = crossfit.train_models(
@@ -192,20 +139,16 @@ class Detector:
         )
         phases.end("training done")
         phases.start("calibration", f"calibrating on {n_calibration:,} held-out images")
-        self.models_, self.preprocessing_, self.device_ = models, prep, device
+        self.models_, self.preprocessing_, self.device_ = models, images.prep, device
         trained = (plans, results, sizes)
         self.metadata_ = crossfit.training_metadata(vae_cfg, images, cfg, trained, settings, data_fp, device, world)
         self.calibration_folds_ = np.concatenate([np.full(len(c), k, np.int64) for k, (_, c) in enumerate(plans)])
-        folds = [c for _, c in plans]
-        self.neighbours_ = inference.latent_banks(
-            models, inputs, [f for f, _ in plans], noise[neighbours.SCORE], device, bits, rng.spawn(1)[0]
+        self.neighbours_, self.calibration_ = fit_steps.calibration(
+            models, inputs, bits, plans, noise, device, rng.spawn(1)[0]
         )
-        self.calibration_ = inference.calibration_scores(
-            models, inputs, folds, noise, device, world, bits, banks=self.neighbours_
-        )
-        order = np.concatenate(folds)
+        order = np.concatenate([c for _, c in plans])
         images.facts.properties[local.NAME] = np.zeros(len(images.pixels))
-        images.facts.properties[local.NAME][order] = np.maximum(held_out, tiled)
+        images.facts.properties[local.NAME][order] = local_values
         self._calibrate_checks(images, order, warn)
         phases.end("calibrated")
         self.metadata_["training"]["plan"] = {**fit_plan.to_dict(), "seconds": time.perf_counter() - started}
@@ -440,80 +383,35 @@ class Detector:
     def save(self, path: str | os.PathLike[str]) -> str:
         """Write the model file atomically; returns its checksum (the model's fingerprint)."""
         self._check_fitted()
-        cal = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in self.calibration_.items()}
-        folds = self.calibration_folds_
-        n_cal = len(next(iter(self.calibration_.values())))
-        if len(folds) != n_cal:  # calibration scores set by hand: all from one model
-            folds = np.zeros(n_cal, np.int64)
-        cal[artifact.FOLD_KEY] = torch.from_numpy(np.asarray(folds, dtype=np.int64))
-        if self.training_fingerprints_ is not None:
-            cal.update(artifact.pack_fingerprints(self.training_fingerprints_.exact, self.training_fingerprints_.near))
-        if self.patches_ is not None:
-            cal.update({k: torch.from_numpy(v) for k, v in self.patches_.arrays().items()})
-        if self.tiles_ is not None:
-            cal.update({k: torch.from_numpy(v) for k, v in self.tiles_.arrays().items()})
-        if self.neighbours_ is not None:
-            cal.update({k: torch.from_numpy(v) for k, v in neighbours.arrays(self.neighbours_).items()})
-        state = {
-            f"{artifact.model_prefix(k)}{name}": t
-            for k, m in enumerate(self.models_)
-            for name, t in m.state_dict().items()
-        }
         self.metadata_["models"] = self.n_models
-        self.checksum_ = artifact.save(path, self.metadata_, state, cal)
+        state = Fitted(
+            self.models_,
+            self.preprocessing_,
+            self.metadata_,
+            self.calibration_,
+            self.calibration_folds_,
+            self.training_fingerprints_,
+            self.patches_,
+            self.tiles_,
+            self.neighbours_,
+        )
+        self.checksum_ = state.save(path)
         return self.checksum_
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str = "auto", decode: DecodeOptions | None = None) -> Detector:
-        """Rebuild config, then module, then weights; every failure is a `ModelFileError`.
+        """The model file's fitted state (`Fitted.load`; every failure is a `ModelFileError`) on `device`.
 
         `decode` says how files will be read when scoring (workers, pixel cache).
         """
-        mf = artifact.load(path)
-        try:
-            meta = mf.metadata
-            vae_cfg = config_from_dict(meta["config"])
-            prep = Preprocessing.from_dict(meta["preprocessing"])
-            if (prep.channels, prep.size) != (vae_cfg.in_channels, vae_cfg.image_size):
-                raise ValueError(
-                    f"preprocessing gives {prep.channels} channel(s) at {prep.size} px, the network takes "
-                    f"{vae_cfg.in_channels} at {vae_cfg.image_size} px"
-                )
-            int(meta["noise_seed"])
-            models = []
-            for state in artifact.split_models(mf):
-                model = build_model(vae_cfg)
-                model.load_state_dict(state, strict=True)
-                models.append(model)
-            packed = artifact.unpack_fingerprints(mf)
-            fingerprints = None if packed is None else Fingerprints(*packed)
-            skip = {artifact.FOLD_KEY, artifact.TRAIN_EXACT_KEY, artifact.TRAIN_NEAR_KEY}
-            arrays = {k: v.numpy() for k, v in mf.calibration.items()}
-            patches, tiled = PatchBank.from_arrays(arrays), TileBank.from_arrays(arrays)
-            banks = neighbours.from_arrays(arrays, len(models))
-            cal = {
-                k: v.double().numpy()
-                for k, v in mf.calibration.items()
-                if k not in skip and not k.startswith((local.PREFIX, tiles.PREFIX, neighbours.PREFIX))
-            }
-            n_cal = len(next(iter(cal.values())))
-            fold_t = mf.calibration.get(artifact.FOLD_KEY)
-            folds = np.zeros(n_cal, np.int64) if fold_t is None else fold_t.long().numpy()
-            if len(folds) != n_cal or (len(folds) and int(folds.max()) >= len(models)):
-                raise ValueError(f"{len(folds)} fold labels for {n_cal} calibration scores and {len(models)} models")
-        except (KeyError, TypeError, ValueError, RuntimeError, StopIteration) as exc:
-            raise ModelFileError(
-                f"{os.fsdecode(Path(path))}: the weights or settings inside do not fit together "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}). "
-                "The file is damaged or was edited; re-train it."
-            ) from None
+        state, checksum = Fitted.load(path)
         det = cls(FitConfig(decode=decode or DecodeOptions()))
         det.device_ = resolve_device(device)
-        det.models_ = [m.to(det.device_).eval() for m in models]
-        det.preprocessing_, det.metadata_, det.checksum_ = prep, meta, mf.checksum
-        det.calibration_, det.calibration_folds_ = cal, folds
-        det.training_fingerprints_ = fingerprints
-        det.patches_, det.tiles_, det.neighbours_ = patches, tiled, banks
+        det.models_ = [m.to(det.device_).eval() for m in state.models]
+        det.preprocessing_, det.metadata_, det.checksum_ = state.preprocessing, state.metadata, checksum
+        det.calibration_, det.calibration_folds_ = state.calibration, state.folds
+        det.training_fingerprints_ = state.fingerprints
+        det.patches_, det.tiles_, det.neighbours_ = state.patches, state.tiles, state.neighbours
         return det
 
     def info(self) -> dict[str, Any]:
