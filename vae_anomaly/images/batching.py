@@ -258,98 +258,121 @@ class _Pending:
 
 def _assemble(p: _Pending, prep: Preprocessing, bits: bool, cache: PixelCache | None) -> ImageBatch:
     """One batch in input order, from cached rows and freshly decoded files; new ones go into the cache."""
-    n = len(p.chunk)
-    pixels = np.empty((n, prep.channels, prep.size, prep.size), np.uint8)
-    ok = np.zeros(n, bool)
-    out_bits = np.full(n, np.nan)
-    facts = _Rows(n)
-    sources: dict[int, Source] = {}
-    reasons: dict[int, str] = {}
-    hits = p.hits
+    batch = _Assembly(len(p.chunk), prep)
     # A cached file is held to the pixel limit now in force, as decoding it would be.
-    refused = {i for i, h in hits.items() if over_pixel_limit(h.source[0], h.source[1])}
+    refused = {i for i, h in p.hits.items() if over_pixel_limit(h.source[0], h.source[1])}
     for i in refused:
-        reasons[i] = bomb_reason(hits[i].source[0] * hits[i].source[1])
-    hits = {i: h for i, h in hits.items() if i not in refused}
+        batch.reasons[i] = bomb_reason(p.hits[i].source[0] * p.hits[i].source[1])
+    hits = {i: h for i, h in p.hits.items() if i not in refused}
     if hits:
-        rows = cache.read([h.row for h in hits.values()]) if cache is not None else None
-        good = list(hits)
-        if rows is not None and cache is not None:
-            valid = cache.verify([p.keys[i] for i in hits], list(hits.values()), rows)
-            good, rows = [i for i, v in zip(hits, valid, strict=True) if v], rows[valid]
-            pixels[good] = rows
-            ok[good] = True
-            for i in good:
-                sources[i] = hits[i].source
-                if hits[i].bits is not None:
-                    out_bits[i] = hits[i].bits
-        kept = set(good)
-        redo_pos = [i for i in hits if i not in kept] if rows is not None else list(hits)
-        if redo_pos:  # the cache broke between lookup and read, or rows failed their digest: decode here
-            redo = _decode_chunk([p.chunk[i] for i in redo_pos], prep, bits, p.local)
-            for j, reason in redo.errors:
-                reasons[redo_pos[j]] = reason
-            fresh = [redo_pos[j] for j in redo.index]
-            pixels[fresh] = redo.pixels
-            ok[fresh] = True
-            facts.put(fresh, redo.facts)
-            for j, i in enumerate(fresh):
-                sources[i] = redo.sources[j]
-                if redo.bits is not None:
-                    out_bits[i] = redo.bits[j]
-            if cache is not None and rows is not None:  # replace the bad rows
-                keyed = [j for j, i in enumerate(fresh) if i in p.keys]
-                cache.add(
-                    [p.keys[fresh[j]] for j in keyed],
-                    redo.pixels[keyed],
-                    None if redo.bits is None else redo.bits[keyed],
-                    [redo.sources[j] for j in keyed],
-                )
+        _from_cache(batch, p, hits, prep, bits, cache)
     if p.decoded is not None:
-        d = p.decoded.result() if isinstance(p.decoded, Future) else p.decoded
-        pos = [p.misses[j] for j in d.index]
-        pixels[pos] = d.pixels
-        ok[pos] = True
-        facts.put(pos, d.facts)
-        for j, i in enumerate(pos):
-            sources[i] = d.sources[j]
-            if d.bits is not None:
-                out_bits[i] = d.bits[j]
-        for j, reason in d.errors:
-            reasons[p.misses[j]] = reason
+        decoded = p.decoded.result() if isinstance(p.decoded, Future) else p.decoded
+        placed = batch.put(p.misses, decoded)
         if cache is not None:
-            fresh = [j for j, i in enumerate(pos) if i in p.keys]
-            cache.add(
-                [p.keys[pos[j]] for j in fresh],
-                d.pixels[fresh],
-                None if d.bits is None else d.bits[fresh],
-                [d.sources[j] for j in fresh],
-            )
+            _cache_add(cache, p.keys, placed, decoded)
     if bits:
-        missing = np.nonzero(ok & np.isnan(out_bits))[0]
+        missing = np.nonzero(batch.ok & np.isnan(batch.bits))[0]
         if len(missing):  # cached without them
-            out_bits[missing] = png_bits(pixels[missing], prep.png_level)
+            batch.bits[missing] = png_bits(batch.pixels[missing], prep.png_level)
             if cache is not None:
                 keyed = [int(i) for i in missing if int(i) in p.keys]
-                cache.set_bits([p.keys[i] for i in keyed], out_bits[keyed])
-    paths: list[str] = []
-    errors: list[ReadError] = []
-    unlike: Unlike = {}
-    for i, path in enumerate(p.chunk):
-        if not ok[i]:
-            errors.append(ReadError(display_path(path), reasons.get(i, "cannot decode image")))
-            continue
-        paths.append(display_path(path))
-        for kind in unlike_kinds(*sources[i][:3], prep):
-            count, example = unlike.get(kind, (0, paths[-1]))
-            unlike[kind] = (count + 1, example)
-    readable = [sources[i] for i in range(n) if ok[i]]
-    unmeasured = [i for i in range(n) if ok[i] and not facts.have[i]]  # read from the cache: measured here
-    if unmeasured:
-        shown = [display_path(p.chunk[i]) for i in unmeasured]
-        facts.put(unmeasured, _measure(pixels[unmeasured], [sources[i] for i in unmeasured], shown, p.local))
-    found, prints, boxes = facts.rows(ok)
-    return ImageBatch(paths, pixels[ok], errors, unlike, out_bits[ok] if bits else None, readable, found, prints, boxes)
+                cache.set_bits([p.keys[i] for i in keyed], batch.bits[keyed])
+    return batch.done(p.chunk, prep, bits, p.local)
+
+
+def _from_cache(
+    batch: _Assembly,
+    p: _Pending,
+    hits: dict[int, CacheHit],
+    prep: Preprocessing,
+    bits: bool,
+    cache: PixelCache | None,
+) -> None:
+    """The cached rows whose digests hold; the others (or all, where the cache broke between lookup and
+    read) decoded here, and their bad rows replaced."""
+    rows = cache.read([h.row for h in hits.values()]) if cache is not None else None
+    good = list(hits)
+    if rows is not None and cache is not None:
+        valid = cache.verify([p.keys[i] for i in hits], list(hits.values()), rows)
+        good, rows = [i for i, v in zip(hits, valid, strict=True) if v], rows[valid]
+        batch.pixels[good] = rows
+        batch.ok[good] = True
+        for i in good:
+            batch.sources[i] = hits[i].source
+            if hits[i].bits is not None:
+                batch.bits[i] = hits[i].bits
+    kept = set(good)
+    redo_pos = [i for i in hits if i not in kept] if rows is not None else list(hits)
+    if redo_pos:
+        redo = _decode_chunk([p.chunk[i] for i in redo_pos], prep, bits, p.local)
+        placed = batch.put(redo_pos, redo)
+        if cache is not None and rows is not None:
+            _cache_add(cache, p.keys, placed, redo)
+
+
+def _cache_add(cache: PixelCache, keys: dict[int, FileKey], placed: list[int], decoded: _Decoded) -> None:
+    """Freshly decoded images into the cache (those with a file key: not arrays, not changed files)."""
+    keyed = [j for j, i in enumerate(placed) if i in keys]
+    cache.add(
+        [keys[placed[j]] for j in keyed],
+        decoded.pixels[keyed],
+        None if decoded.bits is None else decoded.bits[keyed],
+        [decoded.sources[j] for j in keyed],
+    )
+
+
+class _Assembly:
+    """A batch being put together in input order: pixels, which are readable, PNG lengths, facts,
+    sources, and why the others are not."""
+
+    def __init__(self, n: int, prep: Preprocessing) -> None:
+        self.pixels = np.empty((n, prep.channels, prep.size, prep.size), np.uint8)
+        self.ok = np.zeros(n, bool)
+        self.bits = np.full(n, np.nan)
+        self.facts = _Rows(n)
+        self.sources: dict[int, Source] = {}
+        self.reasons: dict[int, str] = {}
+
+    def put(self, positions: Sequence[int], decoded: _Decoded) -> list[int]:
+        """Decoded files at `positions` (`decoded.index` picks the readable ones); returns where they went."""
+        for j, reason in decoded.errors:
+            self.reasons[positions[j]] = reason
+        placed = [positions[j] for j in decoded.index]
+        self.pixels[placed] = decoded.pixels
+        self.ok[placed] = True
+        self.facts.put(placed, decoded.facts)
+        for j, i in enumerate(placed):
+            self.sources[i] = decoded.sources[j]
+            if decoded.bits is not None:
+                self.bits[i] = decoded.bits[j]
+        return placed
+
+    def done(self, chunk: Sequence[Path], prep: Preprocessing, bits: bool, local: LocalMeasure | None) -> ImageBatch:
+        """The batch: readable images in order, the others as errors, inputs unlike the training images
+        counted, and the facts of images read from the cache measured here."""
+        ok, sources = self.ok, self.sources
+        paths: list[str] = []
+        errors: list[ReadError] = []
+        unlike: Unlike = {}
+        for i, path in enumerate(chunk):
+            if not ok[i]:
+                errors.append(ReadError(display_path(path), self.reasons.get(i, "cannot decode image")))
+                continue
+            paths.append(display_path(path))
+            for kind in unlike_kinds(*sources[i][:3], prep):
+                count, example = unlike.get(kind, (0, paths[-1]))
+                unlike[kind] = (count + 1, example)
+        readable = [sources[i] for i in range(len(chunk)) if ok[i]]
+        unmeasured = [i for i in range(len(chunk)) if ok[i] and not self.facts.have[i]]
+        if unmeasured:
+            shown = [display_path(chunk[i]) for i in unmeasured]
+            measured = _measure(self.pixels[unmeasured], [sources[i] for i in unmeasured], shown, local)
+            self.facts.put(unmeasured, measured)
+        found, prints, boxes = self.facts.rows(ok)
+        return ImageBatch(
+            paths, self.pixels[ok], errors, unlike, self.bits[ok] if bits else None, readable, found, prints, boxes
+        )
 
 
 class _Rows:

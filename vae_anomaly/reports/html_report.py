@@ -123,13 +123,21 @@ def render_html(
     inputs: str = "",
 ) -> str:
     """The whole page as one string. `images` maps a record's path to its pictures (top records only)."""
-    images = images or {}
     s = report.summary
     scored = [r for r in report.records if r.error is None]
     unreadable = [r for r in report.records if r.error is not None]
-    shown = scored[:top]
+    parts = [*_head(report, title, model, inputs), *_summary(report)]
+    if histogram is not None:
+        parts += ["<h2>Scores</h2>", _img(histogram, f"histogram of {s.score} scores", "chart")]
+    parts += _top_table(scored, images or {}, top, s.effective_fpr)
+    parts += _unreadable_table(unreadable)
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _head(report: Report, title: str, model: str, inputs: str) -> list[str]:
     created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    parts = [
+    return [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -143,9 +151,11 @@ def render_html(
         + (f" &middot; inputs {_e(inputs)}" if inputs else "")
         + "</div>",
         _verdict(report),
-        "<h2>Summary</h2>",
-        '<dl class="summary">',
     ]
+
+
+def _summary(report: Report) -> list[str]:
+    s = report.summary
     rows = [
         ("images", f"{s.total:,} files: {s.scored:,} scored, {s.unreadable:,} unreadable, {s.ignored:,} ignored"),
         ("flagged", f"{s.flagged:,} ({s.flagged / s.scored:.1%} of scored)" if s.scored else "0"),
@@ -156,23 +166,26 @@ def render_html(
         ("p-value floor", _p_floor(report)),
         ("model fingerprint", s.model_fingerprint or "-"),
     ]
+    parts = ["<h2>Summary</h2>", '<dl class="summary">']
     parts += [f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in rows]
     parts.append("</dl>")
     if report.warnings:
         parts.append('<ul class="warnings">' + "".join(f"<li>{_e(w)}</li>" for w in report.warnings) + "</ul>")
-    if histogram is not None:
-        parts += ["<h2>Scores</h2>", _img(histogram, f"histogram of {s.score} scores", "chart")]
-    parts.append(
+    return parts
+
+
+def _top_table(scored: list[ImageRecord], images: Mapping[str, RowImages], top: int, fpr: float | None) -> list[str]:
+    """The most anomalous `top` records with their pictures, most anomalous first."""
+    shown = scored[:top]
+    parts = [
         f"<h2>Most anomalous {len(shown):,} of {len(scored):,}</h2>"
         if len(scored) > len(shown)
-        else f"<h2>All {len(scored):,} scored images, most anomalous first</h2>"
-    )
-    parts.append(
+        else f"<h2>All {len(scored):,} scored images, most anomalous first</h2>",
         '<p class="meta">Images at the model\'s input size. Heat map: -log p(x|z) per pixel, averaged over the '
         "Monte Carlo draws, over a dimmed copy of the input; each map has its own colour scale (dark = as "
         "expected, bright yellow = most surprising pixel of that image). Local map: each pixel's largest distance "
-        "to normal patches (the local statistic), on the same kind of scale.</p>"
-    )
+        "to normal patches (the local statistic), on the same kind of scale.</p>",
+    ]
     with_local = any(p.local is not None for p in images.values())
     local_head = "<th>local map</th>" if with_local else ""
     parts.append(
@@ -180,42 +193,47 @@ def render_html(
         f'{local_head}<th class="num">score</th><th class="num">p-value</th><th>flag</th><th>path</th>'
         "</tr></thead><tbody>"
     )
-    for r in shown:
-        pics = images.get(r.path)
-        cells = (
-            [
-                _img(pics.image, "input", "px"),
-                _img(pics.reconstruction, "reconstruction", "px"),
-                _img(pics.heatmap, "heat map", "px"),
-                _img(pics.local, "local map", "px") if pics.local is not None else "",
-            ]
-            if pics
-            else ["", "", "", ""]
-        )
-        local_cell = f"<td>{cells[3]}</td>" if with_local else ""
-        flag = ('<span class="flag yes">ANOMALY</span>' if r.flagged else '<span class="flag no">ok</span>') + _why(
-            r, s.effective_fpr
-        )
-        parts.append(
-            f'<tr><td class="num">{r.rank}</td><td>{cells[0]}</td><td>{cells[1]}</td><td>{cells[2]}</td>{local_cell}'
-            f'<td class="num">{r.score:,.2f}</td><td class="num">{r.p_value:.4f}</td><td>{flag}</td>'
-            f'<td class="path">{_e(r.path)}</td></tr>'
-        )
+    parts += [_top_row(r, images.get(r.path), with_local, fpr) for r in shown]
     parts.append("</tbody></table>")
     if len(scored) > len(shown):
         parts.append(
             f'<p class="meta">{len(scored) - len(shown):,} more not shown (raise --html-top, or use --format json '
             "for every record).</p>"
         )
-    if unreadable:
-        parts.append(f"<h2>Unreadable files ({len(unreadable):,})</h2>")
-        parts.append('<table id="unreadable"><thead><tr><th>path</th><th>reason</th></tr></thead><tbody>')
-        parts += [
-            f'<tr><td class="path">{_e(r.path)}</td><td>{_e(r.error)}</td></tr>'
-            for r in unreadable[:MAX_UNREADABLE_ROWS]
+    return parts
+
+
+def _top_row(r: ImageRecord, pics: RowImages | None, with_local: bool, fpr: float | None) -> str:
+    cells = (
+        [
+            _img(pics.image, "input", "px"),
+            _img(pics.reconstruction, "reconstruction", "px"),
+            _img(pics.heatmap, "heat map", "px"),
+            _img(pics.local, "local map", "px") if pics.local is not None else "",
         ]
-        parts.append("</tbody></table>")
-        if len(unreadable) > MAX_UNREADABLE_ROWS:
-            parts.append(f'<p class="meta">{len(unreadable) - MAX_UNREADABLE_ROWS:,} more; see --format json.</p>')
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
+        if pics
+        else ["", "", "", ""]
+    )
+    local_cell = f"<td>{cells[3]}</td>" if with_local else ""
+    flag = ('<span class="flag yes">ANOMALY</span>' if r.flagged else '<span class="flag no">ok</span>') + _why(r, fpr)
+    return (
+        f'<tr><td class="num">{r.rank}</td><td>{cells[0]}</td><td>{cells[1]}</td><td>{cells[2]}</td>{local_cell}'
+        f'<td class="num">{r.score:,.2f}</td><td class="num">{r.p_value:.4f}</td><td>{flag}</td>'
+        f'<td class="path">{_e(r.path)}</td></tr>'
+    )
+
+
+def _unreadable_table(unreadable: list[ImageRecord]) -> list[str]:
+    if not unreadable:
+        return []
+    parts = [
+        f"<h2>Unreadable files ({len(unreadable):,})</h2>",
+        '<table id="unreadable"><thead><tr><th>path</th><th>reason</th></tr></thead><tbody>',
+    ]
+    parts += [
+        f'<tr><td class="path">{_e(r.path)}</td><td>{_e(r.error)}</td></tr>' for r in unreadable[:MAX_UNREADABLE_ROWS]
+    ]
+    parts.append("</tbody></table>")
+    if len(unreadable) > MAX_UNREADABLE_ROWS:
+        parts.append(f'<p class="meta">{len(unreadable) - MAX_UNREADABLE_ROWS:,} more; see --format json.</p>')
+    return parts

@@ -235,35 +235,9 @@ def merge_reports(
             f"the shard reports were scored by model {s0['model_fingerprint']}, but --model is {model_fingerprint}; "
             "score the shards with this model file, or pass the one they used"
         )
-    n, total = first.count, first.listing
-    readable: list[dict[str, Any]] = []
-    unreadable: list[dict[str, Any]] = []
-    origin: dict[int, str] = {}  # listing position -> the shard report that holds it
-    for sh in ordered:
-        # Each shard holds exactly its own positions, so together they are the listing, each file once.
-        if sorted(r["index"] for r in sh.records) != list(shard_positions(total, sh.index, n)):
-            raise MergeError(
-                f"{sh.path}: its {len(sh.records)} records are not those of shard {sh.index}/{n} of a listing of "
-                f"{total} files; the report was cut or edited: score this shard again"
-            )
-        for r in sh.records:
-            (readable if r["error"] is None else unreadable).append(r)
-            origin[r["index"]] = sh.path
-    readable.sort(key=lambda r: r["index"])
-    unreadable.sort(key=lambda r: r["index"])
-    scores = np.array([_number(r["score"]) for r in readable], dtype=np.float64)
-    p = np.array([_number(r["p_value"]) for r in readable], dtype=np.float64)
+    readable, unreadable, origin = _records(ordered)
     models = int(s0["models"])
-    model_scores = None
-    if models > 1:
-        try:
-            model_scores = np.array([[_number(v) for v in r["model_scores"]] for r in readable], dtype=np.float64)
-            model_scores = model_scores.reshape(len(readable), models).T
-        except (KeyError, TypeError, ValueError):
-            raise MergeError(
-                f"the shard reports lack the scores of each of the {models} cross-fitted models (written by an "
-                "older vae-anomaly, or edited); score the shards again"
-            ) from None
+    scores, p, model_scores = _scores(readable, models)
     _check_scores(readable, scores, model_scores)
     calibration = first.calibration
     if rule is None:  # the Python API without a rule: the shards' (the CLI always passes merge's own)
@@ -306,6 +280,44 @@ def merge_reports(
     )
     asked = Verdict(tuple(gate), skip_unreadable, None if baseline is None else Path(baseline))
     return verdict(batch, decision, rule, asked)
+
+
+def _records(ordered: Sequence[ShardReport]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[int, str]]:
+    """The shards' readable and unreadable records in listing order, and the shard report that holds each
+    position; each shard must hold exactly its own positions, so that together they are the listing."""
+    first = ordered[0]
+    n, total = first.count, first.listing
+    readable: list[dict[str, Any]] = []
+    unreadable: list[dict[str, Any]] = []
+    origin: dict[int, str] = {}  # listing position -> the shard report that holds it
+    for sh in ordered:
+        if sorted(r["index"] for r in sh.records) != list(shard_positions(total, sh.index, n)):
+            raise MergeError(
+                f"{sh.path}: its {len(sh.records)} records are not those of shard {sh.index}/{n} of a listing of "
+                f"{total} files; the report was cut or edited: score this shard again"
+            )
+        for r in sh.records:
+            (readable if r["error"] is None else unreadable).append(r)
+            origin[r["index"]] = sh.path
+    readable.sort(key=lambda r: r["index"])
+    unreadable.sort(key=lambda r: r["index"])
+    return readable, unreadable, origin
+
+
+def _scores(readable: list[dict[str, Any]], models: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The records' scores, p-values and, with K > 1 cross-fitted models, each model's scores (K, N)."""
+    scores = np.array([_number(r["score"]) for r in readable], dtype=np.float64)
+    p = np.array([_number(r["p_value"]) for r in readable], dtype=np.float64)
+    if models <= 1:
+        return scores, p, None
+    try:
+        model_scores = np.array([[_number(v) for v in r["model_scores"]] for r in readable], dtype=np.float64)
+        return scores, p, model_scores.reshape(len(readable), models).T
+    except (KeyError, TypeError, ValueError):
+        raise MergeError(
+            f"the shard reports lack the scores of each of the {models} cross-fitted models (written by an "
+            "older vae-anomaly, or edited); score the shards again"
+        ) from None
 
 
 def _reason(d: dict[str, Any]) -> Reason:
