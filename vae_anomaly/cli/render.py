@@ -85,22 +85,42 @@ def _near(bits: int | None) -> str:
     return f"near duplicates within {bits} of 64 bits"
 
 
+WHY_MIN = 10  # columns of the score table's `why`, which wraps at its words
+
+
+def _folder(paths: list[str]) -> str:
+    """The folder every path lies in, with its final '/', or '': said once in the table's title, so
+    that the path column holds what tells the files apart and keeps names whole at 80 columns."""
+    common: list[str] = []
+    for level in zip(*(path.split("/")[:-1] for path in paths)):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return "/".join(common) + "/" if common else ""
+
+
 def report_table(report: Report, top: int) -> None:
     """The most anomalous images first, then the verdict lines."""
     s = report.summary
     scored = [r for r in report.records if r.error is None]
     shown = scored if top == 0 else scored[:top]
-    table = Table(title=f"most anomalous first ({s.score}, {s.threshold['tail']})", title_justify="left")
+    folder = _folder([r.path for r in shown])
+    where = f" in {escape(folder)}" if folder else ""
+    table = Table(title=f"most anomalous first ({s.score}, {s.threshold['tail']}){where}", title_justify="left")
+    names = [r.path[len(folder) :] for r in shown]
     table.add_column("#", justify="right")
-    table.add_column("path", overflow="fold")
+    # What the other columns need at least (borders and padding included): the rest keeps names whole.
+    others = 3 * 6 + 1 + len(str(len(scored))) + len("score") + len("p-value") + len("ANOMALY") + WHY_MIN
+    fit = max(out.width - others, 8)
+    table.add_column("path", overflow="fold", min_width=min(max(map(len, names), default=4), fit))
     table.add_column("score", justify="right")
     table.add_column("p-value", justify="right")
     table.add_column("flag")
-    table.add_column("why", overflow="fold")
-    for r in shown:
+    table.add_column("why", overflow="fold", min_width=WHY_MIN)
+    for r, name in zip(shown, names, strict=True):
         table.add_row(
             str(r.rank),
-            escape(r.path),
+            escape(name),
             f"{r.score:.4g}",
             _p_value(r.p_value),
             "[bold red]ANOMALY[/]" if r.flagged else "ok",
