@@ -37,8 +37,9 @@ from .config import (
 from .decision.calibration import calibration_needed
 from .decision.rule import DecisionRule
 from .errors import FitError, FitInterrupted, ModelFileError
-from .images.batching import ImageBatch, ImageFacts, read_images
+from .images.batching import ImageBatch, read_images
 from .images.decoding import WORKING_SIZE, Preprocessing, ReadError, infer_preprocessing
+from .images.facts import ImageFacts
 from .images.listing import find_images, real_path, require_images
 from .model import artifact, backbone
 from .model.budget import model_time

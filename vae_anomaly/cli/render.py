@@ -92,7 +92,7 @@ def _folder(paths: list[str]) -> str:
     """The folder every path lies in, with its final '/', or '': said once in the table's title, so
     that the path column holds what tells the files apart and keeps names whole at 80 columns."""
     common: list[str] = []
-    for level in zip(*(path.split("/")[:-1] for path in paths)):
+    for level in zip(*(path.split("/")[:-1] for path in paths), strict=False):
         if len(set(level)) != 1:
             break
         common.append(level[0])

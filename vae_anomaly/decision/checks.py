@@ -38,7 +38,7 @@ from ..images.properties import BY_NAME, HEADER, Property
 from .combination import Evidence
 
 if TYPE_CHECKING:
-    from ..images.batching import ImageFacts
+    from ..images.facts import ImageFacts
 
 PREFIX = "property:"  # calibration entries of the properties in the model file: "property:brightness"
 MODEL_CHECK = "model"

@@ -18,14 +18,13 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from ..errors import ConfigError, ImageReadError
-from . import properties
 from .decoding import (
     Preprocessing,
     ReadError,
@@ -38,7 +37,8 @@ from .decoding import (
     png_bits,
     unlike_kinds,
 )
-from .duplicates import Fingerprints, fingerprints
+from .duplicates import Fingerprints
+from .facts import Facts, ImageFacts, LocalMeasure, Rows, measure
 from .listing import display_path
 from .pixel_cache import CacheHit, FileKey, PixelCache, default_cache_dir
 
@@ -65,67 +65,10 @@ class ImageBatch:
     def measured(self, local: LocalMeasure | None = None) -> ImageBatch:
         """This batch with its properties and fingerprints (and, with `local`, the local statistic)
         computed from its pixels and sources."""
-        self.properties, self.fingerprints, self.boxes = _measure(self.pixels, self.sources, self.paths, local)
-        return self
-
-
-class LocalMeasure(Protocol):
-    """A model's local statistic measured on a decoded batch (local/tiles.Scales): each image's value, its
-    most unusual region and the tile it lies in. Passed in, and pickled to the decode workers, so that
-    decoding knows nothing of patch banks."""
-
-    @property
-    def name(self) -> str:
-        """The key of its values among an image's properties."""
-        ...
-
-    def __call__(
-        self, pixels: np.ndarray, paths: Sequence[str], sources: Sequence[Any], threads: int = ...
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
-
-
-# What is measured of each image where it is decoded: properties, fingerprints, and the local
-# statistic's boxes (region and tile) when a model's scales were given.
-Facts = tuple[dict[str, np.ndarray], Fingerprints, np.ndarray | None]
-
-
-@dataclass
-class ImageFacts:
-    """What the checks read of each scored image, in the order of the scored paths."""
-
-    properties: dict[str, np.ndarray]  # properties.measure, and the local statistic (local.py)
-    formats: list[str]  # each file's format, "" for arrays
-    fingerprints: Fingerprints
-    # The most unusual region of each image (local.py): (x0, y0, x1, y1) in the file's own pixels;
-    # None where the model has no local statistic.
-    regions: np.ndarray | None = None
-    # The tile that region lies in (tiles.py), the same way; rows of -1 where the whole image found it.
-    tiles: np.ndarray | None = None
-
-    @classmethod
-    def of(
-        cls, batches: Sequence[ImageBatch], regions: Sequence[np.ndarray] = (), tiles: Sequence[np.ndarray] = ()
-    ) -> ImageFacts:
-        keys = batches[0].properties if batches else {}
-        return cls(
-            {k: np.concatenate([b.properties[k] for b in batches]) for k in keys},
-            [s[3] for b in batches for s in b.sources],
-            Fingerprints.concat([b.fingerprints for b in batches]),
-            np.concatenate(regions).reshape(-1, 4) if len(regions) else None,
-            np.concatenate(tiles).reshape(-1, 4) if len(tiles) else None,
+        self.properties, self.fingerprints, self.boxes = measure(
+            self.pixels, self.sources, self.paths, local, tile_threads()
         )
-
-
-def _measure(pixels: np.ndarray, sources: Sequence[Source], paths: Sequence[str], local: LocalMeasure | None) -> Facts:
-    """The properties and duplicate fingerprints of decoded images (properties.py, duplicates.py), and
-    with `local` their local statistic (tiles.measure_batch): measured in the decode workers, where
-    it overlaps the parent's scoring, or here with a thread per CPU for the tiles."""
-    found = properties.measure(pixels, sources)
-    boxes = None
-    if local is not None:
-        found[local.name], region, tile = local(pixels, paths, sources, tile_threads())
-        boxes = np.concatenate([region, tile], 1)
-    return found, fingerprints(pixels, sources), boxes
+        return self
 
 
 # ---------------------------------------------------------------- decoding in worker processes
@@ -217,7 +160,7 @@ def _decode_chunk(
     pixels = np.stack(arrays) if arrays else np.zeros((0, prep.channels, prep.size, prep.size), np.uint8)
     lengths = png_bits(pixels, prep.png_level) if bits else None
     shown = [display_path(files[i]) for i in index]
-    return _Decoded(index, pixels, sources, lengths, errors, _measure(pixels, sources, shown, local))
+    return _Decoded(index, pixels, sources, lengths, errors, measure(pixels, sources, shown, local, tile_threads()))
 
 
 def _worker_init(max_image_pixels: int | None) -> None:
@@ -330,7 +273,7 @@ class _Assembly:
         self.pixels = np.empty((n, prep.channels, prep.size, prep.size), np.uint8)
         self.ok = np.zeros(n, bool)
         self.bits = np.full(n, np.nan)
-        self.facts = _Rows(n)
+        self.facts = Rows(n)
         self.sources: dict[int, Source] = {}
         self.reasons: dict[int, str] = {}
 
@@ -367,38 +310,12 @@ class _Assembly:
         unmeasured = [i for i in range(len(chunk)) if ok[i] and not self.facts.have[i]]
         if unmeasured:
             shown = [display_path(chunk[i]) for i in unmeasured]
-            measured = _measure(self.pixels[unmeasured], [sources[i] for i in unmeasured], shown, local)
+            measured = measure(self.pixels[unmeasured], [sources[i] for i in unmeasured], shown, local, tile_threads())
             self.facts.put(unmeasured, measured)
         found, prints, boxes = self.facts.rows(ok)
         return ImageBatch(
             paths, self.pixels[ok], errors, unlike, self.bits[ok] if bits else None, readable, found, prints, boxes
         )
-
-
-class _Rows:
-    """A batch's properties and fingerprints, row by row, as decoded and cached rows come in."""
-
-    def __init__(self, n: int) -> None:
-        self.have = np.zeros(n, bool)
-        self.values: dict[str, np.ndarray] = {}
-        self.exact = np.zeros(n, np.uint64)
-        self.near = np.zeros(n, np.uint64)
-        self.boxes: np.ndarray | None = None
-
-    def put(self, rows: Sequence[int], facts: Facts) -> None:
-        found, prints, boxes = facts
-        for name, v in found.items():
-            self.values.setdefault(name, np.full(len(self.have), np.nan))[rows] = v
-        self.exact[rows], self.near[rows] = prints.exact, prints.near
-        if boxes is not None:
-            if self.boxes is None:
-                self.boxes = np.full((len(self.have), 8), -1, np.int64)
-            self.boxes[rows] = boxes
-        self.have[rows] = True
-
-    def rows(self, ok: np.ndarray) -> Facts:
-        boxes = None if self.boxes is None else self.boxes[ok]
-        return {k: v[ok] for k, v in self.values.items()}, Fingerprints(self.exact[ok], self.near[ok]), boxes
 
 
 def iter_batches(

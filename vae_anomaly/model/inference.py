@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..images.batching import DecodeOptions, ImageBatch, ImageFacts, iter_batches, tile_threads
+from ..images.batching import DecodeOptions, ImageBatch, iter_batches, tile_threads
 from ..images.decoding import Preprocessing, ReadError, Unlike, merge_unlike, png_bits, unlike_warnings
+from ..images.facts import ImageFacts
 from ..images.listing import FileListing, find_images, require_images
 from ..local.tiles import Scales
 from . import neighbours
