@@ -78,6 +78,25 @@ def write_pngs(folder: Path, images: np.ndarray, prefix: str = "img") -> list[Pa
     return paths
 
 
+PHOTO_SIDE = 32
+
+
+def photo(rng: np.random.Generator, side: int = PHOTO_SIDE) -> np.ndarray:
+    """A small colour 'photo': a smooth colour gradient, coarse texture, a bright disk, sensor noise.
+
+    The texture (an 8x8 random pattern, enlarged) makes two pictures differ in their low frequencies,
+    as two photos do; gradients alone would share perceptual hashes."""
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    base = rng.uniform(60, 160, 3)
+    tilt = rng.uniform(-40, 40, (2, 3))
+    img = base + yy[..., None] * tilt[0] + xx[..., None] * tilt[1]
+    img += np.kron(rng.normal(0, 20, (8, 8, 1)), np.ones((side // 8, side // 8, 3)))
+    cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.1, 0.25)
+    img += (np.hypot(yy - cy, xx - cx) < r)[..., None] * rng.uniform(30, 80, 3)
+    img += rng.normal(0, 5, img.shape)
+    return np.clip(img, 0, 255).round().astype(np.uint8)
+
+
 FAST_FIT = dict(epochs=100, latent_dim=8, patience=25, seed=0, device="cpu", folds=1)
 
 

@@ -18,7 +18,7 @@ from conftest import cli_run as run
 
 yaml = pytest.importorskip("yaml")  # PyYAML, with pre-commit in the dev extra
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXPR = re.compile(r"\$\{\{\s*(.*?)\s*\}\}")
 
 

@@ -1,4 +1,4 @@
-"""Image properties, calibrated checks and their reasons, and duplicates: what a data team reads."""
+"""Calibrated checks and their reasons, duplicates and leaks end to end: what a data team reads."""
 
 from __future__ import annotations
 
@@ -11,44 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from PIL import Image, ImageFilter
 
 from conftest import cli_run as run
+from conftest import photo
 from vae_anomaly import Detector
 from vae_anomaly.decision.checks import Reason, kept, statistic_p_values
 from vae_anomaly.decision.gate import evaluate_gate, parse_gate
-from vae_anomaly.images import properties
-from vae_anomaly.images.duplicates import (
-    NEAR_BITS,
-    DuplicateFinder,
-    Fingerprints,
-    _nearest,
-    calibrate_bound,
-    fingerprints,
-    hamming,
-)
 from vae_anomaly.images.properties import BY_NAME
 from vae_anomaly.model import artifact
-
-SIDE = 32
-
-
-def photo(rng: np.random.Generator, side: int = SIDE) -> np.ndarray:
-    """A small colour 'photo': a smooth colour gradient, coarse texture, a bright disk, sensor noise.
-
-    The texture (an 8x8 random pattern, enlarged) makes two pictures differ in their low frequencies,
-    as two photos do; gradients alone would share perceptual hashes."""
-    yy, xx = np.mgrid[0:side, 0:side] / side
-    base = rng.uniform(60, 160, 3)
-    tilt = rng.uniform(-40, 40, (2, 3))
-    img = base + yy[..., None] * tilt[0] + xx[..., None] * tilt[1]
-    img += np.kron(rng.normal(0, 20, (8, 8, 1)), np.ones((side // 8, side // 8, 3)))
-    cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.1, 0.25)
-    img += (np.hypot(yy - cy, xx - cx) < r)[..., None] * rng.uniform(30, 80, 3)
-    img += rng.normal(0, 5, img.shape)
-    return np.clip(img, 0, 255).round().astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -87,53 +58,6 @@ def scored(photos_dir: Path, photos_model: Path) -> dict[str, dict]:
     return {Path(r["path"]).name: r for r in json.loads(out)["records"]}
 
 
-# ------------------------------------------------------------------ properties
-
-
-def test_properties_name_what_changed_in_an_image() -> None:
-    rng = np.random.default_rng(0)
-    x = np.stack([photo(rng).transpose(2, 0, 1) for _ in range(3)])
-    dark = (x[:1].astype(np.float64) * 0.2).astype(np.uint8)
-    blurred = np.asarray(Image.fromarray(x[0].transpose(1, 2, 0)).filter(ImageFilter.GaussianBlur(2)))
-    grey = np.repeat(x[:1].mean(axis=1, keepdims=True).astype(np.uint8), 3, axis=1)
-    flat = np.full((1, 3, SIDE, SIDE), 128, np.uint8)
-    batch = np.concatenate([x[:1], dark, blurred.transpose(2, 0, 1)[None], grey, flat])
-    p = properties.measure(batch, [(640, 480, True, "JPEG")] * 5)
-    assert p["brightness"][1] < 0.3 * p["brightness"][0] and p["highlights"][1] < p["highlights"][0]
-    assert p["sharpness"][2] < 0.5 * p["sharpness"][0], "blur removes the Laplacian's energy"
-    assert p["saturation"][3] == 0 and p["colourfulness"][3] == pytest.approx(0, abs=1e-6)
-    assert p["entropy"][4] == 0 and p["contrast"][4] == pytest.approx(0, abs=1e-3)
-    assert p["width"][0] == 640 and p["aspect"][0] == pytest.approx(640 / 480)
-
-
-def test_balance_says_where_the_bright_content_lies() -> None:
-    x = np.zeros((4, 1, 28, 28), np.uint8)
-    x[0, :, 10:18, 10:18] = 200  # centred
-    x[1, :, :, :14] = 200  # left half only: a right half occluded
-    x[2, :, 20:, :] = 100  # bottom rows only
-    p = properties.measure(x, [(28, 28, False, "PNG")] * 4)
-    assert p["balance-x"][0] == pytest.approx(0) and p["balance-y"][0] == pytest.approx(0)
-    assert p["balance-x"][1] == pytest.approx(7 / 28 - 0.5) and p["balance-y"][1] == pytest.approx(0)
-    assert p["balance-y"][2] == pytest.approx(24 / 28 - 0.5)
-    assert p["balance-x"][3] == 0 and p["balance-y"][3] == 0, "a black frame has no bright content: the centre"
-
-
-def test_properties_of_a_batch_are_those_of_each_image_alone() -> None:
-    rng = np.random.default_rng(1)
-    x = np.stack([photo(rng).transpose(2, 0, 1) for _ in range(5)])
-    src = [(SIDE, SIDE, True, "PNG")] * 5
-    together = properties.measure(x, src)
-    for i in range(5):
-        alone = properties.measure(x[i : i + 1], src[:1])
-        for name, v in together.items():
-            assert alone[name][0] == pytest.approx(v[i], rel=1e-6, abs=1e-6), name
-
-
-def test_grey_models_measure_no_colour() -> None:
-    p = properties.measure(np.zeros((2, 1, 8, 8), np.uint8), [(8, 8, False, "PNG")] * 2)
-    assert "colourfulness" not in p and set(p) >= {"brightness", "sharpness", "entropy"}
-
-
 def test_one_sided_checks_see_only_their_side() -> None:
     cal = np.arange(100.0)
     dark_side = BY_NAME["highlights"].tail
@@ -150,86 +74,6 @@ def test_a_flagged_image_always_keeps_one_reason() -> None:
     assert kept(found, 0.01) == found[:1], "none below the cut-off: the most atypical one"
     assert kept(found, 0.3) == found[:1] and kept(found, 0.5) == found
     assert kept(found, None) == found[:1], "a raw score threshold has no cut-off: the most atypical finding"
-
-
-# ------------------------------------------------------------------ duplicates
-
-
-def _fp(exact: list[int], near: list[int]) -> Fingerprints:
-    return Fingerprints(np.array(exact, np.uint64), np.array(near, np.uint64))
-
-
-def test_the_near_bound_is_lowered_where_training_images_look_alike() -> None:
-    rng = np.random.default_rng(5)
-    ids = np.arange(1000, dtype=np.uint64)
-    distinct = rng.integers(0, 2**63, 1000, dtype=np.int64).astype(np.uint64)
-    assert calibrate_bound(Fingerprints(ids, distinct)) == NEAR_BITS
-    alike = distinct.copy()
-    alike[:30] = alike[30:60] ^ np.uint64(0b1111)  # 6% of them 4 bits from another: look-alikes, not copies
-    assert calibrate_bound(Fingerprints(ids, alike)) == 3
-    same = np.zeros(1000, np.uint64)
-    assert calibrate_bound(Fingerprints(ids, same)) == -1, "identical hashes of distinct images: exact only"
-    assert calibrate_bound(Fingerprints(np.zeros(1000, np.uint64), same)) == NEAR_BITS, "exact copies do not count"
-
-
-def test_hamming_counts_differing_bits() -> None:
-    a = np.array([0b1011, 2**64 - 1], np.uint64)
-    b = np.array([0, 0b1], np.uint64)
-    assert hamming(a, b).tolist() == [[3, 2], [64, 63]]
-
-
-@settings(max_examples=30, deadline=None)
-@given(st.integers(0, 2**32 - 1), st.integers(1, 600), st.integers(0, 9000), st.integers(1, 3))
-def test_the_blocked_search_finds_the_nearest_hash_as_the_full_comparison_does(
-    seed: int, m: int, n: int, parts: int
-) -> None:
-    rng = np.random.default_rng(seed)
-    store = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64) << np.uint64(rng.integers(0, 2))
-    queries = rng.integers(0, 2**63, m, dtype=np.int64).astype(np.uint64)
-    if n:
-        queries[: m // 2] = store[rng.integers(0, n, m // 2)] ^ np.uint64(rng.integers(0, 2**8))
-    d, where = _nearest(queries, np.array_split(store, parts))
-    if n == 0:
-        assert (d == 65).all()
-        return
-    full = hamming(queries, store)
-    assert np.array_equal(d, full.min(axis=1)) and np.array_equal(where, full.argmin(axis=1))
-
-
-def test_duplicates_name_the_earliest_copy_and_prefer_a_training_image() -> None:
-    train = _fp([11, 12], [0b0, 2**40])
-    finder = DuplicateFinder(train, ["train/a.png", "train/b.png"], near_bits=3)
-    far = 0xFFFF_FFFF_0000_0000  # 32 bits from train/a's hash, 24 from train/b's
-    first = finder.find(_fp([11, 20, 21, 20], [0b0, far, far + 0b111, far]), ["x", "y", "z", "w"])
-    assert first[0] is not None and (first[0].of, first[0].kind, first[0].training) == ("train/a.png", "exact", True)
-    assert first[1] is None, "the first of a group is not a copy"
-    assert first[2] is not None and (first[2].of, first[2].kind, first[2].distance) == ("y", "near", 3)
-    assert first[3] is not None and (first[3].of, first[3].kind) == ("y", "exact")
-    later = finder.find(_fp([20, 30], [far, 2**40 + 1]), ["v", "u"])
-    assert later[0] is not None and later[0].of == "y", "copies are found across batches"
-    assert later[1] is not None and (later[1].of, later[1].kind) == ("train/b.png", "near")
-
-
-def test_distinct_hashes_are_not_duplicates() -> None:
-    rng = np.random.default_rng(0)
-    near = rng.integers(0, 2**63, 2000, dtype=np.int64).astype(np.uint64)
-    finder = DuplicateFinder(Fingerprints(np.arange(1000, dtype=np.uint64), near[:1000]), [str(i) for i in range(1000)])
-    found = finder.find(
-        Fingerprints(np.arange(5000, 6000, dtype=np.uint64), near[1000:]), [f"n{i}" for i in range(1000)]
-    )
-    assert not any(found), "random 64-bit hashes lie about 32 bits apart"
-
-
-def test_near_fingerprints_survive_re_encoding_but_not_a_different_picture() -> None:
-    rng = np.random.default_rng(3)
-    a, b = photo(rng), photo(rng)
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, "JPEG", quality=80)
-    a2 = np.asarray(Image.open(buf).convert("RGB"))
-    fp = fingerprints(np.stack([a, a2, b]).transpose(0, 3, 1, 2), [(SIDE, SIDE, True, "")] * 3)
-    d = hamming(fp.near, fp.near)
-    assert d[0, 1] <= 4 < d[0, 2]
-    assert fp.exact[0] != fp.exact[1]
 
 
 # ------------------------------------------------------------------ gate

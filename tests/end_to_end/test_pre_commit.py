@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("pre_commit")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _git(repo: Path, *args: str) -> None:

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from vae_anomaly.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # The synopsis' placeholders, as the files the test writes.
 PLACEHOLDERS = {"FILE.csv": "examples/_run/labels.csv", "SHARD.json...": "shard-1.json shard-2.json"}
 
