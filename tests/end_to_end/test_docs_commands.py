@@ -19,7 +19,7 @@ import pytest
 
 from vae_anomaly.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 # GitHub Actions expressions and shell variables, as a runner would expand them.
 EXPRESSION = re.compile(r"\$\{\{[^}]*\}\}")
