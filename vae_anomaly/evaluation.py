@@ -31,6 +31,7 @@ from .errors import LabelsError
 from .images.decoding import ReadError
 from .images.listing import display_path, find_images
 from .model.score_table import DEFAULT_GUARD, SCORE_NAMES
+from .reports import outputs, visualize
 from .reports.metrics import Confusion, DetectionMetrics, confusion, evaluate
 
 SCHEMA_NAME = "vae-anomaly/evaluate"
@@ -220,3 +221,26 @@ def evaluate_detector(
         data.ignored,
         warnings,
     )
+
+
+def evaluation_plots(ev: Evaluation, folder: Path, on_message: Callable[[str], None]) -> None:
+    """Per score: the histogram of calibration, normal and anomalous scores with the auto rule; ROC and PR curves."""
+    written = []
+    for name, r in ev.results.items():
+        png = visualize.score_histogram(
+            {
+                "calibration (normal)": ev.calibration[name],
+                "labelled normal": r.scores[ev.labels == 0],
+                "labelled anomaly": r.scores[ev.labels == 1],
+            },
+            r.threshold,
+            score=name,
+            title=f"{name}: ROC-AUC {r.metrics.roc_auc:.3f}; auto rule at fpr {ev.fpr:g} ({ev.tail})",
+        )
+        written.append(folder / f"histogram_{name}.png")
+        outputs.write_file(written[-1], png, "a histogram")
+    scores = {name: r.scores for name, r in ev.results.items()}
+    written += [folder / "roc.png", folder / "pr.png"]
+    outputs.write_file(written[-2], visualize.roc_curves(ev.labels, scores), "the ROC curves")
+    outputs.write_file(written[-1], visualize.pr_curves(ev.labels, scores), "the precision-recall curves")
+    on_message(f"wrote {', '.join(os.fsdecode(w) for w in written)}")

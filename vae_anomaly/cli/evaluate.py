@@ -12,11 +12,10 @@ import click
 from ..decision.calibration import TAILS
 from ..detector import Detector
 from ..errors import UsageError
-from ..evaluation import evaluate_detector, labelled_folders, labels_csv
+from ..evaluation import evaluate_detector, evaluation_plots, labelled_folders, labels_csv
 from ..images.batching import DecodeOptions
 from ..model.score_table import SCORE_NAMES
 from ..reports import visualize
-from ..reports.outputs import evaluation_plots
 from .options import checks_option, decode_options, guard_option
 from .render import evaluation_table, say, warn
 from .settings import config_option

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from . import properties
 from .decoding import Source
 from .duplicates import Fingerprints, fingerprints
-
-if TYPE_CHECKING:
-    from .batching import ImageBatch
 
 
 class LocalMeasure(Protocol):
@@ -31,6 +28,14 @@ class LocalMeasure(Protocol):
     def __call__(
         self, pixels: np.ndarray, paths: Sequence[str], sources: Sequence[Any], threads: int = ...
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+class Measured(Protocol):
+    """A decoded batch with its facts (batching.ImageBatch)."""
+
+    properties: dict[str, np.ndarray]
+    sources: list[Source]
+    fingerprints: Fingerprints
 
 
 # What is measured of each image where it is decoded: properties, fingerprints, and the local
@@ -53,7 +58,7 @@ class ImageFacts:
 
     @classmethod
     def of(
-        cls, batches: Sequence[ImageBatch], regions: Sequence[np.ndarray] = (), tiles: Sequence[np.ndarray] = ()
+        cls, batches: Sequence[Measured], regions: Sequence[np.ndarray] = (), tiles: Sequence[np.ndarray] = ()
     ) -> ImageFacts:
         keys = batches[0].properties if batches else {}
         return cls(

@@ -26,7 +26,6 @@ from .report import WRITERS, ImageRecord, Report
 
 if TYPE_CHECKING:
     from ..decision.thresholds import Threshold
-    from ..evaluation import Evaluation
     from ..model.inference import HeatMaps
 
 Say = Callable[[str], None]
@@ -288,26 +287,3 @@ def pictures(
 def _box(region: np.ndarray) -> tuple[int, int, int, int]:
     x0, y0, x1, y1 = (int(v) for v in region)
     return x0, y0, x1, y1
-
-
-def evaluation_plots(ev: Evaluation, folder: Path, on_message: Say) -> None:
-    """Per score: the histogram of calibration, normal and anomalous scores with the auto rule; ROC and PR curves."""
-    written = []
-    for name, r in ev.results.items():
-        png = visualize.score_histogram(
-            {
-                "calibration (normal)": ev.calibration[name],
-                "labelled normal": r.scores[ev.labels == 0],
-                "labelled anomaly": r.scores[ev.labels == 1],
-            },
-            r.threshold,
-            score=name,
-            title=f"{name}: ROC-AUC {r.metrics.roc_auc:.3f}; auto rule at fpr {ev.fpr:g} ({ev.tail})",
-        )
-        written.append(folder / f"histogram_{name}.png")
-        write_file(written[-1], png, "a histogram")
-    scores = {name: r.scores for name, r in ev.results.items()}
-    written += [folder / "roc.png", folder / "pr.png"]
-    write_file(written[-2], visualize.roc_curves(ev.labels, scores), "the ROC curves")
-    write_file(written[-1], visualize.pr_curves(ev.labels, scores), "the precision-recall curves")
-    on_message(f"wrote {', '.join(os.fsdecode(w) for w in written)}")
