@@ -12,7 +12,7 @@ from sklearn.covariance import LedoitWolf
 
 from conftest import cli_run
 from vae_anomaly import Detector, FitConfig
-from vae_anomaly.detector import Phases
+from vae_anomaly.fit_steps import Phases
 from vae_anomaly.model.feature_vae import FeatureVAE, FeatureVAEConfig, whitening
 from vae_anomaly.model.features import PIXELS_BELOW, choose_features
 from vae_anomaly.model.scores import latent_noise, negative_elbo
